@@ -1,0 +1,17 @@
+"""gastro-dist: distributed two-phase transfer learning for gastroscopy image classifiers.
+
+Modules, one concern each:
+  config      typed dataclasses loaded from YAML with key=value overrides
+  data        synthetic frames (synth), packing to WebDataset shards (pack, verify), training pipelines
+  models      torchvision backbones, new heads, local pretrained weights, freezing
+  training    the Accelerate trainer running both phases, checkpoints
+  evaluation  clinical metrics, reports, prediction, Grad-CAM, export
+  tracking    metrics.jsonl / summary.json and W&B through accelerate's trackers
+  cli         argument parsing only; every command calls a library function
+"""
+
+__version__ = "0.1.0"
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad config, missing file). The CLI prints it as one line."""

@@ -1,0 +1,294 @@
+"""Run configuration: typed dataclasses, the one source of defaults.
+
+A config is loaded from YAML (`load_config(path, overrides)`), then `key=value` overrides
+are applied with dotted keys (`head.epochs=2`, `model.name=resnet50`). Every field is
+checked at load; a mistake raises `UserError` with one line naming the key and the fix.
+The resolved config is stored with every run as plain YAML (`save_config`).
+
+The two transfer-learning phases are data: `head` (new head on a frozen backbone, the
+study's "pre-training") and `finetune` (unfreeze and train at a lower backbone LR) are two
+`PhaseConfig` values run by the same loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gastro_dist import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet50"
+    """Any torchvision classification model name (torchvision.models.list_models())."""
+    pretrained: str = "imagenet"
+    """'imagenet' (torchvision's file in the torch hub cache), 'none' (from scratch) or a weights file path."""
+    dropout: float = 0.5
+    """Dropout before the new linear head."""
+    aux_loss_weight: float = 0.4
+    """Inception-V3 only: weight of the auxiliary head's loss in training (it is off at eval)."""
+    channels_last: bool = True
+    """Use the channels_last memory format (faster convolutions on tensor cores)."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    sync_batchnorm: bool = False
+    """Convert BatchNorm to SyncBatchNorm under DDP (useful for small per-GPU batches)."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+        _check(self.aux_loss_weight >= 0, "aux_loss_weight must be >= 0")
+        _check(bool(self.pretrained), "pretrained must be 'imagenet', 'none' or a file path")
+
+
+@dataclass
+class DataConfig:
+    image_size: int = 224
+    """Square input size of the network (224 for VGG19/ResNet50, 299 for Inception-V3)."""
+    batch_size: int = 32
+    """Samples per process per optimizer micro-step."""
+    eval_batch_size: int = 64
+    """Samples per process per validation step."""
+    num_workers: int = 4
+    """DataLoader worker processes per training process (0 decodes in the main process)."""
+    shuffle_buffer: int = 1000
+    """Samples held by each worker's shuffle buffer (shard order is shuffled too)."""
+    crop_scale_min: float = 0.35
+    """Lower bound of the random-resized-crop area fraction."""
+    rotation_deg: float = 15.0
+    """Maximum random rotation in degrees."""
+    hflip: bool = True
+    """Random horizontal flips."""
+    vflip: bool = True
+    """Random vertical flips (endoscope orientation is arbitrary)."""
+    color_jitter: float = 0.1
+    """Brightness/contrast/saturation jitter strength (hue gets a quarter of it)."""
+    eval_crop_ratio: float = 0.875
+    """Evaluation resizes the short side to image_size / ratio, then center-crops image_size."""
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        _check(self.image_size >= 32, "image_size must be >= 32")
+        _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(self.eval_batch_size >= 1, "eval_batch_size must be >= 1")
+        _check(self.num_workers >= 0, "num_workers must be >= 0")
+        _check(self.shuffle_buffer >= 1, "shuffle_buffer must be >= 1")
+        _check(0.05 <= self.crop_scale_min <= 1.0, "crop_scale_min must be in [0.05, 1]")
+        _check(0.5 <= self.eval_crop_ratio <= 1.0, "eval_crop_ratio must be in [0.5, 1]")
+        _check(len(self.mean) == 3 and len(self.std) == 3, "mean and std need 3 values (RGB)")
+
+
+@dataclass
+class PhaseConfig:
+    epochs: int = 1
+    """Epochs of this phase (0 skips it)."""
+    optimizer: str = "adamw"
+    """'adamw' or 'sgd' (with Nesterov momentum)."""
+    lr: float = 1e-3
+    """Learning rate of the new head (peak, after warmup)."""
+    backbone_lr: float = 1e-4
+    """Learning rate of the unfrozen backbone layers (ignored while the backbone is frozen)."""
+    weight_decay: float = 1e-4
+    """Decoupled weight decay (AdamW) or L2 (SGD); not applied to biases and norm layers."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    warmup_epochs: float = 0.0
+    """Linear warmup length, then cosine decay to lr * min_lr_ratio at the end of the phase."""
+    min_lr_ratio: float = 0.01
+    """Final learning rate as a fraction of the peak."""
+    unfreeze: str = "none"
+    """'none' (backbone frozen: head pre-training), 'all', or an integer K: the last K backbone stages."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 0, "epochs must be >= 0")
+        _check(self.optimizer in ("adamw", "sgd"), f"optimizer must be 'adamw' or 'sgd', not {self.optimizer!r}")
+        _check(self.lr > 0 and self.backbone_lr >= 0, "lr must be > 0 and backbone_lr >= 0")
+        _check(self.weight_decay >= 0, "weight_decay must be >= 0")
+        _check(self.warmup_epochs >= 0, "warmup_epochs must be >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")
+        self.unfreeze = str(self.unfreeze)
+        _check(self.unfreeze in ("none", "all") or (self.unfreeze.isdigit() and int(self.unfreeze) > 0),
+               f"unfreeze must be 'none', 'all' or a positive number of stages, not {self.unfreeze!r}")
+
+
+@dataclass
+class TrackingConfig:
+    tracker: str = "wandb"
+    """'wandb' (WANDB_MODE=offline works with no network) or 'none'."""
+    project: str = "gastro-dist"
+    entity: str | None = None
+    run_name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    log_every_steps: int = 10
+    """Training-loss log interval in optimizer steps."""
+
+    def __post_init__(self) -> None:
+        _check(self.tracker in ("wandb", "none"), f"tracker must be 'wandb' or 'none', not {self.tracker!r}")
+        _check(self.log_every_steps >= 1, "log_every_steps must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    head: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=5, optimizer="adamw", lr=1e-3, unfreeze="none"))
+    """Phase 1: the new head on a frozen backbone."""
+    finetune: PhaseConfig = field(default_factory=lambda: PhaseConfig(
+        epochs=20, optimizer="sgd", lr=1e-2, backbone_lr=1e-3, warmup_epochs=1.0, unfreeze="all"))
+    """Phase 2: fine-tuning from phase 1's best weights."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    mixed_precision: str = "bf16"
+    """'bf16', 'fp16' or 'no' (bf16 needs Ampere or newer; on CPU 'no' is fastest)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step."""
+    grad_clip_norm: float = 1.0
+    """Clip the global gradient norm (0 disables)."""
+    label_smoothing: float = 0.1
+    class_weights: Any = "none"
+    """'none', 'balanced' (inverse training-class frequency) or a list with one weight per class."""
+    seed: int = 0
+    checkpoint_every_steps: int = 0
+    """Also save the training state every N optimizer steps inside an epoch (0: end of epoch only)."""
+    keep_checkpoints: int = 2
+    """Complete training-state checkpoints kept per run (older ones are deleted after a new one commits)."""
+
+    def __post_init__(self) -> None:
+        _check(self.mixed_precision in ("bf16", "fp16", "no"),
+               f"mixed_precision must be 'bf16', 'fp16' or 'no', not {self.mixed_precision!r}")
+        _check(self.grad_accum_steps >= 1, "grad_accum_steps must be >= 1")
+        _check(self.grad_clip_norm >= 0, "grad_clip_norm must be >= 0")
+        _check(0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)")
+        _check(self.class_weights in ("none", "balanced") or isinstance(self.class_weights, list),
+               "class_weights must be 'none', 'balanced' or a list of numbers, one per class")
+        _check(self.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        _check(self.head.epochs + self.finetune.epochs > 0, "head.epochs and finetune.epochs are both 0: nothing to train")
+
+    def phases(self) -> list[tuple[str, PhaseConfig]]:
+        return [("head", self.head), ("finetune", self.finetune)]
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+# ---------------------------------------------------------------- building from plain data
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from nested dicts, checking every key and value type."""
+    if not isinstance(data, dict):
+        raise UserError(f"config section '{prefix or 'top level'}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise UserError(f"unknown config key '{prefix}{key}'; valid keys here: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except UserError as err:
+        if not prefix:
+            raise
+        raise UserError(f"config section '{prefix[:-1]}': {err}") from None
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value or {}, prefix=f"{key}.")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key '{key}' needs a list, got {value!r}")
+        item_type = args[0] if args else Any
+        items = [_coerce(item_type, v, key) for v in value]
+        return tuple(items) if origin is tuple else items
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"config key '{key}' needs true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"config key '{key}' needs a whole number, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"config key '{key}' needs a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"config key '{key}' needs a string, got {value!r}")
+    return value
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (tuples become lists), for YAML/JSON and trackers."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return plain(dataclasses.asdict(config))
+
+
+# ---------------------------------------------------------------- YAML and overrides
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` strings to nested dict `data` (values parsed as YAML scalars/lists)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} must look like key=value, e.g. head.epochs=3")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r}: '{part}' is not a config section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (or the defaults when path is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} not found; pass one of the files in configs/ or a path to your own YAML")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    apply_overrides(data, overrides or [])
+    return from_dict(TrainConfig, data)
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

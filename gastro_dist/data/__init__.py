@@ -1,0 +1,1 @@
+"""Data: synthetic frames, image validation, packing into WebDataset shards, verification, pipelines."""

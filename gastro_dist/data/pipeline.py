@@ -1,0 +1,284 @@
+"""Training and evaluation input pipelines over WebDataset shards.
+
+Why the epoch plan is ours and not webdataset's splitters: DDP needs every rank to run the
+same number of steps whatever the shard count, evaluation must see each sample exactly
+once across ranks, and a resumed run must continue inside an epoch at the exact sample.
+webdataset's `split_by_node`/`split_by_worker` assign whole shards (uneven counts, a rank
+with no shard at all when shards < ranks) and `with_epoch` counts per worker. So each epoch
+is planned from index.json's per-shard counts:
+
+* the epoch's shard order is a permutation seeded by (seed, epoch); concatenated, the shards
+  give one global sequence of sample positions;
+* training: `steps = N // (world * batch)`; rank r takes a contiguous chunk of `steps * batch`
+  positions, split between its DataLoader workers in whole batches, so every rank yields
+  exactly `steps` full batches (the few left-over positions fall at a different place each
+  epoch because the shard order changes);
+* evaluation: the unpermuted sequence is cut into `world` near-equal chunks, every sample once;
+* each worker reads only the shards its chunk overlaps (webdataset's tar reader), shuffles
+  its raw samples in a seeded buffer, and decodes after the shuffle, so skipping the samples
+  already consumed on resume costs no decoding. Augmentation randomness is seeded per sample
+  from its position, so a resumed epoch is augmented exactly like the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.transforms import v2
+
+from gastro_dist import UserError
+from gastro_dist.config import DataConfig
+
+
+# ---------------------------------------------------------------- shard index
+@dataclass(frozen=True)
+class ShardFile:
+    path: Path
+    count: int
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    root: Path
+    classes: list[str]
+    splits: dict[str, dict]
+
+    def shards(self, split: str) -> list[ShardFile]:
+        if split not in self.splits:
+            have = ", ".join(sorted(self.splits)) or "none"
+            raise UserError(f"split {split!r} is not in {self.root}/index.json (it has: {have}); re-pack with a {split} split")
+        return [ShardFile(self.root / s["file"], int(s["count"])) for s in self.splits[split]["shards"]]
+
+    def count(self, split: str) -> int:
+        return sum(s.count for s in self.shards(split))
+
+    def per_class(self, split: str) -> dict[str, int]:
+        return dict(self.splits[split]["per_class"])
+
+
+def load_shard_index(shard_dir: str | Path) -> ShardIndex:
+    root = Path(shard_dir)
+    if not root.is_dir():
+        raise UserError(f"shard directory {root} not found; create it with `gastro-dist pack SRC --out {root}`")
+    path = root / "index.json"
+    if not path.is_file():
+        raise UserError(f"{root} has no index.json (not a finished pack); run `gastro-dist pack SRC --out {root}`")
+    try:
+        index = json.loads(path.read_text())
+        return ShardIndex(root=root, classes=list(index["classes"]), splits=dict(index["splits"]))
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"{path} is not a gastro-dist shard index ({err}); re-pack the data") from None
+
+
+# ---------------------------------------------------------------- epoch plan
+@dataclass(frozen=True)
+class Chunk:
+    """A contiguous run [start, stop) of one shard's samples."""
+    shard: ShardFile
+    start: int
+    stop: int
+
+
+def _ordered_shards(shards: list[ShardFile], seed: int, epoch: int, shuffle: bool) -> list[ShardFile]:
+    if not shuffle:
+        return list(shards)
+    order = list(shards)
+    random.Random(f"{seed}:shards:{epoch}").shuffle(order)
+    return order
+
+
+def _slice_sequence(shards: list[ShardFile], start: int, stop: int) -> list[Chunk]:
+    """The shard chunks covering global positions [start, stop) of the concatenated shards."""
+    chunks, offset = [], 0
+    for shard in shards:
+        lo, hi = max(start, offset), min(stop, offset + shard.count)
+        if lo < hi:
+            chunks.append(Chunk(shard, lo - offset, hi - offset))
+        offset += shard.count
+    return chunks
+
+
+def train_steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
+    steps = num_samples // (world_size * batch_size)
+    if steps == 0:
+        raise UserError(f"the training split has {num_samples} samples, fewer than one batch per process "
+                        f"({world_size} processes x batch_size {batch_size}); lower data.batch_size or use fewer processes")
+    return steps
+
+
+def batches_per_worker(num_batches: int, num_workers: int) -> list[int]:
+    """Whole batches given to each DataLoader worker; the DataLoader then yields them round-robin."""
+    return [num_batches // num_workers + (1 if w < num_batches % num_workers else 0) for w in range(num_workers)]
+
+
+def consumed_batches_per_worker(num_consumed: int, num_workers: int) -> list[int]:
+    """How many of each worker's batches are among the first `num_consumed` the DataLoader yielded.
+
+    The DataLoader yields worker 0, 1, ..., W-1, 0, 1, ... in order; workers with more batches
+    are the lower-numbered ones, so the round-robin never skips a worker before the last round.
+    """
+    return [num_consumed // num_workers + (1 if w < num_consumed % num_workers else 0) for w in range(num_workers)]
+
+
+def train_worker_chunks(shards: list[ShardFile], *, seed: int, epoch: int, rank: int, world_size: int,
+                        batch_size: int, num_workers: int) -> list[list[Chunk]]:
+    """Per DataLoader worker of `rank`, the shard chunks it reads this epoch."""
+    steps = train_steps_per_epoch(sum(s.count for s in shards), world_size, batch_size)
+    ordered = _ordered_shards(shards, seed, epoch, shuffle=True)
+    start = rank * steps * batch_size
+    result = []
+    for num_batches in batches_per_worker(steps, num_workers):
+        stop = start + num_batches * batch_size
+        result.append(_slice_sequence(ordered, start, stop))
+        start = stop
+    return result
+
+
+def _even_split(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def eval_worker_chunks(shards: list[ShardFile], *, rank: int, world_size: int, num_workers: int) -> list[list[Chunk]]:
+    """Every sample exactly once across all ranks and workers, in shard order."""
+    rank_sizes = _even_split(sum(s.count for s in shards), world_size)
+    start = sum(rank_sizes[:rank])
+    result = []
+    for size in _even_split(rank_sizes[rank], num_workers):
+        result.append(_slice_sequence(shards, start, start + size))
+        start += size
+    return result
+
+
+def eval_batches_per_rank(num_samples: int, world_size: int, num_workers: int, batch_size: int) -> list[int]:
+    """Number of (possibly partial) batches each rank's evaluation loader yields."""
+    return [sum(-(-n // batch_size) for n in _even_split(rank_n, num_workers))
+            for rank_n in _even_split(num_samples, world_size)]
+
+
+# ---------------------------------------------------------------- transforms
+def train_transform(cfg: DataConfig) -> v2.Compose:
+    j = cfg.color_jitter
+    ops = [v2.PILToTensor(),
+           v2.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale_min, 1.0), antialias=True)]
+    if cfg.hflip:
+        ops.append(v2.RandomHorizontalFlip())
+    if cfg.vflip:
+        ops.append(v2.RandomVerticalFlip())
+    if cfg.rotation_deg > 0:
+        ops.append(v2.RandomRotation(cfg.rotation_deg))
+    if j > 0:
+        ops.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(j / 4, 0.5)))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
+    return v2.Compose(ops)
+
+
+def eval_transform(cfg: DataConfig) -> v2.Compose:
+    """The one preprocessing used by validation, evaluate, predict and Grad-CAM."""
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.Resize(round(cfg.image_size / cfg.eval_crop_ratio), antialias=True),
+        v2.CenterCrop(cfg.image_size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(cfg.mean, cfg.std),
+    ])
+
+
+def decode_rgb(data: bytes, min_short_side: int) -> Image.Image:
+    """Decode stored JPEG/PNG bytes to RGB; JPEGs are DCT-downscaled while still >= `min_short_side`."""
+    image = Image.open(io.BytesIO(data))
+    if image.format == "JPEG":
+        w, h = image.size
+        scale = min(w, h) / max(min_short_side, 1)
+        if scale >= 2:
+            image.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
+    return image.convert("RGB")
+
+
+# ---------------------------------------------------------------- datasets
+class ShardSamples(IterableDataset):
+    """One rank's samples for one epoch; each DataLoader worker reads its own chunks.
+
+    `worker_chunks[w]` are worker w's shard chunks. Yields dicts with `image`, `label`, `key`
+    (and `meta`, the sample's JSON text, when `with_meta`).
+    """
+
+    def __init__(self, worker_chunks: list[list[Chunk]], transform, *, decode_short_side: int,
+                 shuffle_buffer: int = 0, seed: int = 0, epoch: int = 0, rank: int = 0,
+                 skip_per_worker: list[int] | None = None, with_meta: bool = False):
+        self.worker_chunks = worker_chunks
+        self.transform = transform
+        self.decode_short_side = decode_short_side
+        self.shuffle_buffer = shuffle_buffer
+        self.seed, self.epoch, self.rank = seed, epoch, rank
+        self.skip_per_worker = skip_per_worker or [0] * len(worker_chunks)
+        self.with_meta = with_meta
+
+    def _raw_samples(self, chunks: list[Chunk]) -> Iterator[dict]:
+        for chunk in chunks:
+            # Only the members we write are read; nothing in a shard is ever unpickled.
+            samples = wds.tarfile_to_samples()([{"url": str(chunk.shard.path)}])
+            for position, sample in enumerate(samples):
+                if position >= chunk.stop:
+                    break
+                if position >= chunk.start:
+                    yield sample
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        num_workers = info.num_workers if info is not None else 1
+        if num_workers != len(self.worker_chunks):
+            raise RuntimeError(f"planned for {len(self.worker_chunks)} workers, running with {num_workers}")
+        stream = self._raw_samples(self.worker_chunks[worker])
+        if self.shuffle_buffer > 1:
+            stream = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                                 seed=f"{self.seed}:samples:{self.epoch}:{self.rank}:{worker}")(stream)
+        for index, sample in enumerate(stream):
+            if index < self.skip_per_worker[worker]:
+                continue
+            torch.manual_seed(hash((self.seed, self.epoch, self.rank, worker, index)) & 0x7FFF_FFFF)
+            item = {
+                "image": self.transform(decode_rgb(sample["jpg"], self.decode_short_side)),
+                "label": int(sample["cls"]),
+                "key": sample["__key__"],
+            }
+            if self.with_meta:
+                item["meta"] = sample["json"].decode("utf-8")
+            yield item
+
+
+def _loader(dataset: ShardSamples, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=False, prefetch_factor=4 if num_workers else None)
+
+
+def train_loader(index: ShardIndex, cfg: DataConfig, *, seed: int, epoch: int, rank: int, world_size: int,
+                 skip_batches: int = 0, pin_memory: bool = False) -> DataLoader:
+    """Exactly `train_steps_per_epoch(...)` full batches for this rank, starting after `skip_batches`."""
+    num_slots = max(cfg.num_workers, 1)
+    chunks = train_worker_chunks(index.shards("train"), seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+                                 batch_size=cfg.batch_size, num_workers=num_slots)
+    skip = [n * cfg.batch_size for n in consumed_batches_per_worker(skip_batches, num_slots)]
+    dataset = ShardSamples(chunks, train_transform(cfg), decode_short_side=cfg.image_size,
+                           shuffle_buffer=cfg.shuffle_buffer, seed=seed, epoch=epoch, rank=rank,
+                           skip_per_worker=skip)
+    return _loader(dataset, cfg.batch_size, cfg.num_workers, pin_memory)
+
+
+def eval_loader(index: ShardIndex, cfg: DataConfig, split: str, *, rank: int, world_size: int,
+                pin_memory: bool = False, with_meta: bool = False) -> DataLoader:
+    """Every sample of `split` exactly once across ranks, in a fixed order, with eval preprocessing."""
+    num_slots = max(cfg.num_workers, 1)
+    chunks = eval_worker_chunks(index.shards(split), rank=rank, world_size=world_size, num_workers=num_slots)
+    dataset = ShardSamples(chunks, eval_transform(cfg), decode_short_side=round(cfg.image_size / cfg.eval_crop_ratio),
+                           with_meta=with_meta)
+    return _loader(dataset, cfg.eval_batch_size, cfg.num_workers, pin_memory)

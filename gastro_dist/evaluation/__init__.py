@@ -1,0 +1,1 @@
+"""Evaluation: clinical metrics with confidence intervals, reports, prediction, Grad-CAM, export."""

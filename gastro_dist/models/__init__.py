@@ -1,0 +1,1 @@
+"""Models: torchvision backbones with a new classification head, local pretrained weights, freezing."""

@@ -1,0 +1,145 @@
+"""Checkpoints under RUN/checkpoints: training states for resume, and plain weight files.
+
+* A training state is a directory `state-<phase index>-<phase>-e<epoch>-s<step>` written by
+  accelerate's `save_state` (model, optimizer, RNG, registered scheduler) plus our
+  `trainer_state.json` (phase, epoch, position inside the epoch, best score, ...). It is
+  written under a temporary name, and counts only once the `COMPLETE` marker, written last,
+  exists and the directory has been renamed into place. Old states are deleted only after a
+  new one has committed, so a kill at any moment leaves the newest complete one loadable.
+* Weights (`<phase>-best`, `<phase>-last`) are a `model.safetensors` + `meta.json` pair,
+  written to a temporary directory and renamed: safetensors, so loading never runs code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gastro_dist import UserError
+
+COMPLETE_MARKER = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+PHASE_ORDER = ("head", "finetune")
+
+
+@dataclass
+class TrainerState:
+    """Where training stands; saved with every training-state checkpoint."""
+    phase: str
+    epoch: int = 0
+    """Current epoch of the phase (0-based)."""
+    micro_step: int = 0
+    """Micro-batches of this epoch already trained (the data position inside the epoch)."""
+    optimizer_steps: int = 0
+    """Optimizer steps done in this phase."""
+    total_optimizer_steps: int = 0
+    """Optimizer steps done in the whole run (all phases): the tracker's step axis."""
+    best_score: float = -1.0
+    best_epoch: int = -1
+    phase_done: bool = False
+
+    def sort_key(self) -> tuple:
+        return (PHASE_ORDER.index(self.phase), self.phase_done, self.epoch, self.micro_step)
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def state_dir_name(state: TrainerState) -> str:
+    done = "done" if state.phase_done else f"e{state.epoch:03d}-s{state.micro_step:06d}"
+    return f"state-{PHASE_ORDER.index(state.phase)}-{state.phase}-{done}"
+
+
+def complete_states(run_dir: Path) -> list[tuple[TrainerState, Path]]:
+    """Committed training states, oldest first; half-written ones are ignored."""
+    found = []
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return found
+    for path in root.glob("state-*"):
+        if not (path / COMPLETE_MARKER).is_file():
+            continue
+        try:
+            state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        found.append((state, path))
+    return sorted(found, key=lambda item: item[0].sort_key())
+
+
+def latest_state(run_dir: Path) -> tuple[TrainerState, Path] | None:
+    states = complete_states(run_dir)
+    return states[-1] if states else None
+
+
+def save_training_state(accelerator, run_dir: Path, state: TrainerState, keep: int) -> Path:
+    """All ranks call this. Writes the state under a temp name, marks it complete, renames, prunes."""
+    root = checkpoint_root(run_dir)
+    final = root / state_dir_name(state)
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+        _fsync_dir(tmp)
+        (tmp / COMPLETE_MARKER).write_text("ok\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for _, old in complete_states(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    for item in path.iterdir():
+        if item.is_file():
+            with item.open("rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- plain weights
+def save_weights(model: torch.nn.Module, directory: Path, meta: dict) -> None:
+    """model.safetensors + meta.json, written to a temp directory and renamed into place."""
+    tmp = directory.with_name(f".tmp-{directory.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    _fsync_dir(tmp)
+    if directory.exists():
+        old = directory.with_name(f".old-{directory.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)
+
+
+def load_weights(directory_or_file: Path) -> dict[str, torch.Tensor]:
+    path = Path(directory_or_file)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise UserError(f"weights file {path} not found")
+    return load_file(str(path))
