@@ -138,6 +138,111 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(handler=_cmd_weights_download)
 
 
+# ---------------------------------------------------------------- evaluation and use of a run
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from gastro_dist.evaluation.evaluate import evaluate_run
+
+    evaluate_run(args.run, args.shards, args.out, split=args.split, checkpoint=args.checkpoint,
+                 num_bootstrap=args.bootstrap, seed=args.seed, cancer_sensitivity=args.cancer_sensitivity,
+                 positive_class=args.positive_class, cam_misclassified=args.cam_misclassified,
+                 batch_size=args.batch_size, num_workers=args.workers)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from gastro_dist.evaluation.evaluate import compare_configs
+
+    compare_configs(args.configs, args.shards, args.out, overrides=args.overrides, split=args.split,
+                    num_bootstrap=args.bootstrap)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from gastro_dist.evaluation.evaluate import cam_files
+    from gastro_dist.evaluation.inference import load_trained_model, predict_files
+
+    trained = load_trained_model(args.run, args.checkpoint)
+    counts = predict_files(trained, args.inputs, args.out, batch_size=args.batch_size, tta=args.tta)
+    print(f"{counts['predicted']} images predicted, {counts['errors']} unreadable: {args.out}")
+    if args.cam:
+        files = [p for p in args.inputs if Path(p).is_file() and Path(p).suffix != ".tar"]
+        cam_files(args.run, files, args.cam, checkpoint=args.checkpoint)
+    return 0
+
+
+def _cmd_cam(args: argparse.Namespace) -> int:
+    from gastro_dist.evaluation.evaluate import cam_files
+
+    cam_files(args.run, args.images, args.out, checkpoint=args.checkpoint, class_name=args.class_name)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from gastro_dist.evaluation.export import check_export, export_model
+    from gastro_dist.evaluation.inference import load_trained_model
+
+    trained = load_trained_model(args.run, args.checkpoint)
+    path = export_model(trained.model, args.format, args.out, input_size=trained.image_size, classes=trained.classes,
+                        mean=trained.meta["mean"], std=trained.meta["std"], output=args.output)
+    difference = check_export(trained.model, path, args.format, trained.image_size)
+    print(f"{path} (+ {path}.json): max difference to PyTorch {difference:.2e}")
+    return 0
+
+
+def add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
+    def run_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--run", type=Path, required=True, help="a finished training run folder")
+        p.add_argument("--checkpoint", default="best", help="best (default), last, or a weights file / checkpoint folder")
+
+    p = sub.add_parser("evaluate", help="clinical metrics with patient-level CIs, predictions.csv and a report")
+    run_args(p)
+    p.add_argument("--shards", type=Path, required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", type=Path, required=True, help="folder for metrics.json, predictions.csv, report.md/html, PNGs")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cancer-sensitivity", type=float, default=None, metavar="S",
+                   help="choose the cancer threshold on the val split that reaches sensitivity S; report the split at it")
+    p.add_argument("--positive-class", default="gastric_cancer", help="class of the cancer-versus-rest view")
+    p.add_argument("--cam-misclassified", type=int, default=0, metavar="N",
+                   help="Grad-CAM overlays of the N most confident mistakes per class in the report")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(handler=_cmd_evaluate)
+
+    p = sub.add_parser("compare", help="train and evaluate several configs on the same shards: the study's table")
+    p.add_argument("--configs", type=Path, nargs="+", required=True)
+    p.add_argument("--shards", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides applied to every config")
+    p.set_defaults(handler=_cmd_compare)
+
+    p = sub.add_parser("predict", help="predict image files, folders or shards into a CSV")
+    run_args(p)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, or .tar shards")
+    p.add_argument("--out", type=Path, required=True, help="CSV to write")
+    p.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--cam", type=Path, default=None, metavar="DIR", help="also write Grad-CAM overlays of image files here")
+    p.set_defaults(handler=_cmd_predict)
+
+    p = sub.add_parser("cam", help="Grad-CAM heatmap overlays as PNG")
+    run_args(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--class", dest="class_name", default=None, help="explain this class instead of the predicted one")
+    p.set_defaults(handler=_cmd_cam)
+
+    p = sub.add_parser("export", help="export to ONNX or TorchScript with a JSON sidecar")
+    run_args(p)
+    p.add_argument("--format", choices=("onnx", "torchscript"), required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--output", choices=("probabilities", "logits"), default="probabilities")
+    p.set_defaults(handler=_cmd_export)
+
+
 # ---------------------------------------------------------------- parser and entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -148,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_data_commands(sub)
     add_training_commands(sub)
+    add_evaluation_commands(sub)
     return parser
 
 

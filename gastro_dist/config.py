@@ -161,6 +161,8 @@ class TrainConfig:
     """Also save the training state every N optimizer steps inside an epoch (0: end of epoch only)."""
     keep_checkpoints: int = 2
     """Complete training-state checkpoints kept per run (older ones are deleted after a new one commits)."""
+    max_steps_per_epoch: int = 0
+    """Cap on micro-batches per epoch for debugging and smoke runs (0: the whole training split)."""
 
     def __post_init__(self) -> None:
         _check(self.mixed_precision in ("bf16", "fp16", "no"),
@@ -172,6 +174,7 @@ class TrainConfig:
                "class_weights must be 'none', 'balanced' or a list of numbers, one per class")
         _check(self.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        _check(self.max_steps_per_epoch >= 0, "max_steps_per_epoch must be >= 0")
         _check(self.head.epochs + self.finetune.epochs > 0, "head.epochs and finetune.epochs are both 0: nothing to train")
 
     def phases(self) -> list[tuple[str, PhaseConfig]]:

@@ -107,18 +107,23 @@ def _replace_module(model: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def build_model(config: ModelConfig, num_classes: int) -> tuple[nn.Module, HeadSpec]:
-    """Build `config.name` with ImageNet weights (if asked), then replace the head for `num_classes`."""
+def build_model(config: ModelConfig, num_classes: int, load_pretrained: bool = True) -> tuple[nn.Module, HeadSpec]:
+    """Build `config.name` with ImageNet weights (if asked), then replace the head for `num_classes`.
+
+    `load_pretrained=False` builds the same architecture without reading weights, for loading a
+    trained model's own weights afterwards.
+    """
     if config.name not in available_models():
         raise UserError(f"unknown model {config.name!r}; use a torchvision classification model such as "
                         "resnet50, vgg19, inception_v3, resnet18, efficientnet_b0, convnext_tiny")
     if num_classes < 2:
         raise UserError(f"need at least 2 classes to train a classifier, got {num_classes}")
-    weights_path = resolve_weights_path(config.name, config.pretrained)
+    weights_path = resolve_weights_path(config.name, config.pretrained) if load_pretrained else None
     kwargs: dict = {"weights": None}
     if config.name == "inception_v3":
         # torchvision enables transform_input with its ImageNet weights (they expect its own normalisation).
-        kwargs.update(aux_logits=True, init_weights=weights_path is None, transform_input=weights_path is not None)
+        pretrained = config.pretrained != "none"
+        kwargs.update(aux_logits=True, init_weights=not pretrained, transform_input=pretrained)
     model = torchvision.models.get_model(config.name, **kwargs)
     if weights_path is not None:
         state = load_state_dict_file(weights_path)

@@ -31,7 +31,7 @@ from rich.table import Table
 from torch import nn
 
 from gastro_dist import UserError
-from gastro_dist.config import PhaseConfig, TrainConfig, save_config
+from gastro_dist.config import DataConfig, PhaseConfig, TrainConfig, save_config
 from gastro_dist.data import pipeline
 from gastro_dist.models.backbones import build_model, head_parameter_names, model_logits
 from gastro_dist.models.freezing import keep_frozen_batchnorm_in_eval, set_trainable
@@ -145,19 +145,20 @@ class PreemptionWatch:
 
 # ---------------------------------------------------------------- evaluation
 @torch.no_grad()
-def predict_split(accelerator: Accelerator, model: nn.Module, index: pipeline.ShardIndex, config: TrainConfig,
-                  split: str, with_meta: bool = False, watch: PreemptionWatch | None = None) -> dict:
+def predict_split(accelerator: Accelerator, model: nn.Module, index: pipeline.ShardIndex, data: DataConfig,
+                  split: str, channels_last: bool = False, with_meta: bool = False,
+                  watch: PreemptionWatch | None = None) -> dict:
     """Probabilities for every sample of `split`, gathered from all ranks and de-duplicated by key.
 
     Ranks may hold one batch more or less than others; every rank runs the same number of loop
     iterations so that the preemption all-reduce stays in step.
     """
     model.eval()
-    loader = pipeline.eval_loader(index, config.data, split, rank=accelerator.process_index,
+    loader = pipeline.eval_loader(index, data, split, rank=accelerator.process_index,
                                   world_size=accelerator.num_processes, pin_memory=accelerator.device.type == "cuda",
                                   with_meta=with_meta)
     num_loops = max(pipeline.eval_batches_per_rank(index.count(split), accelerator.num_processes,
-                                                   max(config.data.num_workers, 1), config.data.eval_batch_size))
+                                                   max(data.num_workers, 1), data.eval_batch_size))
     batches = iter(loader)
     keys, labels, probs, metas = [], [], [], []
     for _ in range(num_loops):
@@ -167,7 +168,7 @@ def predict_split(accelerator: Accelerator, model: nn.Module, index: pipeline.Sh
         if batch is None:
             continue
         images = batch["image"].to(accelerator.device, non_blocking=True)
-        if config.model.channels_last:
+        if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():
             logits, _ = model_logits(model(images))
@@ -214,6 +215,8 @@ def train(config: TrainConfig, shards_dir: str | Path, run_dir: str | Path) -> d
     accelerator = make_accelerator(config)
     world_size = accelerator.num_processes
     micro_steps = pipeline.train_steps_per_epoch(index.count("train"), world_size, config.data.batch_size)
+    if config.max_steps_per_epoch:
+        micro_steps = min(micro_steps, config.max_steps_per_epoch)
     check_run_dir(run_dir, classes)
     set_seed(config.seed, device_specific=True)
 
@@ -308,6 +311,7 @@ def export_final_model(model: nn.Module, config: TrainConfig, classes: list[str]
         "architecture": config.model.name, "classes": classes, "num_classes": len(classes),
         "image_size": config.data.image_size, "eval_crop_ratio": config.data.eval_crop_ratio,
         "mean": list(config.data.mean), "std": list(config.data.std), "dropout": config.model.dropout,
+        "pretrained": config.model.pretrained,
         "source_checkpoint": source, "format": "safetensors state_dict of torchvision model with new head",
     }
     ckpt.save_weights(model, run_dir / ".final-model", meta)
@@ -370,6 +374,8 @@ def run_phase(accelerator: Accelerator, model: nn.Module, spec, head_names: set[
             # synchronise the GPU with the host and stall the input pipeline.
             window_start, window_images, loss_sum, loss_count = epoch_start, 0, torch.zeros((), device=accelerator.device), 0
             for batch in loader:
+                if state.micro_step >= micro_steps:  # max_steps_per_epoch cut the epoch short
+                    break
                 if watch.agreed():
                     save_position(accelerator, run_dir, state, config)
                     raise Preempted()
@@ -419,7 +425,8 @@ def run_phase(accelerator: Accelerator, model: nn.Module, spec, head_names: set[
             assert state.micro_step == micro_steps, f"rank {accelerator.process_index} ran {state.micro_step}/{micro_steps} steps"
 
             try:
-                val = predict_split(accelerator, ddp_model, index, config, "val", watch=watch)
+                val = predict_split(accelerator, ddp_model, index, config.data, "val",
+                                    channels_last=config.model.channels_last, watch=watch)
             except Preempted:
                 save_position(accelerator, run_dir, state, config)  # the epoch's steps are done; validation reruns
                 raise
