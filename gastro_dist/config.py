@@ -71,7 +71,9 @@ class DataConfig:
     vflip: bool = True
     """Random vertical flips (endoscope orientation is arbitrary)."""
     color_jitter: float = 0.1
-    """Brightness/contrast/saturation jitter strength (hue gets a quarter of it)."""
+    """Brightness/contrast/saturation jitter strength."""
+    hue_jitter: float = 0.0
+    """Hue jitter (off by default: mucosal colour carries diagnostic information, and it is slow)."""
     eval_crop_ratio: float = 0.875
     """Evaluation resizes the short side to image_size / ratio, then center-crops image_size."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -85,6 +87,7 @@ class DataConfig:
         _check(self.shuffle_buffer >= 1, "shuffle_buffer must be >= 1")
         _check(0.05 <= self.crop_scale_min <= 1.0, "crop_scale_min must be in [0.05, 1]")
         _check(0.5 <= self.eval_crop_ratio <= 1.0, "eval_crop_ratio must be in [0.5, 1]")
+        _check(0 <= self.hue_jitter <= 0.5, "hue_jitter must be in [0, 0.5]")
         _check(len(self.mean) == 3 and len(self.std) == 3, "mean and std need 3 values (RGB)")
 
 
@@ -238,7 +241,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return float(value)
         raise UserError(f"config key '{key}' needs a number, got {value!r}")
     if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):
+            # YAML 1.1 reads an unquoted no/yes as a boolean (`mixed_precision: no`): take the word back.
+            return "yes" if value else "no"
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise UserError(f"config key '{key}' needs a string, got {value!r}")
     return value

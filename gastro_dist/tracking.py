@@ -13,6 +13,7 @@ import json
 import os
 import re
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,7 @@ class RunLog:
         if tracking_file.is_file():
             run_id = json.loads(tracking_file.read_text()).get("wandb_run_id")
         if run_id is None:
-            import wandb
-            run_id = wandb.util.generate_id()
+            run_id = uuid.uuid4().hex[:12]
         init_kwargs = {"wandb": {
             "id": run_id, "resume": "allow", "dir": str(self.run_dir),
             "name": config.tracking.run_name or self.run_dir.name,

@@ -166,6 +166,7 @@ def eval_batches_per_rank(num_samples: int, world_size: int, num_workers: int, b
 
 # ---------------------------------------------------------------- transforms
 def train_transform(cfg: DataConfig) -> v2.Compose:
+    """Augmentation on uint8 tensors (cheaper than on floats), then scaling and normalisation."""
     j = cfg.color_jitter
     ops = [v2.PILToTensor(),
            v2.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale_min, 1.0), antialias=True)]
@@ -175,8 +176,8 @@ def train_transform(cfg: DataConfig) -> v2.Compose:
         ops.append(v2.RandomVerticalFlip())
     if cfg.rotation_deg > 0:
         ops.append(v2.RandomRotation(cfg.rotation_deg))
-    if j > 0:
-        ops.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(j / 4, 0.5)))
+    if j > 0 or cfg.hue_jitter > 0:
+        ops.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j, hue=cfg.hue_jitter))
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
     return v2.Compose(ops)
 

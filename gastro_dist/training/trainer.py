@@ -290,6 +290,9 @@ def train(config: TrainConfig, shards_dir: str | Path, run_dir: str | Path) -> d
         raise
 
     final_phase = [name for name, phase in config.phases() if phase.epochs > 0][-1]
+    # Each rank's trained weights, reduced to one number: DDP keeps them identical, and this shows it.
+    checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
+    summary["rank_param_checksums"] = gather_object([checksum])
     model.load_state_dict(ckpt.load_weights(ckpt.checkpoint_root(run_dir) / f"{final_phase}-best"))
     if accelerator.is_main_process:
         export_final_model(model, config, classes, run_dir, source=f"{final_phase}-best")

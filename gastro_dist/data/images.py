@@ -1,0 +1,180 @@
+"""Reading one image file as an 8-bit RGB picture, or saying exactly why it cannot be used.
+
+Owns the rules shared by packing (`gastro_dist.data.pack`) and prediction: which file
+extensions count as images, the decompression-bomb limit, full decoding (so truncated files
+are caught here and not in the middle of training), EXIF orientation, and the conversion of
+every PIL mode we meet in hospital exports (grayscale, 16-bit, palette, CMYK, alpha) to RGB.
+Every failure is raised as `BadImage` with a short reason that is written to rejected.jsonl.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+
+# 100 MP is ~10x a 4K endoscopy frame; PIL itself refuses anything above 2 * Image.MAX_IMAGE_PIXELS.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+# Modes whose samples are wider than 8 bits; their 8-bit rendering needs scaling, not clipping.
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
+
+class BadImage(Exception):
+    """The file cannot be used as an image; `reason` is one short line for rejected.jsonl."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def is_image_path(path: str | Path) -> bool:
+    """True for the extensions we pack (case-insensitive); everything else is listed as skipped."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Parse the header only (lazy PIL image); rejects empty, non-image and oversized files.
+
+    `img.size` is then the pixel size as stored in the file (before EXIF rotation).
+    """
+    if not data:
+        raise BadImage("empty file")
+    try:
+        with warnings.catch_warnings():
+            # Our own limit below replaces PIL's warning; PIL's hard error (2x its limit) still applies.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise BadImage("not an image: content is not a readable image format") from None
+    except Image.DecompressionBombError as err:
+        raise BadImage(f"decompression bomb: {err}") from None
+    except Exception as err:  # PIL raises many types for malformed headers
+        raise BadImage(f"corrupt image: {type(err).__name__}: {err}") from None
+    width_px, height_px = img.size
+    if width_px * height_px > max_pixels:
+        raise BadImage(f"decompression bomb: {width_px}x{height_px} pixels exceeds the limit of {max_pixels}")
+    return img
+
+
+def decode_rgb(img: Image.Image, min_short_side_px: int | None = None) -> Image.Image:
+    """Fully decode an `open_image` result, apply EXIF orientation and convert to 8-bit RGB.
+
+    With `min_short_side_px`, JPEGs are decoded at a reduced DCT scale (1/2 .. 1/8) as long as the
+    shorter side stays >= that many pixels: a large speed-up when the result is downscaled anyway.
+    The whole compressed stream is still read, so truncation is detected at any scale.
+    """
+    if min_short_side_px and img.format == "JPEG":
+        # draft() picks the largest scale whose result still covers the requested size
+        short_side_px = min(img.size)
+        img.draft(None, tuple(max(1, -(-side_px * min_short_side_px // short_side_px)) for side_px in img.size))
+    # A truncated file must fail, never be padded with grey, even if other code enabled that globally.
+    # (PIL offers no per-image switch; the flag is restored right after, so only threads racing here see it.)
+    previous_truncated_setting = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        img.load()
+    except Image.DecompressionBombError as err:
+        raise BadImage(f"decompression bomb: {err}") from None
+    except Exception as err:  # OSError, SyntaxError, ValueError, struct.error ... depending on the plugin
+        message = str(err)
+        truncated = "truncated" in message or "broken data stream" in message
+        raise BadImage(f"truncated image: {message}" if truncated else
+                       f"corrupt image: {type(err).__name__}: {message}") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous_truncated_setting
+    try:
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception as err:  # malformed EXIF blocks raise from deep inside PIL
+        raise BadImage(f"corrupt EXIF: {type(err).__name__}: {err}") from None
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any decoded mode; transparency is composited on black (the endoscopy background)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in _SIXTEEN_BIT_MODES:
+        samples_8bit = np.round(np.asarray(img, dtype=np.float64) / 257.0).astype(np.uint8)
+        return Image.fromarray(samples_8bit).convert("RGB")
+    if img.mode in ("I", "F"):
+        return Image.fromarray(_wide_samples_to_uint8(np.asarray(img))).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in _ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        on_black = Image.new("RGB", rgba.size, (0, 0, 0))
+        on_black.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+        return on_black
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as err:
+        raise BadImage(f"unsupported image mode {img.mode}: {err}") from None
+
+
+def _wide_samples_to_uint8(samples: np.ndarray) -> np.ndarray:
+    """Map 32-bit integer or float samples to 0..255 using the range the values actually occupy.
+
+    Such files carry no declared bit depth, so: floats in [0, 1] are scaled by 255, values already
+    in 0..255 are kept, values in 0..65535 are treated as 16-bit (divided by 257), anything else
+    is stretched from its min..max.
+    """
+    is_float = samples.dtype.kind == "f"
+    samples = np.nan_to_num(samples.astype(np.float64))
+    low, high = float(samples.min()), float(samples.max())
+    if is_float and low >= 0.0 and high <= 1.0:
+        scaled = samples * 255.0
+    elif low >= 0.0 and high <= 255.0:
+        scaled = samples
+    elif low >= 0.0 and high <= 65535.0:
+        scaled = samples / 257.0
+    else:
+        scaled = (samples - low) * (255.0 / max(high - low, 1e-12))
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+
+
+def load_rgb(
+    source: str | Path | bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_short_side_px: int | None = None,
+) -> Image.Image:
+    """Load a file (path or its bytes) as a fully decoded, upright, 8-bit RGB image or raise `BadImage`."""
+    if isinstance(source, (str, Path)):
+        try:
+            data = Path(source).read_bytes()
+        except OSError as err:
+            raise BadImage(f"unreadable file: {err.strerror or err}") from None
+    else:
+        data = source
+    return decode_rgb(open_image(data, max_pixels), min_short_side_px)
+
+
+def shrink_to_short_side(img: Image.Image, short_side_px: int) -> Image.Image:
+    """Downscale so the shorter side is `short_side_px`, keeping the aspect ratio; never upscales.
+
+    LANCZOS with `reducing_gap` first shrinks by an integer factor (fast box reduce), then resamples
+    the last step properly: near full-LANCZOS quality at a fraction of the cost.
+    """
+    width_px, height_px = img.size
+    if short_side_px <= 0 or min(width_px, height_px) <= short_side_px:
+        return img
+    scale = short_side_px / min(width_px, height_px)
+    if width_px <= height_px:
+        new_size = (short_side_px, max(1, round(height_px * scale)))
+    else:
+        new_size = (max(1, round(width_px * scale)), short_side_px)
+    return img.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    """Baseline JPEG bytes without EXIF/ICC: orientation is already applied to the pixels."""
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()

@@ -1,0 +1,167 @@
+"""Model export for deployment: ONNX or TorchScript plus a JSON sidecar that says how to call it.
+
+Owns the deployable form of a trained classifier. The exported graph takes a normalised
+N x 3 x H x W float32 RGB batch (dynamic N) named ``images`` and returns softmax ``probabilities``
+(or raw ``logits``) in the order of the sidecar's ``classes``. Export and check work on a CPU copy
+in eval mode, so the caller's model is untouched and inception returns plain logits (no aux head).
+
+ONNX uses PyTorch's TorchScript-based exporter (``dynamo=False``): it needs no onnxscript and
+handles every torchvision backbone with ``dynamic_axes``. onnx and onnxruntime are optional
+(``pip install 'gastro-dist[export]'``) and imported only here.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import gastro_dist
+from gastro_dist import UserError
+
+EXPORT_FORMATS = ("onnx", "torchscript")
+OUTPUTS = ("probabilities", "logits")
+INPUT_NAME = "images"
+INPUT_LAYOUT = "NCHW float32, RGB, normalised: (x/255 - mean)/std"
+
+
+class ExportedClassifier(nn.Module):
+    """The classifier as deployed: a normalised image batch in, probabilities (or logits) out."""
+
+    def __init__(self, model: nn.Module, probabilities: bool):
+        super().__init__()
+        self.model = model
+        self.probabilities = probabilities
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.model(images)
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        return torch.softmax(logits, dim=1) if self.probabilities else logits
+
+
+def export_model(
+    model: nn.Module,
+    fmt: str,
+    out_file,
+    input_size: int,
+    classes: list[str],
+    mean,
+    std,
+    output: str = "probabilities",
+    opset: int = 17,
+) -> Path:
+    """Write the model to ``out_file`` (fmt "onnx" or "torchscript") and ``out_file``.json; returns out_file.
+
+    ``mean``/``std`` are the per-channel normalisation used in training (0-1 pixel scale).
+    The ONNX file is validated with ``onnx.checker``; call :func:`check_export` to compare outputs.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; use one of: {', '.join(EXPORT_FORMATS)}")
+    if output not in OUTPUTS:
+        raise UserError(f"unknown export output {output!r}; use one of: {', '.join(OUTPUTS)}")
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    deployed = ExportedClassifier(_cpu_eval_copy(model), probabilities=output == "probabilities")
+    example = torch.randn(2, 3, input_size, input_size)
+
+    # Both exporters are the deprecated TorchScript-based ones (chosen on purpose, see the module
+    # docstring); their deprecation notices would only confuse the people running the export.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        if fmt == "onnx":
+            onnx = _import_optional("onnx")
+            torch.onnx.export(
+                deployed, (example,), str(out_file), dynamo=False, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=[output],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, output: {0: "batch"}},
+            )
+            onnx.checker.check_model(str(out_file))
+        else:
+            torch.jit.trace(deployed, example).save(str(out_file))
+
+    sidecar = {
+        "format": fmt,
+        "file": out_file.name,
+        "classes": list(classes),
+        "input_size": int(input_size),
+        "input_name": INPUT_NAME,
+        "input_layout": INPUT_LAYOUT,
+        "input_shape": ["batch", 3, int(input_size), int(input_size)],
+        "mean": [float(value) for value in mean],
+        "std": [float(value) for value in std],
+        "output": output,
+        "output_name": output,
+        "output_meaning": ("softmax probabilities, one column per class in `classes` order" if output == "probabilities"
+                           else "unnormalised logits, one column per class in `classes` order; softmax gives probabilities"),
+        "opset": opset if fmt == "onnx" else None,
+        "torch_version": torch.__version__,
+        "gastro_dist_version": gastro_dist.__version__,
+    }
+    _sidecar_path(out_file).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+    return out_file
+
+
+def check_export(
+    model: nn.Module,
+    out_file,
+    fmt: str,
+    input_size: int,
+    atol: float = 1e-4,
+    batch_sizes: tuple[int, ...] = (1, 3),
+) -> float:
+    """Largest absolute difference between the exported file and PyTorch on random normalised batches.
+
+    ONNX runs in onnxruntime on the CPU. Raises RuntimeError when the difference exceeds ``atol``.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; use one of: {', '.join(EXPORT_FORMATS)}")
+    out_file = Path(out_file)
+    sidecar_path = _sidecar_path(out_file)
+    if not out_file.exists() or not sidecar_path.exists():
+        raise UserError(f"{out_file} or its sidecar {sidecar_path.name} is missing; export the model first")
+    output = json.loads(sidecar_path.read_text(encoding="utf-8"))["output"]
+    reference = ExportedClassifier(_cpu_eval_copy(model), probabilities=output == "probabilities")
+
+    if fmt == "onnx":
+        onnxruntime = _import_optional("onnxruntime")
+        session = onnxruntime.InferenceSession(str(out_file), providers=["CPUExecutionProvider"])
+
+        def run_exported(images: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {INPUT_NAME: images.numpy()})[0])
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            run_exported = torch.jit.load(str(out_file), map_location="cpu")
+
+    generator = torch.Generator().manual_seed(0)
+    largest = 0.0
+    with torch.no_grad():
+        for batch_size in batch_sizes:
+            images = torch.randn(batch_size, 3, input_size, input_size, generator=generator)
+            difference = (run_exported(images) - reference(images)).abs().max().item()
+            largest = max(largest, difference)
+    if largest > atol:
+        raise RuntimeError(f"exported {fmt} model differs from PyTorch by {largest:.2e} (more than {atol:g})")
+    return largest
+
+
+def _cpu_eval_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).cpu().eval()
+
+
+def _sidecar_path(out_file: Path) -> Path:
+    return out_file.with_name(out_file.name + ".json")
+
+
+def _import_optional(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"{name} is not installed; pip install 'gastro-dist[export]'") from None

@@ -1,0 +1,433 @@
+"""Clinical classification metrics with patient-level bootstrap confidence intervals.
+
+Owns every number in an evaluation report, computed from true labels and softmax probabilities
+with numpy only (no scikit-learn at run time; the tests check agreement with it):
+
+* accuracy, balanced accuracy and per-class accuracy (the share of each class's images that is
+  recognised, i.e. recall -- the figure the reference study reports per disease);
+* the confusion matrix (rows true, columns predicted) and one-vs-rest sensitivity, specificity,
+  PPV, NPV, F1 and rank-based AUC (Mann-Whitney U with ties counted one half) per class;
+* MCC, the multiclass generalisation computed exactly as scikit-learn's ``matthews_corrcoef``
+  (Gorodkin's R_K statistic; 0 when the denominator vanishes);
+* the expected calibration error of the top probability over 15 equal-width bins, with the bin
+  table behind a reliability diagram;
+* a cancer-vs-benign view when the positive class (``gastric_cancer`` by default) is among the
+  classes: prediction "cancer" when it is the argmax, score = its probability;
+* percentile bootstrap confidence intervals that resample patients (groups) with replacement;
+* dummy baselines and the clinical operating point (a threshold picked on validation data for a
+  target sensitivity and then applied to the test split).
+
+Every resample is represented by a weight per image (how many times its patient was drawn), so
+point estimates (all weights 1) and bootstrap replicates share one vectorised code path: confusion
+matrices and calibration bins are weighted ``bincount``s, AUCs cumulative weights over the scores
+sorted once per class.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from gastro_dist import UserError
+
+NUM_CALIBRATION_BINS = 15
+# Bootstrap replicates are processed in chunks of about this many (resample, image) weights:
+# small enough for the working arrays to stay in cache, which roughly halves the run time.
+_CHUNK_ELEMENTS = 100_000
+
+
+def evaluate_predictions(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    groups: np.ndarray | None = None,
+    num_bootstrap: int = 1000,
+    seed: int = 0,
+    positive_class: str = "gastric_cancer",
+    ci_level: float = 0.95,
+) -> dict:
+    """All metrics of one set of predictions as a JSON-serialisable dict (undefined values are None).
+
+    ``y_true`` holds class indices into ``classes``; ``probs`` is N x len(classes) softmax output;
+    ``groups`` (patient ids, any dtype) makes the bootstrap resample patients instead of images.
+    ``num_bootstrap=0`` skips the confidence intervals (``ci`` is then None).
+
+    Keys: num_samples, num_groups, classes, accuracy, balanced_accuracy, per_class_accuracy,
+    confusion_matrix, per_class, macro_f1, macro_auc, mcc, ece, calibration, cancer_vs_benign
+    (None without the positive class), ci, bootstrap.
+    """
+    y_true, probs = _validated(y_true, probs, classes)
+    group_ids = None if groups is None else _group_indices(groups, len(y_true))
+    positive_index = classes.index(positive_class) if positive_class in classes else None
+    data = _PreparedPredictions(y_true, probs)
+
+    point = _replicate_statistics(data, np.ones((1, len(y_true))))
+    point = {name: values[0] for name, values in point.items()}
+    confusion = np.rint(point["confusion"]).astype(int)
+
+    per_class = {}
+    for k, name in enumerate(classes):
+        per_class[name] = {
+            "support": int(confusion[k].sum()),
+            "sensitivity": _number(point["recall"][k]),
+            "specificity": _number(point["specificity"][k]),
+            "ppv": _number(point["ppv"][k]),
+            "npv": _number(point["npv"][k]),
+            "f1": _number(point["f1"][k]),
+            "auc": _number(point["auc"][k]),
+        }
+
+    bins = []
+    for b in range(NUM_CALIBRATION_BINS):
+        count = point["bin_weight"][b]
+        bins.append({
+            "lower": b / NUM_CALIBRATION_BINS,
+            "upper": (b + 1) / NUM_CALIBRATION_BINS,
+            "count": int(round(count)),
+            "accuracy": _number(point["bin_correct"][b] / count) if count else None,
+            "confidence": _number(point["bin_confidence"][b] / count) if count else None,
+        })
+
+    metrics = {
+        "num_samples": int(len(y_true)),
+        "num_groups": None if group_ids is None else int(group_ids.max() + 1),
+        "classes": list(classes),
+        "accuracy": _number(point["accuracy"]),
+        "balanced_accuracy": _number(point["balanced_accuracy"]),
+        "per_class_accuracy": {name: per_class[name]["sensitivity"] for name in classes},
+        "confusion_matrix": confusion.tolist(),
+        "per_class": per_class,
+        "macro_f1": _number(point["macro_f1"]),
+        "macro_auc": _number(point["macro_auc"]),
+        "mcc": _number(point["mcc"]),
+        "ece": _number(point["ece"]),
+        "calibration": {"num_bins": NUM_CALIBRATION_BINS, "bins": bins},
+        "cancer_vs_benign": None,
+        "ci": None,
+        "bootstrap": None,
+    }
+    if positive_index is not None:
+        # Argmax prediction and score P(positive) make this the positive class's one-vs-rest row,
+        # restated with its counts for the clinical question "cancer or not".
+        k = positive_index
+        tp = int(confusion[k, k])
+        fn = int(confusion[k].sum()) - tp
+        fp = int(confusion[:, k].sum()) - tp
+        metrics["cancer_vs_benign"] = {
+            "positive_class": positive_class,
+            "negative_classes": [name for name in classes if name != positive_class],
+            "sensitivity": per_class[positive_class]["sensitivity"],
+            "specificity": per_class[positive_class]["specificity"],
+            "ppv": per_class[positive_class]["ppv"],
+            "npv": per_class[positive_class]["npv"],
+            "auc": per_class[positive_class]["auc"],
+            "tp": tp, "fn": fn, "fp": fp, "tn": int(len(y_true)) - tp - fn - fp,
+        }
+
+    if num_bootstrap > 0:
+        units = group_ids if group_ids is not None else np.arange(len(y_true))
+        replicates = _bootstrap_statistics(data, units, num_bootstrap, seed)
+        metrics["ci"] = _confidence_intervals(replicates, classes, positive_index, ci_level)
+        metrics["bootstrap"] = {
+            "num_resamples": int(num_bootstrap),
+            "seed": int(seed),
+            "level": float(ci_level),
+            "method": "percentile",
+            "unit": "patient" if group_ids is not None else "image",
+            "num_units": int(units.max() + 1),
+        }
+    return metrics
+
+
+def dummy_baselines(
+    y_true: np.ndarray,
+    classes: list[str],
+    groups: np.ndarray | None = None,
+    seed: int = 0,
+    train_labels: np.ndarray | None = None,
+    num_bootstrap: int = 0,
+    positive_class: str = "gastric_cancer",
+    ci_level: float = 0.95,
+) -> dict[str, dict]:
+    """Metrics of two classifiers that never look at the image, as floors for the real one.
+
+    Class frequencies come from ``train_labels`` when given, else from ``y_true``.
+    ``majority`` always predicts the most frequent class, with the class frequencies as its
+    probabilities (scikit-learn's DummyClassifier "prior"); ``stratified`` draws a random label
+    per image from the frequencies (seeded) and puts all probability on it.
+    """
+    y_true = np.asarray(y_true)
+    reference = y_true if train_labels is None else np.asarray(train_labels)
+    priors = np.bincount(reference, minlength=len(classes)).astype(float)
+    priors /= priors.sum()
+
+    majority_probs = np.tile(priors, (len(y_true), 1))
+    drawn = np.random.default_rng(seed).choice(len(classes), size=len(y_true), p=priors)
+    stratified_probs = np.eye(len(classes))[drawn]
+
+    def metrics_of(probs: np.ndarray) -> dict:
+        return evaluate_predictions(y_true, probs, classes, groups, num_bootstrap=num_bootstrap,
+                                    seed=seed, positive_class=positive_class, ci_level=ci_level)
+
+    return {"majority": metrics_of(majority_probs), "stratified": metrics_of(stratified_probs)}
+
+
+def threshold_for_sensitivity(y_true_binary: np.ndarray, scores: np.ndarray,
+                              target_sensitivity: float) -> float:
+    """The highest threshold t whose rule ``score >= t`` reaches ``target_sensitivity`` on this data.
+
+    Pick it on the validation split and report the test split at it
+    (:func:`binary_metrics_at_threshold`): the usual way to fix a screening operating point.
+    """
+    if not 0.0 < target_sensitivity <= 1.0:
+        raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
+    positives = np.sort(np.asarray(scores, dtype=float)[np.asarray(y_true_binary, dtype=bool)])[::-1]
+    if len(positives) == 0:
+        raise UserError("cannot pick a threshold for a sensitivity: the data has no positive "
+                        "images; choose the operating point on a split that contains the positive class")
+    # Rounding first keeps e.g. 0.7 * 10 = 7.000000000000001 from asking for an 8th positive.
+    needed = max(1, math.ceil(round(target_sensitivity * len(positives), 9)))
+    return float(positives[needed - 1])
+
+
+def binary_metrics_at_threshold(y_true_binary: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    """Sensitivity, specificity, PPV, NPV and the four counts of the rule ``score >= threshold``."""
+    truth = np.asarray(y_true_binary, dtype=bool)
+    predicted = np.asarray(scores, dtype=float) >= threshold
+    tp = int(np.sum(truth & predicted))
+    fn = int(np.sum(truth & ~predicted))
+    fp = int(np.sum(~truth & predicted))
+    tn = int(np.sum(~truth & ~predicted))
+    return {
+        "threshold": float(threshold),
+        "sensitivity": _safe_ratio(tp, tp + fn),
+        "specificity": _safe_ratio(tn, tn + fp),
+        "ppv": _safe_ratio(tp, tp + fp),
+        "npv": _safe_ratio(tn, tn + fn),
+        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+    }
+
+
+def operating_point(y_true_select: np.ndarray, probs_select: np.ndarray, y_true_report: np.ndarray,
+                    probs_report: np.ndarray, classes: list[str], target_sensitivity: float,
+                    positive_class: str = "gastric_cancer", selected_on: str = "val") -> dict:
+    """Threshold on P(positive class) chosen on one split for a target sensitivity, applied to another.
+
+    Returns the ``operating_point`` dict that :func:`gastro_dist.evaluation.report.write_report`
+    renders: target_sensitivity, positive_class, selected_on, threshold, ``selection`` (metrics on
+    the split it was chosen on) and ``metrics`` (on the reported split).
+    """
+    if positive_class not in classes:
+        raise UserError(f"no class named {positive_class!r} among {classes}; "
+                        f"set the positive class to one of them")
+    k = classes.index(positive_class)
+    select_truth = np.asarray(y_true_select) == k
+    select_scores = np.asarray(probs_select, dtype=float)[:, k]
+    threshold = threshold_for_sensitivity(select_truth, select_scores, target_sensitivity)
+    return {
+        "target_sensitivity": float(target_sensitivity),
+        "positive_class": positive_class,
+        "selected_on": selected_on,
+        "threshold": threshold,
+        "selection": binary_metrics_at_threshold(select_truth, select_scores, threshold),
+        "metrics": binary_metrics_at_threshold(np.asarray(y_true_report) == k,
+                                               np.asarray(probs_report, dtype=float)[:, k], threshold),
+    }
+
+
+def roc_curve(y_true_binary: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rates, true positive rates) from (0, 0) to (1, 1), one point per distinct score.
+
+    Same points as scikit-learn's ``roc_curve(..., drop_intermediate=False)``.
+    """
+    truth = np.asarray(y_true_binary, dtype=bool)
+    scores = np.asarray(scores, dtype=float)
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores, sorted_truth = scores[order], truth[order]
+    last_of_level = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(scores) - 1]
+    tps = np.cumsum(sorted_truth)[last_of_level]
+    fps = (last_of_level + 1) - tps
+    return np.r_[0.0, fps / max(fps[-1], 1)], np.r_[0.0, tps / max(tps[-1], 1)]
+
+
+# ----------------------------------------------------------------------------- internals
+
+
+class _PreparedPredictions:
+    """Per-image quantities that every replicate reuses: confusion cells, calibration bins, AUC orders."""
+
+    def __init__(self, y_true: np.ndarray, probs: np.ndarray):
+        self.num_classes = probs.shape[1]
+        predicted = probs.argmax(axis=1)
+        self.confusion_cell = y_true * self.num_classes + predicted
+        confidence = probs.max(axis=1)
+        self.confidence = confidence
+        self.correct = (predicted == y_true).astype(float)
+        # Bins are (lower, upper], the first one also holding 0.
+        self.calibration_bin = np.clip(np.ceil(confidence * NUM_CALIBRATION_BINS).astype(int) - 1,
+                                       0, NUM_CALIBRATION_BINS - 1)
+        self.auc_orders = []
+        for k in range(self.num_classes):
+            order = np.argsort(probs[:, k], kind="stable")
+            level_ends = np.r_[np.flatnonzero(np.diff(probs[order, k])), len(order) - 1]
+            self.auc_orders.append((order, level_ends, y_true[order] == k))
+
+
+def _replicate_statistics(data: _PreparedPredictions, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Metrics of each row of ``weights`` (R x N: how often each image is in a replicate)."""
+    num_replicates = weights.shape[0]
+    k = data.num_classes
+    confusion = _row_bincount(data.confusion_cell[None, :], k * k, weights).reshape(num_replicates, k, k)
+    total = confusion.sum(axis=(1, 2))
+    support = confusion.sum(axis=2)
+    predicted_count = confusion.sum(axis=1)
+    tp = np.diagonal(confusion, axis1=1, axis2=2)
+    fn = support - tp
+    fp = predicted_count - tp
+    tn = total[:, None] - tp - fn - fp
+
+    recall = _ratio(tp, tp + fn)
+    f1 = _ratio(2 * tp, 2 * tp + fp + fn)
+    correct_total = tp.sum(axis=1)
+    # scikit-learn's matthews_corrcoef, written on the confusion matrix.
+    cov_true_pred = correct_total * total - np.sum(support * predicted_count, axis=1)
+    cov_pred_pred = total ** 2 - np.sum(predicted_count ** 2, axis=1)
+    cov_true_true = total ** 2 - np.sum(support ** 2, axis=1)
+    mcc_denominator = np.sqrt(cov_true_true * cov_pred_pred)
+    mcc = np.divide(cov_true_pred, mcc_denominator, out=np.zeros_like(total), where=mcc_denominator > 0)
+
+    bin_weight = _row_bincount(data.calibration_bin[None, :], NUM_CALIBRATION_BINS, weights)
+    bin_correct = _row_bincount(data.calibration_bin[None, :], NUM_CALIBRATION_BINS,
+                                weights * data.correct)
+    bin_confidence = _row_bincount(data.calibration_bin[None, :], NUM_CALIBRATION_BINS,
+                                   weights * data.confidence)
+
+    auc = np.stack([_weighted_auc(weights, *data.auc_orders[c]) for c in range(k)], axis=1)
+    return {
+        "confusion": confusion,
+        "accuracy": correct_total / total,
+        "balanced_accuracy": _nanmean(recall),
+        "recall": recall,
+        "specificity": _ratio(tn, tn + fp),
+        "ppv": _ratio(tp, tp + fp),
+        "npv": _ratio(tn, tn + fn),
+        "f1": f1,
+        "macro_f1": _nanmean(f1),
+        "mcc": mcc,
+        "auc": auc,
+        "macro_auc": _nanmean(auc),
+        "ece": np.abs(bin_correct - bin_confidence).sum(axis=1) / total,
+        "bin_weight": bin_weight,
+        "bin_correct": bin_correct,
+        "bin_confidence": bin_confidence,
+    }
+
+
+def _row_bincount(index: np.ndarray, size: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Row-wise ``bincount(index_row, weights=weights_row, minlength=size)``.
+
+    ``index`` and ``weights`` broadcast to R x N; one bincount over offset indices does all rows.
+    """
+    index, weights = np.broadcast_arrays(index, np.ones(1) if weights is None else weights)
+    num_rows = index.shape[0]
+    offsets = (np.arange(num_rows) * size)[:, None] + index
+    return np.bincount(offsets.ravel(), weights=weights.ravel(), minlength=num_rows * size).reshape(num_rows, size)
+
+
+def _weighted_auc(weights: np.ndarray, order: np.ndarray, level_ends: np.ndarray,
+                  is_positive_sorted: np.ndarray) -> np.ndarray:
+    """Mann-Whitney AUC per weight row: P(score_pos > score_neg) + P(tie) / 2; NaN without both classes.
+
+    Cumulative weights at the last image of each distinct score give, per score level, the
+    negatives at or below it; each positive wins against those below and half of its own level.
+    """
+    sorted_weights = weights[:, order]
+    positive_cumulative = np.cumsum(sorted_weights * is_positive_sorted, axis=1)[:, level_ends]
+    negative_cumulative = np.cumsum(sorted_weights, axis=1)[:, level_ends] - positive_cumulative
+    positive = np.diff(positive_cumulative, axis=1, prepend=0.0)
+    negative = np.diff(negative_cumulative, axis=1, prepend=0.0)
+    concordant = np.sum(positive * (negative_cumulative - 0.5 * negative), axis=1)
+    return _ratio(concordant, positive_cumulative[:, -1] * negative_cumulative[:, -1])
+
+
+def _bootstrap_statistics(data: _PreparedPredictions, unit_of_image: np.ndarray, num_resamples: int,
+                          seed: int) -> dict[str, np.ndarray]:
+    """Statistics of ``num_resamples`` replicates drawing units (patients or images) with replacement."""
+    rng = np.random.default_rng(seed)
+    num_units = int(unit_of_image.max() + 1)
+    chunk = max(1, _CHUNK_ELEMENTS // max(len(unit_of_image), num_units))
+    parts = []
+    for start in range(0, num_resamples, chunk):
+        size = min(chunk, num_resamples - start)
+        drawn = rng.integers(0, num_units, size=(size, num_units))
+        parts.append(_replicate_statistics(data, _row_bincount(drawn, num_units)[:, unit_of_image]))
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def _confidence_intervals(replicates: dict[str, np.ndarray], classes: list[str],
+                          positive_index: int | None, level: float) -> dict:
+    def interval(values: np.ndarray) -> dict | None:
+        # Replicates where a statistic is undefined (e.g. a rare class was not drawn) are left out.
+        values = values[~np.isnan(values)]
+        if len(values) == 0:
+            return None
+        lower, upper = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+        return {"lower": float(lower), "upper": float(upper)}
+
+    intervals = {name: interval(replicates[name])
+                 for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "mcc", "ece")}
+    intervals["per_class_accuracy"] = {c: interval(replicates["recall"][:, k]) for k, c in enumerate(classes)}
+    intervals["per_class_auc"] = {c: interval(replicates["auc"][:, k]) for k, c in enumerate(classes)}
+    intervals["cancer_vs_benign"] = None
+    if positive_index is not None:
+        intervals["cancer_vs_benign"] = {
+            "sensitivity": intervals["per_class_accuracy"][classes[positive_index]],
+            "specificity": interval(replicates["specificity"][:, positive_index]),
+            "auc": intervals["per_class_auc"][classes[positive_index]],
+        }
+    return intervals
+
+
+def _validated(y_true, probs, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    y_true = np.asarray(y_true)
+    probs = np.asarray(probs, dtype=float)
+    if probs.ndim != 2 or probs.shape[1] != len(classes):
+        raise ValueError(f"probs must be N x {len(classes)} (one column per class), got shape {probs.shape}")
+    if y_true.shape != (probs.shape[0],):
+        raise ValueError(f"y_true must have shape ({probs.shape[0]},), got {y_true.shape}")
+    if len(y_true) == 0:
+        raise ValueError("no predictions to evaluate")
+    if not np.issubdtype(y_true.dtype, np.integer) or y_true.min() < 0 or y_true.max() >= len(classes):
+        raise ValueError(f"y_true must hold class indices 0..{len(classes) - 1}")
+    if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3) or probs.min() < 0:
+        raise ValueError("probs must be softmax probabilities (non-negative rows summing to 1), not logits")
+    return y_true.astype(np.int64), probs
+
+
+def _group_indices(groups, num_samples: int) -> np.ndarray:
+    groups = np.asarray(groups)
+    if groups.shape != (num_samples,):
+        raise ValueError(f"groups must have one patient id per image ({num_samples}), got shape {groups.shape}")
+    return np.unique(groups, return_inverse=True)[1].reshape(-1)
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator, NaN where the denominator is 0."""
+    numerator, denominator = np.broadcast_arrays(np.asarray(numerator, float), np.asarray(denominator, float))
+    return np.divide(numerator, denominator, out=np.full(numerator.shape, np.nan), where=denominator != 0)
+
+
+def _nanmean(values: np.ndarray) -> np.ndarray:
+    """Mean over the last axis ignoring NaN; NaN (without a warning) when a row has no number."""
+    defined = ~np.isnan(values)
+    return _ratio(np.where(defined, values, 0.0).sum(axis=-1), defined.sum(axis=-1))
+
+
+def _safe_ratio(numerator: int, denominator: int) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def _number(value) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) else value

@@ -1,0 +1,38 @@
+"""Shared fixtures: one tiny synthetic shard set per test session, made with the project's own
+synth and pack commands, and the overrides that shrink a training run to seconds on a CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Both phases, a handful of steps, no tracker: a whole run in seconds on two cores.
+TINY_TRAIN_OVERRIDES = [
+    "model.name=resnet18", "model.pretrained=none", "model.channels_last=false",
+    "data.image_size=48", "data.batch_size=8", "data.eval_batch_size=16", "data.num_workers=0",
+    "data.shuffle_buffer=16", "head.epochs=1", "finetune.epochs=1", "mixed_precision=no",
+    "tracking.tracker=none", "tracking.log_every_steps=1",
+]
+
+
+@pytest.fixture(scope="session")
+def synthetic_source(tmp_path_factory) -> Path:
+    from gastro_dist.data.synth import generate_dataset
+
+    out = tmp_path_factory.mktemp("synth") / "images"
+    generate_dataset(out, per_class=14, seed=3, size_range=(96, 128), images_per_patient=(1, 3), workers=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(synthetic_source, tmp_path_factory) -> Path:
+    from gastro_dist.data.pack import PackSettings, pack_dataset
+
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    settings = PackSettings(val_fraction=0.25, test_per_class=3, input_size=48, resize_short=56,
+                            shard_size=8, workers=1, seed=0)
+    pack_dataset(synthetic_source, out, settings, manifest=synthetic_source / "manifest.csv")
+    return out
