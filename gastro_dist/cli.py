@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from gastro_dist import UserError, __version__
+from gastro_dist.benchmark import add_bench_commands
 
 
 # ---------------------------------------------------------------- data commands
@@ -254,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_training_commands(sub)
     add_evaluation_commands(sub)
+    add_bench_commands(sub)
     return parser
 
 
