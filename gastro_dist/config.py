@@ -76,6 +76,8 @@ class DataConfig:
     """Hue jitter (off by default: mucosal colour carries diagnostic information, and it is slow)."""
     eval_crop_ratio: float = 0.875
     """Evaluation resizes the short side to image_size / ratio, then center-crops image_size."""
+    strict: bool = False
+    """Stop at the first unreadable shard or sample instead of skipping and reporting it."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -164,6 +166,8 @@ class TrainConfig:
     """Also save the training state every N optimizer steps inside an epoch (0: end of epoch only)."""
     keep_checkpoints: int = 2
     """Complete training-state checkpoints kept per run (older ones are deleted after a new one commits)."""
+    max_nonfinite_steps: int = 5
+    """Stop (with a checkpoint from before) after this many consecutive non-finite optimizer steps."""
     max_steps_per_epoch: int = 0
     """Cap on micro-batches per epoch for debugging and smoke runs (0: the whole training split)."""
 
@@ -177,6 +181,7 @@ class TrainConfig:
                "class_weights must be 'none', 'balanced' or a list of numbers, one per class")
         _check(self.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1")
         _check(self.max_steps_per_epoch >= 0, "max_steps_per_epoch must be >= 0")
         _check(self.head.epochs + self.finetune.epochs > 0, "head.epochs and finetune.epochs are both 0: nothing to train")
 

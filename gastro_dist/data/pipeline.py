@@ -15,9 +15,11 @@ is planned from index.json's per-shard counts:
   epoch because the shard order changes);
 * evaluation: the unpermuted sequence is cut into `world` near-equal chunks, every sample once;
 * each worker reads only the shards its chunk overlaps (webdataset's tar reader), shuffles
-  its raw samples in a seeded buffer, and decodes after the shuffle, so skipping the samples
-  already consumed on resume costs no decoding. Augmentation randomness is seeded per sample
-  from its position, so a resumed epoch is augmented exactly like the uninterrupted one.
+  its raw samples in a seeded buffer, and decodes after the shuffle. Every item carries its
+  position in the worker's raw stream; a checkpoint records how far each worker got, and a
+  resumed epoch skips those raw samples without decoding them. Augmentation randomness is
+  seeded per sample from its position, so a resumed epoch is augmented exactly like the
+  uninterrupted one.
 """
 
 from __future__ import annotations
@@ -120,15 +122,6 @@ def batches_per_worker(num_batches: int, num_workers: int) -> list[int]:
     return [num_batches // num_workers + (1 if w < num_batches % num_workers else 0) for w in range(num_workers)]
 
 
-def consumed_batches_per_worker(num_consumed: int, num_workers: int) -> list[int]:
-    """How many of each worker's batches are among the first `num_consumed` the DataLoader yielded.
-
-    The DataLoader yields worker 0, 1, ..., W-1, 0, 1, ... in order; workers with more batches
-    are the lower-numbered ones, so the round-robin never skips a worker before the last round.
-    """
-    return [num_consumed // num_workers + (1 if w < num_consumed % num_workers else 0) for w in range(num_workers)]
-
-
 def train_worker_chunks(shards: list[ShardFile], *, seed: int, epoch: int, rank: int, world_size: int,
                         batch_size: int, num_workers: int) -> list[list[Chunk]]:
     """Per DataLoader worker of `rank`, the shard chunks it reads this epoch."""
@@ -205,33 +198,81 @@ def decode_rgb(data: bytes, min_short_side: int) -> Image.Image:
 
 
 # ---------------------------------------------------------------- datasets
+class CorruptSample(UserError):
+    """A shard member that cannot be read or decoded, in `data.strict` mode."""
+
+
+SHARD_MEMBERS = frozenset({"jpg", "png", "cls", "json"})
+
+
+def _is_our_member(name: str) -> bool:
+    """Only the members pack writes are read: anything else (a .pyd or .pth someone slipped into a
+    shard) is never extracted, let alone unpickled."""
+    return name.rpartition(".")[2] in SHARD_MEMBERS
+
+
 class ShardSamples(IterableDataset):
     """One rank's samples for one epoch; each DataLoader worker reads its own chunks.
 
-    `worker_chunks[w]` are worker w's shard chunks. Yields dicts with `image`, `label`, `key`
-    (and `meta`, the sample's JSON text, when `with_meta`).
+    `worker_chunks[w]` are worker w's shard chunks. Yields dicts with `image`, `label`, `key`,
+    `worker`, `position` (the sample's index in the worker's raw stream, what resume skips to) and
+    `skipped` (JSON list of the broken samples passed over since the previous item, or "").
+    A broken sample (unreadable tar data, undecodable image, missing member) is skipped and
+    reported, or raises `CorruptSample` when `strict`. In training (`planned_per_worker` given)
+    a worker that lost samples refills from a further pass over its own chunks, so that every
+    rank still yields exactly its planned number of batches and DDP stays in step.
     """
 
     def __init__(self, worker_chunks: list[list[Chunk]], transform, *, decode_short_side: int,
                  shuffle_buffer: int = 0, seed: int = 0, epoch: int = 0, rank: int = 0,
-                 skip_per_worker: list[int] | None = None, with_meta: bool = False):
+                 planned_per_worker: list[int] | None = None, skip_positions: list[int] | None = None,
+                 with_meta: bool = False, strict: bool = False):
         self.worker_chunks = worker_chunks
         self.transform = transform
         self.decode_short_side = decode_short_side
         self.shuffle_buffer = shuffle_buffer
         self.seed, self.epoch, self.rank = seed, epoch, rank
-        self.skip_per_worker = skip_per_worker or [0] * len(worker_chunks)
+        self.planned_per_worker = planned_per_worker
+        self.skip_positions = skip_positions or [0] * len(worker_chunks)
         self.with_meta = with_meta
+        self.strict = strict
 
-    def _raw_samples(self, chunks: list[Chunk]) -> Iterator[dict]:
+    def _raw_samples(self, chunks: list[Chunk], problems: list[str]) -> Iterator[dict]:
         for chunk in chunks:
-            # Only the members we write are read; nothing in a shard is ever unpickled.
-            samples = wds.tarfile_to_samples()([{"url": str(chunk.shard.path)}])
+            def unreadable(error: Exception, shard: Path = chunk.shard.path) -> bool:
+                reason = f"{shard.name}: unreadable shard data: {error}"
+                if self.strict:
+                    raise CorruptSample(f"{reason} (data.strict=true; re-pack or remove the shard, or set data.strict=false)")
+                problems.append(reason)
+                return True  # go on with the next shard
+            samples = wds.tarfile_to_samples(handler=unreadable, select_files=_is_our_member)(
+                [{"url": str(chunk.shard.path)}])
             for position, sample in enumerate(samples):
                 if position >= chunk.stop:
                     break
                 if position >= chunk.start:
                     yield sample
+
+    def _passes(self, worker: int, problems: list[str]) -> Iterator[tuple[int, dict]]:
+        """(pass, raw sample) of the worker's chunks, shuffled; in training further passes follow
+        (only needed when broken samples were skipped) until the plan is met."""
+        pass_index = 0
+        while True:
+            stream = self._raw_samples(self.worker_chunks[worker], problems)
+            if self.shuffle_buffer > 1:
+                stream = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                                     seed=f"{self.seed}:samples:{self.epoch}:{self.rank}:{worker}:{pass_index}")(stream)
+            for sample in stream:
+                yield pass_index, sample
+            if self.planned_per_worker is None:
+                return
+            pass_index += 1
+
+    def _decode(self, sample: dict) -> tuple[torch.Tensor, int]:
+        image_bytes = sample.get("jpg") or sample.get("png")
+        if image_bytes is None or "cls" not in sample:
+            raise ValueError("sample has no image or no cls member")
+        return self.transform(decode_rgb(image_bytes, self.decode_short_side)), int(sample["cls"])
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -239,22 +280,57 @@ class ShardSamples(IterableDataset):
         num_workers = info.num_workers if info is not None else 1
         if num_workers != len(self.worker_chunks):
             raise RuntimeError(f"planned for {len(self.worker_chunks)} workers, running with {num_workers}")
-        stream = self._raw_samples(self.worker_chunks[worker])
-        if self.shuffle_buffer > 1:
-            stream = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                                 seed=f"{self.seed}:samples:{self.epoch}:{self.rank}:{worker}")(stream)
-        for index, sample in enumerate(stream):
-            if index < self.skip_per_worker[worker]:
+        planned = None if self.planned_per_worker is None else self.planned_per_worker[worker]
+        if planned == 0:
+            return
+        problems: list[str] = []
+        yielded, yielded_before_pass, current_pass = 0, 0, 0
+        for position, (pass_index, sample) in enumerate(self._passes(worker, problems)):
+            if pass_index != current_pass:
+                if yielded == yielded_before_pass:
+                    shards = sorted({c.shard.path.name for c in self.worker_chunks[worker]})
+                    raise CorruptSample(f"no readable sample at all in {', '.join(shards)}; last problem: "
+                                        f"{problems[-1] if problems else 'none'}; re-pack the data")
+                current_pass, yielded_before_pass = pass_index, yielded
+            if position < self.skip_positions[worker]:
                 continue
-            torch.manual_seed(hash((self.seed, self.epoch, self.rank, worker, index)) & 0x7FFF_FFFF)
-            item = {
-                "image": self.transform(decode_rgb(sample["jpg"], self.decode_short_side)),
-                "label": int(sample["cls"]),
-                "key": sample["__key__"],
-            }
+            try:
+                with _augmentation_seed(hash((self.seed, self.epoch, self.rank, worker, position)), info is None):
+                    image, label = self._decode(sample)
+            except Exception as error:  # any broken sample: PIL, missing member, bad label
+                reason = f"{Path(sample.get('__url__', '?')).name}#{sample.get('__key__', '?')}: {type(error).__name__}: {error}"
+                if self.strict:
+                    raise CorruptSample(f"{reason} (data.strict=true; set data.strict=false to skip broken samples)") from None
+                problems.append(reason)
+                continue
+            item = {"image": image, "label": label, "key": sample["__key__"], "worker": worker,
+                    "position": position, "skipped": json.dumps(problems) if problems else ""}
             if self.with_meta:
-                item["meta"] = sample["json"].decode("utf-8")
+                item["meta"] = sample["json"].decode("utf-8") if "json" in sample else "{}"
+            problems = []
             yield item
+            yielded += 1
+            if planned is not None and yielded >= planned:
+                return
+
+
+class _augmentation_seed:
+    """Seed the augmentation of one sample from its position, so a resumed epoch is augmented
+    exactly like an uninterrupted one. In the main process (num_workers=0) the global RNG is
+    restored afterwards, so the training step's own randomness (dropout) is untouched."""
+
+    def __init__(self, seed: int, restore: bool):
+        self.seed, self.restore = seed & 0x7FFF_FFFF, restore
+
+    def __enter__(self):
+        if self.restore:
+            self.saved = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        if self.restore:
+            torch.random.set_rng_state(self.saved)
+        return False
 
 
 def _loader(dataset: ShardSamples, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
@@ -263,15 +339,21 @@ def _loader(dataset: ShardSamples, batch_size: int, num_workers: int, pin_memory
 
 
 def train_loader(index: ShardIndex, cfg: DataConfig, *, seed: int, epoch: int, rank: int, world_size: int,
-                 skip_batches: int = 0, pin_memory: bool = False) -> DataLoader:
-    """Exactly `train_steps_per_epoch(...)` full batches for this rank, starting after `skip_batches`."""
+                 resume_positions: list[int] | None = None, pin_memory: bool = False) -> DataLoader:
+    """Exactly `train_steps_per_epoch(...)` full batches for this rank (fewer when resuming:
+    `resume_positions[w]` is how far worker w's raw stream was consumed)."""
     num_slots = max(cfg.num_workers, 1)
     chunks = train_worker_chunks(index.shards("train"), seed=seed, epoch=epoch, rank=rank, world_size=world_size,
                                  batch_size=cfg.batch_size, num_workers=num_slots)
-    skip = [n * cfg.batch_size for n in consumed_batches_per_worker(skip_batches, num_slots)]
+    planned = [n * cfg.batch_size for n in batches_per_worker(
+        train_steps_per_epoch(index.count("train"), world_size, cfg.batch_size), num_slots)]
+    positions = resume_positions or [0] * num_slots
+    if len(positions) != num_slots:
+        raise UserError(f"the checkpoint was written with {len(positions)} data workers per process and this run has "
+                        f"{num_slots}; resume with data.num_workers={len(positions)}")
     dataset = ShardSamples(chunks, train_transform(cfg), decode_short_side=cfg.image_size,
                            shuffle_buffer=cfg.shuffle_buffer, seed=seed, epoch=epoch, rank=rank,
-                           skip_per_worker=skip)
+                           planned_per_worker=planned, skip_positions=positions, strict=cfg.strict)
     return _loader(dataset, cfg.batch_size, cfg.num_workers, pin_memory)
 
 
@@ -281,5 +363,5 @@ def eval_loader(index: ShardIndex, cfg: DataConfig, split: str, *, rank: int, wo
     num_slots = max(cfg.num_workers, 1)
     chunks = eval_worker_chunks(index.shards(split), rank=rank, world_size=world_size, num_workers=num_slots)
     dataset = ShardSamples(chunks, eval_transform(cfg), decode_short_side=round(cfg.image_size / cfg.eval_crop_ratio),
-                           with_meta=with_meta)
+                           with_meta=with_meta, strict=cfg.strict)
     return _loader(dataset, cfg.eval_batch_size, cfg.num_workers, pin_memory)

@@ -25,13 +25,15 @@ from gastro_dist import UserError
 # Families whose deepest stage is their ``features`` Sequential's last block.
 _LAST_FEATURE_BLOCK = (models.EfficientNet, models.MobileNetV2, models.MobileNetV3, models.ConvNeXt)
 _TRANSFORMERS = (models.VisionTransformer, models.SwinTransformer)
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish)
+_NORMALISATIONS = (nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm)
 
 
 def find_target_layer(model: nn.Module) -> nn.Module:
     """The layer whose activations Grad-CAM weights: the last convolutional stage of the backbone.
 
-    Recognises the torchvision backbone itself or inside a wrapper module (the first one found);
-    anything else falls back to the last ``nn.Conv2d``.
+    Recognises the torchvision backbone itself or inside a wrapper module (the first one found).
+    Anything else, VGG included, gets the rectified output of its last ``nn.Conv2d``.
     """
     for module in model.modules():
         if isinstance(module, models.ResNet):  # also ResNeXt and wide ResNets
@@ -40,8 +42,6 @@ def find_target_layer(model: nn.Module) -> nn.Module:
             return module.Mixed_7c
         if isinstance(module, models.DenseNet):
             return module.features
-        if isinstance(module, models.VGG):
-            return _last_vgg_activation(module.features)
         if isinstance(module, _LAST_FEATURE_BLOCK):
             return module.features[-1]
         if isinstance(module, models.RegNet):
@@ -49,18 +49,30 @@ def find_target_layer(model: nn.Module) -> nn.Module:
         if isinstance(module, _TRANSFORMERS):
             raise UserError(f"Grad-CAM needs a convolutional backbone; {type(module).__name__} is a "
                             f"vision transformer: choose a CNN model (resnet, vgg, inception, ...)")
-    convolutions = [module for module in model.modules() if isinstance(module, nn.Conv2d)]
-    if not convolutions:
+    return _last_convolution_output(model)
+
+
+def _last_convolution_output(model: nn.Module) -> nn.Module:
+    """The activation that follows the last Conv2d (past any normalisation), else that Conv2d.
+
+    Grad-CAM needs rectified feature maps: on raw convolution outputs the large negative responses
+    away from the object cancel the evidence (e.g. VGG's last conv versus the ReLU after it).
+    """
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+    if not names:
         raise UserError(f"{type(model).__name__} has no Conv2d layer to explain; pass target_layer explicitly")
-    return convolutions[-1]
-
-
-def _last_vgg_activation(features: nn.Sequential) -> nn.Module:
-    """The ReLU after VGG's last convolution (its rectified feature maps), else that convolution."""
-    layers = list(features)
-    last_conv = max(i for i, layer in enumerate(layers) if isinstance(layer, nn.Conv2d))
-    relus = [layer for layer in layers[last_conv:] if isinstance(layer, nn.ReLU)]
-    return relus[0] if relus else layers[last_conv]
+    parent_name, _, child_name = names[-1].rpartition(".")
+    parent = model.get_submodule(parent_name)
+    target = parent.get_submodule(child_name)
+    if isinstance(parent, nn.Sequential):
+        siblings = list(parent.named_children())
+        position = [name for name, _ in siblings].index(child_name)
+        for _, module in siblings[position + 1:]:
+            if isinstance(module, _ACTIVATIONS):
+                target = module
+            elif not isinstance(module, _NORMALISATIONS):
+                break
+    return target
 
 
 def grad_cam(

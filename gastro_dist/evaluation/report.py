@@ -20,6 +20,7 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
 
 from gastro_dist.evaluation.metrics import roc_curve
 
@@ -100,8 +101,10 @@ def _report_blocks(metrics, classes, title, details, baselines, operating_point,
     blocks: list = [_Heading(title, level=1)]
 
     detail_rows = [[str(key), str(value)] for key, value in (details or {}).items()]
-    detail_rows.append(["Images", str(metrics["num_samples"])])
-    if metrics["num_groups"] is not None:
+    given = {key.lower() for key, _ in detail_rows}
+    if "images" not in given:
+        detail_rows.append(["Images", str(metrics["num_samples"])])
+    if "patients" not in given and metrics["num_groups"] is not None:
         detail_rows.append(["Patients", str(metrics["num_groups"])])
     blocks.append(_Table(["Detail", "Value"], detail_rows))
 
@@ -310,7 +313,7 @@ def _confusion_figure(confusion: np.ndarray, classes: list[str]) -> Figure:
     figure = Figure(figsize=(side + label_inches + 1.5, side + 0.6 * label_inches + 0.8), layout="constrained")
     axes = figure.add_subplot()
     image = axes.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    colorbar = figure.colorbar(image, ax=axes, shrink=0.8, format=matplotlib.ticker.PercentFormatter(1.0))
+    colorbar = figure.colorbar(image, ax=axes, shrink=0.8, format=PercentFormatter(1.0))
     colorbar.set_label("share of the true class")
 
     font_size = max(7.5, 11 - 0.2 * num_classes)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,6 +43,12 @@ class TrainerState:
     best_score: float = -1.0
     best_epoch: int = -1
     phase_done: bool = False
+    data_positions: list = field(default_factory=list)
+    """Per rank, per data worker: how many raw samples of this epoch's stream were consumed."""
+    scheduler: dict = field(default_factory=dict)
+    """The LR scheduler's state (plain numbers, kept here so that nothing is unpickled on resume)."""
+    nonfinite_steps: int = 0
+    """Optimizer steps skipped in this phase because the loss or gradients were not finite."""
 
     def sort_key(self) -> tuple:
         return (PHASE_ORDER.index(self.phase), self.phase_done, self.epoch, self.micro_step)
@@ -142,4 +148,8 @@ def load_weights(directory_or_file: Path) -> dict[str, torch.Tensor]:
         path = path / "model.safetensors"
     if not path.is_file():
         raise UserError(f"weights file {path} not found")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type for anything that is not safetensors
+        raise UserError(f"{path} is not a safetensors weights file ({type(err).__name__}); give a model.safetensors "
+                        "written by gastro-dist (other formats are refused: loading them could run code)") from None

@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import signal
 import time
 from pathlib import Path
@@ -148,10 +149,12 @@ class PreemptionWatch:
 def predict_split(accelerator: Accelerator, model: nn.Module, index: pipeline.ShardIndex, data: DataConfig,
                   split: str, channels_last: bool = False, with_meta: bool = False,
                   watch: PreemptionWatch | None = None) -> dict:
-    """Probabilities for every sample of `split`, gathered from all ranks and de-duplicated by key.
+    """Probabilities for every readable sample of `split`, gathered from all ranks, de-duplicated by key.
 
     Ranks may hold one batch more or less than others; every rank runs the same number of loop
-    iterations so that the preemption all-reduce stays in step.
+    iterations so that the preemption all-reduce stays in step. Returns keys, labels, probs,
+    meta (JSON text per sample when `with_meta`), skipped (reasons, all ranks) and missing
+    (samples the index lists that could not be read).
     """
     model.eval()
     loader = pipeline.eval_loader(index, data, split, rank=accelerator.process_index,
@@ -160,7 +163,7 @@ def predict_split(accelerator: Accelerator, model: nn.Module, index: pipeline.Sh
     num_loops = max(pipeline.eval_batches_per_rank(index.count(split), accelerator.num_processes,
                                                    max(data.num_workers, 1), data.eval_batch_size))
     batches = iter(loader)
-    keys, labels, probs, metas = [], [], [], []
+    rows, skipped = [], []
     for _ in range(num_loops):
         if watch is not None and watch.agreed():
             raise Preempted()
@@ -172,15 +175,16 @@ def predict_split(accelerator: Accelerator, model: nn.Module, index: pipeline.Sh
             images = images.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():
             logits, _ = model_logits(model(images))
-        probs.append(torch.softmax(logits.float(), dim=1).cpu())
-        labels.extend(batch["label"].tolist())
-        keys.extend(batch["key"])
-        if with_meta:
-            metas.extend(batch["meta"])
-    local = list(zip(keys, labels, torch.cat(probs).numpy().tolist() if probs else [], metas or [None] * len(keys)))
-    gathered = gather_object(local) if accelerator.num_processes > 1 else local
+        probs = torch.softmax(logits.float(), dim=1).cpu().numpy().tolist()
+        metas = batch["meta"] if with_meta else [None] * len(probs)
+        rows.extend(zip(batch["key"], batch["label"].tolist(), probs, metas))
+        skipped.extend(r for text in batch["skipped"] if text for r in json.loads(text))
+    for _ in batches:  # drain: a worker's trailing broken samples are only counted as missing
+        pass
+    if accelerator.num_processes > 1:
+        rows, skipped = gather_object(rows), gather_object(skipped)
     unique = {}
-    for key, label, prob, meta in gathered:
+    for key, label, prob, meta in rows:
         unique.setdefault(key, (label, prob, meta))
     ordered = sorted(unique.items())
     return {
@@ -188,6 +192,8 @@ def predict_split(accelerator: Accelerator, model: nn.Module, index: pipeline.Sh
         "labels": np.array([v[0] for _, v in ordered], dtype=np.int64),
         "probs": np.array([v[1] for _, v in ordered], dtype=np.float64).reshape(len(ordered), len(index.classes)),
         "meta": [v[2] for _, v in ordered],
+        "skipped": skipped,
+        "missing": index.count(split) - len(ordered),
     }
 
 
@@ -205,107 +211,378 @@ def accuracy_summary(labels: np.ndarray, probs: np.ndarray, classes: list[str]) 
 
 
 # ---------------------------------------------------------------- the run
+class Diverged(UserError):
+    """Too many consecutive optimizer steps had a non-finite loss or gradient."""
+
+
 def train(config: TrainConfig, shards_dir: str | Path, run_dir: str | Path) -> dict:
-    run_dir = Path(run_dir)
-    index = pipeline.load_shard_index(shards_dir)
-    for split in ("train", "val"):
-        if index.count(split) == 0:
-            raise UserError(f"the {split} split in {shards_dir} is empty; re-pack with more images or a larger --val-fraction")
-    classes = index.classes
-    accelerator = make_accelerator(config)
-    world_size = accelerator.num_processes
-    micro_steps = pipeline.train_steps_per_epoch(index.count("train"), world_size, config.data.batch_size)
-    if config.max_steps_per_epoch:
-        micro_steps = min(micro_steps, config.max_steps_per_epoch)
-    check_run_dir(run_dir, classes)
-    set_seed(config.seed, device_specific=True)
-
-    model, spec = build_model(config.model, num_classes=len(classes))
-    if config.model.sync_batchnorm and world_size > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if config.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    head_names = head_parameter_names(model, spec)
-
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / PREEMPT_FLAG).unlink(missing_ok=True)
-        save_config(config, run_dir / "config.yaml")
-        write_json_atomic(run_dir / "run.json", {"classes": classes, "shards": str(Path(shards_dir).resolve()),
-                                                 "model": config.model.name, "image_size": config.data.image_size})
-    accelerator.wait_for_everyone()
-
-    resume = ckpt.latest_state(run_dir)
-    summary_path = run_dir / "summary.json"
-    summary = _load_summary(summary_path) if resume else {}
-    summary.update({
-        "status": "running", "world_size": world_size, "num_machines": num_machines(world_size),
-        "mixed_precision": config.mixed_precision, "device": accelerator.device.type,
-        "model": config.model.name, "classes": classes, "image_size": config.data.image_size,
-    })
-    summary.setdefault("phases", {})
-    summary.setdefault("resumes", [])
-    if resume is not None:
-        state, _ = resume
-        summary["resumes"].append({"phase": state.phase, "epoch": state.epoch, "step": state.micro_step,
-                                   "optimizer_steps": state.optimizer_steps})
-
-    run_log = RunLog(accelerator, run_dir, config)
-    if accelerator.is_main_process:
-        write_json_atomic(summary_path, summary)
-    watch = PreemptionWatch(accelerator, run_dir)
-    loss_weights = class_weights_tensor(config, index)
-    criterion = nn.CrossEntropyLoss(weight=loss_weights.to(accelerator.device) if loss_weights is not None else None,
-                                    label_smoothing=config.label_smoothing)
-    total_steps_done = resume[0].total_optimizer_steps if resume else 0
-    console = Console()
-    scheduler_slot = SchedulerSlot()
-    accelerator.register_for_checkpointing(scheduler_slot)
-
-    try:
-        for phase_name, phase in config.phases():
-            if phase.epochs == 0:
-                continue
-            resume_here = resume if resume and resume[0].phase == phase_name else None
-            if resume and ckpt.PHASE_ORDER.index(resume[0].phase) > ckpt.PHASE_ORDER.index(phase_name):
-                continue  # this phase finished before the interruption
-            if resume_here and resume_here[0].phase_done:
-                continue
-            if phase_name == "finetune" and not resume_here:
-                best_head = ckpt.checkpoint_root(run_dir) / "head-best"
-                if best_head.is_dir():
-                    model.load_state_dict(ckpt.load_weights(best_head))
-            phase_summary, total_steps_done = run_phase(
-                accelerator, model, spec, head_names, index, config, phase_name, phase, criterion, run_dir,
-                run_log, watch, console, micro_steps, resume_here, total_steps_done, scheduler_slot)
-            summary["phases"][phase_name] = phase_summary
-            if accelerator.is_main_process:
-                write_json_atomic(summary_path, summary)
-            resume = None
-    except Preempted:
-        summary["status"] = "preempted"
-        if accelerator.is_main_process:
-            write_json_atomic(summary_path, summary)
-        run_log.close()
-        raise
-
-    final_phase = [name for name, phase in config.phases() if phase.epochs > 0][-1]
-    # Each rank's trained weights, reduced to one number: DDP keeps them identical, and this shows it.
-    checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
-    summary["rank_param_checksums"] = gather_object([checksum])
-    model.load_state_dict(ckpt.load_weights(ckpt.checkpoint_root(run_dir) / f"{final_phase}-best"))
-    if accelerator.is_main_process:
-        export_final_model(model, config, classes, run_dir, source=f"{final_phase}-best")
-        summary["status"] = "completed"
-        write_json_atomic(summary_path, summary)
-        console.print(f"[bold green]done[/]: run outputs in {run_dir} (model.safetensors, summary.json, metrics.jsonl)")
-    run_log.close()
-    accelerator.wait_for_everyone()
-    return summary
+    """Run (or resume) both phases; returns summary.json's content."""
+    return Trainer(config, shards_dir, run_dir).run()
 
 
-def _load_summary(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+class Trainer:
+    """One run: setup, then each phase (epochs of train steps + validation), then the final model."""
+
+    def __init__(self, config: TrainConfig, shards_dir: str | Path, run_dir: str | Path):
+        self.config = config
+        self.shards_dir = Path(shards_dir)
+        self.run_dir = Path(run_dir)
+        # Everything a user can get wrong is checked before the accelerator touches a device.
+        self.index = pipeline.load_shard_index(shards_dir)
+        for split in ("train", "val"):
+            if split not in self.index.splits or self.index.count(split) == 0:
+                raise UserError(f"the {split} split in {shards_dir} is empty; re-pack with more images or a larger --val-fraction")
+        self.classes = self.index.classes
+        check_run_dir(self.run_dir, self.classes)
+        resolve_weights_path_or_fail(config)
+        self.loss_weights = class_weights_tensor(config, self.index)
+
+        self.accelerator = make_accelerator(config)
+        self.world_size = self.accelerator.num_processes
+        self.micro_steps = pipeline.train_steps_per_epoch(self.index.count("train"), self.world_size, config.data.batch_size)
+        if config.max_steps_per_epoch:
+            self.micro_steps = min(self.micro_steps, config.max_steps_per_epoch)
+        set_seed(config.seed, device_specific=True)
+        self.model, self.spec = build_model(config.model, num_classes=len(self.classes))
+        if config.model.sync_batchnorm and self.world_size > 1:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if config.model.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.head_names = head_parameter_names(self.model, self.spec)
+        self.criterion = nn.CrossEntropyLoss(
+            weight=self.loss_weights.to(self.accelerator.device) if self.loss_weights is not None else None,
+            label_smoothing=config.label_smoothing)
+        self.console = Console()
+        self.skipped_local: list[str] = []
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    # ------------------------------------------------------------ whole run
+    def run(self) -> dict:
+        self._prepare_run_dir()
+        resume = ckpt.latest_state(self.run_dir)
+        self.summary = self._start_summary(resume)
+        self.run_log = RunLog(self.accelerator, self.run_dir, self.config)
+        self.watch = PreemptionWatch(self.accelerator, self.run_dir)
+        self.total_steps = resume[0].total_optimizer_steps if resume else 0
+        try:
+            for phase_name, phase in self.config.phases():
+                if phase.epochs == 0 or _phase_finished(resume, phase_name):
+                    continue
+                resume_here = resume if resume and resume[0].phase == phase_name else None
+                if phase_name == "finetune" and resume_here is None:
+                    best_head = ckpt.checkpoint_root(self.run_dir) / "head-best"
+                    if best_head.is_dir():
+                        self.model.load_state_dict(ckpt.load_weights(best_head))
+                self.summary["phases"][phase_name] = self.run_phase(phase_name, phase, resume_here)
+                self._write_summary()
+        except Preempted:
+            self.summary["status"] = "preempted"
+            self._write_summary()
+            self.run_log.close()
+            raise
+        except Diverged:
+            self.summary["status"] = "diverged"
+            self._write_summary()
+            self.run_log.close()
+            raise
+        self._finish()
+        return self.summary
+
+    def _prepare_run_dir(self) -> None:
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / PREEMPT_FLAG).unlink(missing_ok=True)
+            save_config(self.config, self.run_dir / "config.yaml")
+            write_json_atomic(self.run_dir / "run.json", {
+                "classes": self.classes, "shards": str(self.shards_dir.resolve()),
+                "model": self.config.model.name, "image_size": self.config.data.image_size})
+        self.accelerator.wait_for_everyone()
+
+    def _start_summary(self, resume: tuple[TrainerState, Path] | None) -> dict:
+        summary_path = self.run_dir / "summary.json"
+        summary = json.loads(summary_path.read_text()) if resume and summary_path.is_file() else {}
+        summary.update({
+            "status": "running", "world_size": self.world_size, "num_machines": num_machines(self.world_size),
+            "mixed_precision": self.config.mixed_precision, "device": self.accelerator.device.type,
+            "model": self.config.model.name, "classes": self.classes, "image_size": self.config.data.image_size,
+        })
+        summary.setdefault("phases", {})
+        summary.setdefault("resumes", [])
+        summary.setdefault("skipped_samples", {"count": 0, "reasons": []})
+        if resume is not None:
+            state, path = resume
+            summary["resumes"].append({"phase": state.phase, "epoch": state.epoch, "step": state.micro_step,
+                                       "optimizer_steps": state.optimizer_steps, "checkpoint": path.name})
+        self.summary = summary
+        self._write_summary()
+        return summary
+
+    def _write_summary(self) -> None:
+        if self.is_main:
+            write_json_atomic(self.run_dir / "summary.json", self.summary)
+
+    def _finish(self) -> None:
+        final_phase = [name for name, phase in self.config.phases() if phase.epochs > 0][-1]
+        # Each rank's trained weights reduced to one number: DDP keeps them identical, and this shows it.
+        checksum = float(sum(p.detach().double().sum() for p in self.model.parameters()))
+        self.summary["rank_param_checksums"] = gather_object([checksum])
+        self.model.load_state_dict(ckpt.load_weights(ckpt.checkpoint_root(self.run_dir) / f"{final_phase}-best"))
+        if self.is_main:
+            export_final_model(self.model, self.config, self.classes, self.run_dir, source=f"{final_phase}-best")
+            self.summary["status"] = "completed"
+            self._write_summary()
+            self.console.print(f"[bold green]done[/]: run outputs in {self.run_dir} "
+                               "(model.safetensors, summary.json, metrics.jsonl)")
+        self.run_log.close()
+        self.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------ one phase
+    def run_phase(self, phase_name: str, phase: PhaseConfig, resume: tuple[TrainerState, Path] | None) -> dict:
+        """Freeze per config, train the phase's epochs with validation, keep best/last weights."""
+        config, accelerator = self.config, self.accelerator
+        set_trainable(self.model, self.spec, phase.unfreeze)
+        optimizer = build_optimizer(self.model, self.head_names, phase)
+        steps_per_epoch = math.ceil(self.micro_steps / config.grad_accum_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
+            steps_per_epoch * phase.epochs, round(phase.warmup_epochs * steps_per_epoch), phase.min_lr_ratio))
+        # The scheduler is stepped by us once per optimizer step and saved in trainer_state.json:
+        # accelerate's prepared scheduler steps num_processes times per call (a schedule counted in
+        # single-GPU steps), and its custom-object checkpoints are unpickled without weights_only.
+        ddp_model, optimizer = accelerator.prepare(self.model, optimizer)
+        if config.model.compile:
+            ddp_model = torch.compile(ddp_model)
+
+        state = TrainerState(phase=phase_name, total_optimizer_steps=self.total_steps)
+        if resume is not None:
+            state = self._load_state(resume, scheduler)
+
+        phase_summary = {"epochs": phase.epochs, "epoch_time_s": []}
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, disable=not self.is_main)
+        phase_start = time.perf_counter()
+        images_seen = 0
+        with progress:
+            while state.epoch < phase.epochs:
+                task = progress.add_task(f"{phase_name} epoch {state.epoch + 1}/{phase.epochs}", total=self.micro_steps,
+                                         completed=state.micro_step, loss=float("nan"), ips=0.0)
+                epoch_start = time.perf_counter()
+                images_seen += self.train_epoch(state, phase, ddp_model, optimizer, scheduler, progress, task)
+                epoch_time = time.perf_counter() - epoch_start
+                self.end_epoch(state, phase, ddp_model, scheduler, epoch_time)
+                phase_summary["epoch_time_s"].append(round(epoch_time, 3))
+                progress.remove_task(task)
+
+        best_meta = json.loads((ckpt.checkpoint_root(self.run_dir) / f"{phase_name}-best" / "meta.json").read_text())
+        elapsed = time.perf_counter() - phase_start
+        phase_summary.update({
+            "steps": state.optimizer_steps, "micro_steps_per_epoch": self.micro_steps,
+            "global_batch_size": config.data.batch_size * self.world_size * config.grad_accum_steps,
+            "best_epoch": state.best_epoch, "val_accuracy": best_meta["val"]["accuracy"],
+            "val_macro_accuracy": best_meta["val"]["macro_accuracy"],
+            "val_per_class_accuracy": best_meta["val"]["per_class_accuracy"],
+            "images_per_s": images_seen / elapsed if images_seen else None, "time_s": round(elapsed, 2),
+            "nonfinite_steps_skipped": state.nonfinite_steps,
+        })
+        if self.is_main:
+            _print_phase_table(self.console, phase_name, phase_summary, self.classes)
+        self.total_steps = state.total_optimizer_steps
+        accelerator.free_memory()
+        return phase_summary
+
+    def _load_state(self, resume: tuple[TrainerState, Path], scheduler) -> TrainerState:
+        state, path = resume
+        try:
+            self.accelerator.load_state(str(path))
+        except pickle.UnpicklingError as err:
+            raise UserError(f"refusing to load checkpoint {path}: a file in it needs pickle code execution "
+                            f"({str(err).splitlines()[0]}); delete that checkpoint folder to resume from an older one") from None
+        scheduler.load_state_dict(state.scheduler)
+        if self.is_main:
+            self.console.print(f"resuming {state.phase} at epoch {state.epoch + 1}, step {state.micro_step}/"
+                               f"{self.micro_steps} from {path.name}")
+        return state
+
+    def _resume_positions(self, state: TrainerState) -> list[int] | None:
+        """This rank's per-worker stream positions inside the current epoch, if resuming inside it."""
+        if state.micro_step == 0 or not state.data_positions:
+            return None
+        if len(state.data_positions) != self.world_size:
+            raise UserError(f"the checkpoint was written by {len(state.data_positions)} processes and this run has "
+                            f"{self.world_size}; resume an interrupted epoch with the same number of processes")
+        return list(state.data_positions[self.accelerator.process_index])
+
+    # ------------------------------------------------------------ one epoch
+    def train_epoch(self, state: TrainerState, phase: PhaseConfig, ddp_model, optimizer, scheduler,
+                    progress: Progress, task) -> int:
+        """Train from the state's position to the end of the epoch; returns images processed (all ranks)."""
+        config, accelerator = self.config, self.accelerator
+        positions = self._resume_positions(state) or [0] * max(config.data.num_workers, 1)
+        loader = pipeline.train_loader(self.index, config.data, seed=config.seed,
+                                       epoch=_epoch_seed(state.phase, state.epoch), rank=accelerator.process_index,
+                                       world_size=self.world_size, resume_positions=positions,
+                                       pin_memory=accelerator.device.type == "cuda")
+        ddp_model.train()
+        if phase.unfreeze != "all":
+            keep_frozen_batchnorm_in_eval(self.model)
+        accum = config.grad_accum_steps
+        # The loss is summed on the device and read back only when logged: .item() every step would
+        # make the host wait for the GPU and stall the input pipeline.
+        loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
+        window_start, window_images, images_seen = time.perf_counter(), 0, 0
+        for batch in loader:
+            if state.micro_step >= self.micro_steps:  # max_steps_per_epoch cut the epoch short
+                break
+            if self.watch.agreed():
+                self.save_state(state, scheduler, positions)
+                raise Preempted()
+            images = batch["image"].to(accelerator.device, non_blocking=True)
+            labels = batch["label"].to(accelerator.device, non_blocking=True)
+            if config.model.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            is_update = (state.micro_step + 1) % accum == 0 or state.micro_step + 1 == self.micro_steps
+            with accelerator.no_sync(ddp_model) if not is_update else contextlib.nullcontext():
+                with accelerator.autocast():
+                    logits, aux_logits = model_logits(ddp_model(images))
+                    loss = self.criterion(logits.float(), labels)
+                    if aux_logits is not None:
+                        loss = loss + config.model.aux_loss_weight * self.criterion(aux_logits.float(), labels)
+                accelerator.backward(loss / accum)
+            state.micro_step += 1
+            positions[int(batch["worker"][0])] = int(batch["position"].max()) + 1
+            self.skipped_local.extend(r for text in batch["skipped"] if text for r in json.loads(text))
+            loss_sum += loss.detach().float()
+            loss_count += 1
+            window_images += images.shape[0] * self.world_size
+            if is_update:
+                self.optimizer_update(state, ddp_model, optimizer, scheduler, positions)
+                if state.optimizer_steps % config.tracking.log_every_steps == 0:
+                    elapsed = time.perf_counter() - window_start
+                    mean_loss = loss_sum.item() / loss_count
+                    images_per_s = window_images / max(elapsed, 1e-9)
+                    self.run_log.log("train", {"phase": state.phase, "epoch": state.epoch + 1, "step": state.micro_step,
+                                               "optimizer_step": state.optimizer_steps, "loss": mean_loss,
+                                               "lr": optimizer.param_groups[-1]["lr"], "images_per_s": images_per_s},
+                                     step=state.total_optimizer_steps)
+                    progress.update(task, loss=mean_loss, ips=images_per_s)
+                    images_seen += window_images
+                    window_start, window_images, loss_count = time.perf_counter(), 0, 0
+                    loss_sum.zero_()
+                if config.checkpoint_every_steps and state.optimizer_steps % config.checkpoint_every_steps == 0 \
+                        and state.micro_step < self.micro_steps:
+                    self.save_state(state, scheduler, positions)
+            progress.update(task, completed=state.micro_step)
+        if state.micro_step != self.micro_steps:
+            raise RuntimeError(f"rank {accelerator.process_index} ran {state.micro_step} of {self.micro_steps} steps")
+        return images_seen + window_images
+
+    def optimizer_update(self, state: TrainerState, ddp_model, optimizer, scheduler, positions: list[int]) -> None:
+        """Clip, step, and skip the update when the loss or gradients are not finite.
+
+        The gradient norm is computed after DDP's all-reduce, so every rank sees the same value and
+        takes the same decision without another collective. Under fp16 the grad scaler makes that
+        decision itself (and lowers its scale), so its skipped steps are only counted.
+        """
+        config, accelerator = self.config, self.accelerator
+        max_norm = config.grad_clip_norm if config.grad_clip_norm > 0 else float("inf")
+        grad_norm = accelerator.clip_grad_norm_(ddp_model.parameters(), max_norm)
+        finite = grad_norm is None or bool(torch.isfinite(grad_norm))
+        if finite or config.mixed_precision == "fp16":
+            optimizer.step()
+            finite = finite and not accelerator.optimizer_step_was_skipped
+        optimizer.zero_grad(set_to_none=True)
+        if finite:
+            scheduler.step()
+            state.optimizer_steps += 1
+            state.total_optimizer_steps += 1
+            self.consecutive_nonfinite = 0
+            return
+        state.nonfinite_steps += 1
+        self.consecutive_nonfinite = getattr(self, "consecutive_nonfinite", 0) + 1
+        self.run_log.log("nonfinite", {"phase": state.phase, "epoch": state.epoch + 1, "step": state.micro_step,
+                                       "consecutive": self.consecutive_nonfinite}, step=state.total_optimizer_steps)
+        if self.consecutive_nonfinite >= config.max_nonfinite_steps:
+            # The skipped steps changed no weight: this checkpoint holds the weights from before the divergence.
+            path = self.save_state(state, scheduler, positions)
+            raise Diverged(f"loss or gradients were not finite for {self.consecutive_nonfinite} consecutive steps "
+                           f"({state.phase} epoch {state.epoch + 1}, step {state.micro_step}); weights from before the "
+                           f"divergence are in {path}; lower the learning rate or check the data, then re-run to resume")
+
+    def end_epoch(self, state: TrainerState, phase: PhaseConfig, ddp_model, scheduler, epoch_time_s: float) -> None:
+        """Validate, keep best/last weights, log, report skipped samples, save the training state."""
+        try:
+            val = predict_split(self.accelerator, ddp_model, self.index, self.config.data, "val",
+                                channels_last=self.config.model.channels_last, watch=self.watch)
+        except Preempted:
+            self.save_state(state, scheduler, [])  # the epoch's steps are done; only validation reruns
+            raise
+        if self.is_main:
+            self.skipped_local.extend(val["skipped"])
+        scores = accuracy_summary(val["labels"], val["probs"], self.classes)
+        state.epoch += 1
+        state.micro_step = 0
+        improved = scores["macro_accuracy"] > state.best_score
+        if improved:
+            state.best_score, state.best_epoch = scores["macro_accuracy"], state.epoch
+        if self.is_main:
+            unwrapped = self.accelerator.unwrap_model(ddp_model)
+            meta = {"phase": state.phase, "epoch": state.epoch, "val": scores, "classes": self.classes}
+            ckpt.save_weights(unwrapped, ckpt.checkpoint_root(self.run_dir) / f"{state.phase}-last", meta)
+            if improved:
+                ckpt.save_weights(unwrapped, ckpt.checkpoint_root(self.run_dir) / f"{state.phase}-best", meta)
+            _print_epoch(self.console, state.phase, state.epoch, phase.epochs, scores, improved)
+        self.run_log.log("val", {"phase": state.phase, "epoch": state.epoch, "epoch_time_s": epoch_time_s, **scores},
+                         step=state.total_optimizer_steps)
+        self._report_skipped(state)
+        state.phase_done = state.epoch >= phase.epochs
+        self.save_state(state, scheduler, [])
+
+    def _report_skipped(self, state: TrainerState) -> None:
+        """Gather every rank's skipped-sample reasons; log them and keep a tally in summary.json."""
+        everything = gather_object(self.skipped_local) if self.world_size > 1 else list(self.skipped_local)
+        self.skipped_local = []
+        if not everything:
+            return
+        tally = self.summary["skipped_samples"]
+        tally["count"] += len(everything)
+        tally["reasons"] = (tally["reasons"] + everything)[:500]
+        self.run_log.log("skipped", {"phase": state.phase, "epoch": state.epoch, "count": len(everything),
+                                     "reasons": everything[:100]}, step=state.total_optimizer_steps)
+        self._write_summary()
+        if self.is_main:
+            self.console.print(f"[yellow]skipped {len(everything)} unreadable samples[/] (see summary.json)")
+
+    def save_state(self, state: TrainerState, scheduler, positions: list[int]) -> Path:
+        """All ranks: a complete training-state checkpoint at the current position."""
+        state.scheduler = scheduler.state_dict()
+        state.data_positions = gather_object([positions]) if self.world_size > 1 else [positions]
+        return ckpt.save_training_state(self.accelerator, self.run_dir, state, keep=self.config.keep_checkpoints)
+
+
+def _phase_finished(resume: tuple[TrainerState, Path] | None, phase_name: str) -> bool:
+    if resume is None:
+        return False
+    state = resume[0]
+    order = ckpt.PHASE_ORDER
+    return order.index(state.phase) > order.index(phase_name) or (state.phase == phase_name and state.phase_done)
+
+
+def resolve_weights_path_or_fail(config: TrainConfig) -> None:
+    """Unknown model names and missing pretrained files are reported before any device work."""
+    from gastro_dist.models.backbones import available_models, resolve_weights_path
+
+    if config.model.name not in available_models():
+        raise UserError(f"unknown model {config.model.name!r}; use a torchvision classification model such as "
+                        "resnet50, vgg19, inception_v3, resnet18, efficientnet_b0, convnext_tiny")
+    resolve_weights_path(config.model.name, config.model.pretrained)
+
+
+def _epoch_seed(phase_name: str, epoch: int) -> int:
+    """Distinct data order per phase and epoch."""
+    return ckpt.PHASE_ORDER.index(phase_name) * 100_000 + epoch
 
 
 def export_final_model(model: nn.Module, config: TrainConfig, classes: list[str], run_dir: Path, source: str) -> None:
@@ -323,179 +600,7 @@ def export_final_model(model: nn.Module, config: TrainConfig, classes: list[str]
     (run_dir / ".final-model").rmdir()
 
 
-def run_phase(accelerator: Accelerator, model: nn.Module, spec, head_names: set[str], index: pipeline.ShardIndex,
-              config: TrainConfig, phase_name: str, phase: PhaseConfig, criterion: nn.Module, run_dir: Path,
-              run_log: RunLog, watch: PreemptionWatch, console: Console, micro_steps: int,
-              resume: tuple[TrainerState, Path] | None, total_steps_done: int,
-              scheduler_slot: "SchedulerSlot") -> tuple[dict, int]:
-    """One phase: freeze per config, train its epochs with validation, keep best/last weights."""
-    set_trainable(model, spec, phase.unfreeze)
-    optimizer = build_optimizer(model, head_names, phase)
-    accum = config.grad_accum_steps
-    steps_per_epoch = math.ceil(micro_steps / accum)
-    total = steps_per_epoch * phase.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total, round(phase.warmup_epochs * steps_per_epoch), phase.min_lr_ratio))
-    # The scheduler is stepped by us, once per optimizer step: accelerate's prepared scheduler
-    # steps num_processes times per call, which assumes a schedule counted in single-GPU steps.
-    ddp_model, optimizer = accelerator.prepare(model, optimizer)
-    scheduler_slot.scheduler = scheduler
-    if config.model.compile:
-        ddp_model = torch.compile(ddp_model)
-
-    state = TrainerState(phase=phase_name, total_optimizer_steps=total_steps_done)
-    if resume is not None:
-        state, path = resume
-        accelerator.load_state(str(path))
-        if accelerator.is_main_process:
-            console.print(f"resuming {phase_name} at epoch {state.epoch + 1}, step {state.micro_step}/{micro_steps} from {path.name}")
-
-    frozen_backbone = phase.unfreeze == "none"
-    aux_weight = config.model.aux_loss_weight
-    global_batch = config.data.batch_size * accelerator.num_processes
-    pin = accelerator.device.type == "cuda"
-    phase_summary = {"epochs": phase.epochs, "steps": 0, "val_accuracy": None, "val_per_class_accuracy": None,
-                     "images_per_s": None, "epoch_time_s": []}
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                        disable=not accelerator.is_main_process)
-    phase_start = time.perf_counter()
-    images_seen = 0
-    with progress:
-        while state.epoch < phase.epochs:
-            task = progress.add_task(f"{phase_name} epoch {state.epoch + 1}/{phase.epochs}", total=micro_steps,
-                                     completed=state.micro_step, loss=float("nan"), ips=0.0)
-            loader = pipeline.train_loader(index, config.data, seed=config.seed, epoch=_epoch_seed(phase_name, state.epoch),
-                                           rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                           skip_batches=state.micro_step, pin_memory=pin)
-            ddp_model.train()
-            if frozen_backbone or phase.unfreeze != "all":
-                keep_frozen_batchnorm_in_eval(model)
-            epoch_start = time.perf_counter()
-            # The loss is summed on the device and read back only when logged: .item() every step would
-            # synchronise the GPU with the host and stall the input pipeline.
-            window_start, window_images, loss_sum, loss_count = epoch_start, 0, torch.zeros((), device=accelerator.device), 0
-            for batch in loader:
-                if state.micro_step >= micro_steps:  # max_steps_per_epoch cut the epoch short
-                    break
-                if watch.agreed():
-                    save_position(accelerator, run_dir, state, config)
-                    raise Preempted()
-                images = batch["image"].to(accelerator.device, non_blocking=True)
-                labels = batch["label"].to(accelerator.device, non_blocking=True)
-                if config.model.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                is_update = (state.micro_step + 1) % accum == 0 or state.micro_step + 1 == micro_steps
-                context = accelerator.no_sync(ddp_model) if not is_update else contextlib.nullcontext()
-                with context:
-                    with accelerator.autocast():
-                        logits, aux_logits = model_logits(ddp_model(images))
-                        loss = criterion(logits.float(), labels)
-                        if aux_logits is not None:
-                            loss = loss + aux_weight * criterion(aux_logits.float(), labels)
-                    accelerator.backward(loss / accum)
-                state.micro_step += 1
-                loss_sum += loss.detach().float()
-                loss_count += 1
-                window_images += images.shape[0] * accelerator.num_processes
-                if is_update:
-                    if config.grad_clip_norm > 0:
-                        accelerator.clip_grad_norm_(ddp_model.parameters(), config.grad_clip_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    state.optimizer_steps += 1
-                    state.total_optimizer_steps += 1
-                    if state.optimizer_steps % config.tracking.log_every_steps == 0:
-                        elapsed = time.perf_counter() - window_start
-                        mean_loss = loss_sum.item() / loss_count
-                        run_log.log("train", {"phase": phase_name, "epoch": state.epoch + 1, "step": state.micro_step,
-                                              "optimizer_step": state.optimizer_steps, "loss": mean_loss,
-                                              "lr": optimizer.param_groups[-1]["lr"],
-                                              "images_per_s": window_images / max(elapsed, 1e-9)},
-                                    step=state.total_optimizer_steps)
-                        progress.update(task, loss=mean_loss, ips=window_images / max(elapsed, 1e-9))
-                        images_seen += window_images
-                        window_start, window_images, loss_count = time.perf_counter(), 0, 0
-                        loss_sum.zero_()
-                    if config.checkpoint_every_steps and state.optimizer_steps % config.checkpoint_every_steps == 0 \
-                            and state.micro_step < micro_steps:
-                        save_position(accelerator, run_dir, state, config)
-                progress.update(task, completed=state.micro_step)
-            images_seen += window_images
-            epoch_time = time.perf_counter() - epoch_start
-            assert state.micro_step == micro_steps, f"rank {accelerator.process_index} ran {state.micro_step}/{micro_steps} steps"
-
-            try:
-                val = predict_split(accelerator, ddp_model, index, config.data, "val",
-                                    channels_last=config.model.channels_last, watch=watch)
-            except Preempted:
-                save_position(accelerator, run_dir, state, config)  # the epoch's steps are done; validation reruns
-                raise
-            scores = accuracy_summary(val["labels"], val["probs"], index.classes)
-            state.epoch += 1
-            state.micro_step = 0
-            improved = scores["macro_accuracy"] > state.best_score
-            if improved:
-                state.best_score, state.best_epoch = scores["macro_accuracy"], state.epoch
-            if accelerator.is_main_process:
-                unwrapped = accelerator.unwrap_model(ddp_model)
-                meta = {"phase": phase_name, "epoch": state.epoch, "val": scores, "classes": index.classes}
-                ckpt.save_weights(unwrapped, ckpt.checkpoint_root(run_dir) / f"{phase_name}-last", meta)
-                if improved:
-                    ckpt.save_weights(unwrapped, ckpt.checkpoint_root(run_dir) / f"{phase_name}-best", meta)
-            run_log.log("val", {"phase": phase_name, "epoch": state.epoch, "epoch_time_s": epoch_time,
-                                **scores}, step=state.total_optimizer_steps)
-            phase_summary["epoch_time_s"].append(round(epoch_time, 3))
-            if accelerator.is_main_process:
-                _print_epoch(console, phase_name, state.epoch, phase.epochs, scores, index.classes, improved)
-            state.phase_done = state.epoch >= phase.epochs
-            ckpt.save_training_state(accelerator, run_dir, state, keep=config.keep_checkpoints)
-            progress.remove_task(task)
-
-    best_meta = _read_meta(ckpt.checkpoint_root(run_dir) / f"{phase_name}-best")
-    elapsed = time.perf_counter() - phase_start
-    phase_summary.update({
-        "steps": state.optimizer_steps, "micro_steps_per_epoch": micro_steps, "global_batch_size": global_batch * accum,
-        "best_epoch": state.best_epoch, "val_accuracy": best_meta["val"]["accuracy"],
-        "val_macro_accuracy": best_meta["val"]["macro_accuracy"],
-        "val_per_class_accuracy": best_meta["val"]["per_class_accuracy"],
-        "images_per_s": images_seen / elapsed if images_seen else None, "time_s": round(elapsed, 2),
-    })
-    if accelerator.is_main_process:
-        _print_phase_table(console, phase_name, phase_summary, index.classes)
-    accelerator.free_memory()
-    return phase_summary, state.total_optimizer_steps
-
-
-class SchedulerSlot:
-    """The current phase's LR scheduler, registered once with accelerate's checkpointing
-    (accelerate keeps registered objects for the accelerator's lifetime; each phase has its own scheduler)."""
-
-    scheduler = None
-
-    def state_dict(self) -> dict:
-        return self.scheduler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state)
-
-
-def _epoch_seed(phase_name: str, epoch: int) -> int:
-    """Distinct data order per phase and epoch."""
-    return ckpt.PHASE_ORDER.index(phase_name) * 100_000 + epoch
-
-
-def save_position(accelerator: Accelerator, run_dir: Path, state: TrainerState, config: TrainConfig) -> None:
-    ckpt.save_training_state(accelerator, run_dir, state, keep=config.keep_checkpoints)
-
-
-def _read_meta(directory: Path) -> dict:
-    return json.loads((directory / "meta.json").read_text())
-
-
-def _print_epoch(console: Console, phase: str, epoch: int, epochs: int, scores: dict, classes: list[str], improved: bool) -> None:
+def _print_epoch(console: Console, phase: str, epoch: int, epochs: int, scores: dict, improved: bool) -> None:
     per_class = "  ".join(f"{c}={v:.3f}" for c, v in scores["per_class_accuracy"].items() if v is not None)
     mark = " [green]best[/]" if improved else ""
     console.print(f"{phase} epoch {epoch}/{epochs}: val acc {scores['accuracy']:.3f} "
