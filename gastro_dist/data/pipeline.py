@@ -334,8 +334,11 @@ class _augmentation_seed:
 
 
 def _loader(dataset: ShardSamples, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
+    # Its own generator: creating the iterator would otherwise draw from the global RNG, so a
+    # resumed epoch (iterator created after the RNG state is restored) would get other dropout masks.
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                      persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                      generator=torch.Generator().manual_seed(0))
 
 
 def train_loader(index: ShardIndex, cfg: DataConfig, *, seed: int, epoch: int, rank: int, world_size: int,

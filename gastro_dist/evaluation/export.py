@@ -25,9 +25,12 @@ import gastro_dist
 from gastro_dist import UserError
 
 EXPORT_FORMATS = ("onnx", "torchscript")
-OUTPUTS = ("probabilities", "logits")
 INPUT_NAME = "images"
 INPUT_LAYOUT = "NCHW float32, RGB, normalised: (x/255 - mean)/std"
+_OUTPUT_MEANINGS = {
+    "probabilities": "softmax probabilities, one column per class in `classes` order",
+    "logits": "unnormalised logits, one column per class in `classes` order; softmax gives probabilities",
+}
 
 
 class ExportedClassifier(nn.Module):
@@ -63,8 +66,8 @@ def export_model(
     """
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"unknown export format {fmt!r}; use one of: {', '.join(EXPORT_FORMATS)}")
-    if output not in OUTPUTS:
-        raise UserError(f"unknown export output {output!r}; use one of: {', '.join(OUTPUTS)}")
+    if output not in _OUTPUT_MEANINGS:
+        raise UserError(f"unknown export output {output!r}; use one of: {', '.join(_OUTPUT_MEANINGS)}")
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     deployed = ExportedClassifier(_cpu_eval_copy(model), probabilities=output == "probabilities")
@@ -98,8 +101,7 @@ def export_model(
         "std": [float(value) for value in std],
         "output": output,
         "output_name": output,
-        "output_meaning": ("softmax probabilities, one column per class in `classes` order" if output == "probabilities"
-                           else "unnormalised logits, one column per class in `classes` order; softmax gives probabilities"),
+        "output_meaning": _OUTPUT_MEANINGS[output],
         "opset": opset if fmt == "onnx" else None,
         "torch_version": torch.__version__,
         "gastro_dist_version": gastro_dist.__version__,
