@@ -185,7 +185,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     trained = load_trained_model(args.run, args.checkpoint)
     path = export_model(trained.model, args.format, args.out, input_size=trained.image_size, classes=trained.classes,
                         mean=trained.meta["mean"], std=trained.meta["std"], output=args.output)
-    difference = check_export(trained.model, path, args.format, trained.image_size)
+    try:
+        difference = check_export(trained.model, path, args.format, trained.image_size)
+    except RuntimeError as err:
+        raise UserError(f"the exported model does not match PyTorch: {err}") from None
     print(f"{path} (+ {path}.json): max difference to PyTorch {difference:.2e}")
     return 0
 

@@ -241,7 +241,7 @@ def comparison_markdown(result: dict) -> str:
         cells = []
         for c in classes:
             ci = (row.get("per_class_accuracy_ci") or {}).get(c)
-            interval = f" ({pct(ci['low'])}–{pct(ci['high'])})" if ci and ci.get("low") is not None else ""
+            interval = f" ({pct(ci['lower'])}–{pct(ci['upper'])})" if ci and ci.get("lower") is not None else ""
             cells.append(pct(row["per_class_accuracy"].get(c)) + interval)
         lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {pct(row['accuracy'])} |")
     lines += ["", "| model | macro F1 | MCC | macro AUC | ECE | cancer sens. | cancer spec. | cancer AUC | train time (s) | train images/s |",

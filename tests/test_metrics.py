@@ -1,0 +1,299 @@
+"""Metrics: hand-worked cases, agreement with scikit-learn, bootstrap behaviour, operating points."""
+
+import json
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from gastro_dist import UserError
+from gastro_dist.evaluation import metrics as M
+from gastro_dist.evaluation.metrics import (
+    binary_metrics_at_threshold,
+    dummy_baselines,
+    evaluate_predictions,
+    operating_point,
+    roc_curve,
+    threshold_for_sensitivity,
+)
+
+STUDY_CLASSES = ["gastric_cancer", "gastric_ulcer", "chronic_gastritis"]
+
+
+def probs_predicting(predicted, num_classes, top=0.6):
+    """Probabilities whose argmax is ``predicted``: ``top`` there, the rest shared evenly."""
+    probs = np.full((len(predicted), num_classes), (1 - top) / (num_classes - 1))
+    probs[np.arange(len(predicted)), predicted] = top
+    return probs
+
+
+def random_predictions(seed, num_samples, num_classes, signal=1.5):
+    rng = np.random.default_rng(seed)
+    y_true = rng.integers(0, num_classes, num_samples)
+    logits = rng.normal(size=(num_samples, num_classes))
+    logits[np.arange(num_samples), y_true] += signal
+    probs = np.exp(logits)
+    return y_true, probs / probs.sum(axis=1, keepdims=True)
+
+
+def test_three_class_example_worked_by_hand():
+    # true:      0 0 0 0 1 1 1 2 2 2
+    # predicted: 0 0 0 1 1 1 2 2 2 0
+    # confusion (rows true):  [3 1 0] / [0 2 1] / [1 0 2]; 7 of 10 correct.
+    # class 0: tp 3 fn 1 fp 1 tn 5 -> sens 3/4, spec 5/6, ppv 3/4, npv 5/6, f1 6/8
+    # class 1: tp 2 fn 1 fp 1 tn 6 -> sens 2/3, spec 6/7, ppv 2/3, npv 6/7, f1 4/6; class 2 the same.
+    # MCC: t = p = [4 3 3], c = 7, s = 10: (7*10 - 34) / sqrt((100 - 34)^2) = 36/66 = 6/11.
+    y_true = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    predicted = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 0])
+    m = evaluate_predictions(y_true, probs_predicting(predicted, 3), ["a", "b", "c"], num_bootstrap=0)
+
+    assert m["num_samples"] == 10
+    assert m["confusion_matrix"] == [[3, 1, 0], [0, 2, 1], [1, 0, 2]]
+    assert m["accuracy"] == pytest.approx(0.7)
+    assert m["per_class_accuracy"] == pytest.approx({"a": 3 / 4, "b": 2 / 3, "c": 2 / 3})
+    assert m["balanced_accuracy"] == pytest.approx((3 / 4 + 2 / 3 + 2 / 3) / 3)
+    a, b = m["per_class"]["a"], m["per_class"]["b"]
+    assert (a["sensitivity"], a["specificity"], a["ppv"], a["npv"], a["f1"]) == pytest.approx(
+        (3 / 4, 5 / 6, 3 / 4, 5 / 6, 3 / 4))
+    assert (b["sensitivity"], b["specificity"], b["ppv"], b["npv"], b["f1"]) == pytest.approx(
+        (2 / 3, 6 / 7, 2 / 3, 6 / 7, 2 / 3))
+    assert [m["per_class"][c]["support"] for c in "abc"] == [4, 3, 3]
+    assert m["macro_f1"] == pytest.approx((3 / 4 + 2 / 3 + 2 / 3) / 3)
+    assert m["mcc"] == pytest.approx(6 / 11)
+    assert m["cancer_vs_benign"] is None and m["ci"] is None
+
+
+def test_binary_auc_with_a_tie_and_cancer_view_worked_by_hand():
+    # P(cancer) of the 3 cancers 0.9 0.6 0.4 and of the 4 benign 0.6 0.3 0.2 0.1.
+    # Pairs won: 0.9 beats all 4; 0.6 beats 3 and ties 1 (counts 1/2); 0.4 beats 3 -> 10.5 / 12.
+    # Argmax says cancer above 0.5: tp 2 (0.9, 0.6), fn 1 (0.4), fp 1 (benign 0.6), tn 3.
+    # MCC = (2*3 - 1*1) / sqrt(3*3*4*4) = 5/12.
+    cancer_scores = np.array([0.9, 0.6, 0.4, 0.6, 0.3, 0.2, 0.1])
+    y_true = np.array([1, 1, 1, 0, 0, 0, 0])
+    probs = np.stack([1 - cancer_scores, cancer_scores], axis=1)
+    m = evaluate_predictions(y_true, probs, ["benign", "gastric_cancer"], num_bootstrap=0)
+
+    view = m["cancer_vs_benign"]
+    assert view["positive_class"] == "gastric_cancer" and view["negative_classes"] == ["benign"]
+    assert (view["tp"], view["fn"], view["fp"], view["tn"]) == (2, 1, 1, 3)
+    assert (view["sensitivity"], view["specificity"], view["ppv"], view["npv"]) == pytest.approx(
+        (2 / 3, 3 / 4, 2 / 3, 3 / 4))
+    assert view["auc"] == pytest.approx(10.5 / 12)
+    assert m["per_class"]["benign"]["auc"] == pytest.approx(10.5 / 12)
+    assert m["mcc"] == pytest.approx(5 / 12)
+
+
+def test_positive_class_is_a_parameter():
+    y_true, probs = random_predictions(0, 50, 3)
+    m = evaluate_predictions(y_true, probs, ["x", "y", "malignant"], num_bootstrap=20,
+                             positive_class="malignant")
+    assert m["cancer_vs_benign"]["positive_class"] == "malignant"
+    assert m["cancer_vs_benign"]["sensitivity"] == m["per_class_accuracy"]["malignant"]
+    assert set(m["ci"]["cancer_vs_benign"]) == {"sensitivity", "specificity", "auc"}
+
+
+def test_five_classes_perfect_and_degenerate():
+    y_true = np.array([0, 1, 2, 3, 4] * 4)
+    perfect = evaluate_predictions(y_true, probs_predicting(y_true, 5, top=0.9), list("abcde"), num_bootstrap=0)
+    assert perfect["accuracy"] == 1 and perfect["mcc"] == 1 and perfect["macro_f1"] == 1
+    assert all(perfect["per_class"][c]["auc"] == 1 for c in "abcde")
+
+    # Always predicting one class: MCC's denominator vanishes, scikit-learn then returns 0.
+    constant = np.zeros(len(y_true), dtype=int)
+    m = evaluate_predictions(y_true, probs_predicting(constant, 5), list("abcde"), num_bootstrap=0)
+    assert m["mcc"] == 0 == skm.matthews_corrcoef(y_true, constant)
+    assert m["accuracy"] == pytest.approx(0.2)
+    assert all(m["per_class"][c]["auc"] == 0.5 for c in "abcde")  # every score tied
+
+
+def test_calibration_error_worked_by_hand():
+    # Top probabilities 0.95 0.95 0.55 0.55, correct 1 1 1 0: bins (14/15, 1] and (8/15, 9/15].
+    # ECE = 2/4 * |1 - 0.95| + 2/4 * |0.5 - 0.55| = 0.05.
+    probs = np.array([[0.95, 0.05], [0.05, 0.95], [0.55, 0.45], [0.55, 0.45]])
+    m = evaluate_predictions(np.array([0, 1, 0, 1]), probs, ["a", "b"], num_bootstrap=0)
+    assert m["ece"] == pytest.approx(0.05)
+    bins = m["calibration"]["bins"]
+    assert len(bins) == m["calibration"]["num_bins"] == 15
+    assert [b["count"] for b in bins] == [0] * 8 + [2] + [0] * 5 + [2]
+    assert bins[14]["accuracy"] == 1 and bins[14]["confidence"] == pytest.approx(0.95)
+    assert bins[8]["accuracy"] == 0.5 and bins[0]["accuracy"] is None
+
+
+@pytest.mark.parametrize("seed,num_classes", [(0, 3), (1, 4), (2, 5), (3, 6), (4, 3)])
+def test_agrees_with_scikit_learn(seed, num_classes):
+    y_true, probs = random_predictions(seed, 300, num_classes, signal=0.8)
+    # Coarse scores create ties, which the AUCs must handle like scikit-learn.
+    probs = np.round(probs, 2)
+    probs /= probs.sum(axis=1, keepdims=True)
+    predicted = probs.argmax(axis=1)
+    classes = [f"class_{k}" for k in range(num_classes)]
+    m = evaluate_predictions(y_true, probs, classes, num_bootstrap=0)
+
+    labels = list(range(num_classes))
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y_true, predicted), abs=1e-9)
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y_true, predicted), abs=1e-9)
+    assert m["confusion_matrix"] == skm.confusion_matrix(y_true, predicted, labels=labels).tolist()
+    recall = skm.recall_score(y_true, predicted, average=None, labels=labels)
+    precision = skm.precision_score(y_true, predicted, average=None, labels=labels)
+    f1 = skm.f1_score(y_true, predicted, average=None, labels=labels)
+    for k, name in enumerate(classes):
+        row = m["per_class"][name]
+        assert row["sensitivity"] == pytest.approx(recall[k], abs=1e-9)
+        assert m["per_class_accuracy"][name] == pytest.approx(recall[k], abs=1e-9)
+        assert row["ppv"] == pytest.approx(precision[k], abs=1e-9)
+        assert row["f1"] == pytest.approx(f1[k], abs=1e-9)
+        assert row["auc"] == pytest.approx(skm.roc_auc_score(y_true == k, probs[:, k]), abs=1e-9)
+        # Specificity is the recall of "not this class".
+        assert row["specificity"] == pytest.approx(skm.recall_score(y_true != k, predicted != k), abs=1e-9)
+        assert row["npv"] == pytest.approx(skm.precision_score(y_true != k, predicted != k), abs=1e-9)
+    assert m["macro_f1"] == pytest.approx(skm.f1_score(y_true, predicted, average="macro"), abs=1e-9)
+    assert m["mcc"] == pytest.approx(skm.matthews_corrcoef(y_true, predicted), abs=1e-9)
+    assert m["macro_auc"] == pytest.approx(
+        skm.roc_auc_score(y_true, probs, multi_class="ovr", average="macro"), abs=1e-9)
+
+
+def test_roc_curve_matches_scikit_learn():
+    y_true, probs = random_predictions(5, 200, 3)
+    scores = np.round(probs[:, 0], 2)
+    fpr, tpr = roc_curve(y_true == 0, scores)
+    sk_fpr, sk_tpr, _ = skm.roc_curve(y_true == 0, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
+
+
+def test_bootstrap_intervals_contain_estimate_and_are_seeded():
+    y_true, probs = random_predictions(7, 400, 3)
+    groups = np.arange(400) // 4
+    first = evaluate_predictions(y_true, probs, STUDY_CLASSES, groups, num_bootstrap=300, seed=1)
+    again = evaluate_predictions(y_true, probs, STUDY_CLASSES, groups, num_bootstrap=300, seed=1)
+    other = evaluate_predictions(y_true, probs, STUDY_CLASSES, groups, num_bootstrap=300, seed=2)
+
+    assert first["ci"] == again["ci"]
+    assert first["ci"]["accuracy"] != other["ci"]["accuracy"]
+    assert first["bootstrap"] == {"num_resamples": 300, "seed": 1, "level": 0.95, "method": "percentile",
+                                  "unit": "patient", "num_units": 100}
+    ci = first["ci"]
+
+    def contains(interval, value):
+        return interval["lower"] <= value <= interval["upper"] and interval["lower"] < interval["upper"]
+
+    for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "mcc"):
+        assert contains(ci[name], first[name]), name
+    for name in STUDY_CLASSES:
+        assert contains(ci["per_class_accuracy"][name], first["per_class_accuracy"][name])
+        assert contains(ci["per_class_auc"][name], first["per_class"][name]["auc"])
+    for name in ("sensitivity", "specificity", "auc"):
+        assert contains(ci["cancer_vs_benign"][name], first["cancer_vs_benign"][name])
+
+
+def test_bootstrap_resamples_patients_not_images():
+    # Patient A: 10 images all right; patient B: 10 images all wrong. Drawing two patients gives
+    # accuracy 0, 1/2 or 1 (each extreme with probability 1/4), so the 95% interval spans [0, 1];
+    # resampling images instead gives a narrow interval around 1/2.
+    y_true = np.zeros(20, dtype=int)
+    predicted = np.r_[np.zeros(10, dtype=int), np.ones(10, dtype=int)]
+    probs = probs_predicting(predicted, 2)
+    groups = np.array(["A"] * 10 + ["B"] * 10)
+    by_patient = evaluate_predictions(y_true, probs, ["a", "b"], groups, num_bootstrap=400)
+    by_image = evaluate_predictions(y_true, probs, ["a", "b"], num_bootstrap=400)
+    assert by_patient["ci"]["accuracy"] == {"lower": 0.0, "upper": 1.0}
+    assert by_patient["num_groups"] == 2 and by_patient["bootstrap"]["unit"] == "patient"
+    assert by_image["ci"]["accuracy"]["upper"] - by_image["ci"]["accuracy"]["lower"] < 0.5
+    assert by_image["bootstrap"]["unit"] == "image"
+
+    # A single patient: every resample is the whole data set, the interval collapses.
+    y_true, probs = random_predictions(3, 60, 3)
+    single = evaluate_predictions(y_true, probs, STUDY_CLASSES, np.full(60, 17), num_bootstrap=50)
+    assert single["ci"]["accuracy"]["lower"] == pytest.approx(single["accuracy"])
+    assert single["ci"]["accuracy"]["upper"] == pytest.approx(single["accuracy"])
+
+
+def test_weighted_replicate_equals_metrics_of_the_resampled_images():
+    """A replicate's weights stand for repeated images: same numbers as evaluating the repeats."""
+    y_true, probs = random_predictions(11, 80, 4)
+    probs = np.round(probs, 1)
+    probs /= probs.sum(axis=1, keepdims=True)
+    drawn = np.random.default_rng(0).integers(0, 80, 80)
+    weights = np.bincount(drawn, minlength=80).astype(float)
+    replicate = M._replicate_statistics(M._PreparedPredictions(y_true, probs), weights[None, :])
+    direct = evaluate_predictions(y_true[drawn], probs[drawn], list("abcd"), num_bootstrap=0)
+    assert replicate["accuracy"][0] == pytest.approx(direct["accuracy"])
+    assert replicate["mcc"][0] == pytest.approx(direct["mcc"])
+    assert replicate["macro_f1"][0] == pytest.approx(direct["macro_f1"])
+    assert replicate["ece"][0] == pytest.approx(direct["ece"])
+    for k, name in enumerate("abcd"):
+        assert replicate["auc"][0, k] == pytest.approx(direct["per_class"][name]["auc"])
+
+
+def test_absent_class_gives_none_and_json_without_nan():
+    y_true = np.array([0, 0, 1, 1, 0, 1, 0, 1])  # class 2 never occurs
+    predicted = np.array([0, 1, 1, 1, 0, 2, 0, 1])
+    m = evaluate_predictions(y_true, probs_predicting(predicted, 3), STUDY_CLASSES, num_bootstrap=50)
+    absent = m["per_class"]["chronic_gastritis"]
+    assert absent["auc"] is None and absent["sensitivity"] is None and absent["support"] == 0
+    assert absent["f1"] == 0  # predicted once, never right
+    assert m["per_class_accuracy"]["chronic_gastritis"] is None
+    assert m["ci"]["per_class_auc"]["chronic_gastritis"] is None
+    assert m["macro_auc"] == pytest.approx(np.mean([m["per_class"][c]["auc"] for c in STUDY_CLASSES[:2]]))
+    json.dumps(m, allow_nan=False)
+
+
+def test_invalid_inputs_are_refused():
+    with pytest.raises(ValueError, match="logits"):
+        evaluate_predictions(np.array([0, 1]), np.array([[2.0, -1.0], [0.5, 3.0]]), ["a", "b"])
+    with pytest.raises(ValueError, match="one column per class"):
+        evaluate_predictions(np.array([0, 1]), np.eye(2), ["a", "b", "c"])
+    with pytest.raises(ValueError, match="class indices"):
+        evaluate_predictions(np.array([0, 2]), np.eye(2), ["a", "b"])
+
+
+def test_dummy_baselines():
+    y_true = np.array([0] * 6 + [1] * 3 + [2] * 1)
+    baselines = dummy_baselines(y_true, STUDY_CLASSES, seed=3)
+    majority = baselines["majority"]
+    assert majority["accuracy"] == pytest.approx(0.6) and majority["mcc"] == 0
+    assert majority["per_class"]["gastric_cancer"]["auc"] == 0.5
+    assert majority["per_class_accuracy"] == {"gastric_cancer": 1.0, "gastric_ulcer": 0.0, "chronic_gastritis": 0.0}
+    assert baselines["stratified"] == dummy_baselines(y_true, STUDY_CLASSES, seed=3)["stratified"]
+    assert set(baselines["stratified"]) == set(majority)
+    json.dumps(baselines, allow_nan=False)
+
+    # Frequencies from the training labels change which class the majority baseline picks.
+    trained_on = np.array([2] * 5 + [0] * 2)
+    assert dummy_baselines(y_true, STUDY_CLASSES, train_labels=trained_on)["majority"]["accuracy"] == pytest.approx(0.1)
+
+
+def test_threshold_for_sensitivity_reaches_target_and_is_the_highest():
+    rng = np.random.default_rng(0)
+    truth = rng.random(500) < 0.3
+    scores = np.clip(rng.normal(0.3 + 0.4 * truth, 0.2), 0, 1)
+    for target in (0.5, 0.7, 0.9, 0.95, 1.0):
+        threshold = threshold_for_sensitivity(truth, scores, target)
+        assert binary_metrics_at_threshold(truth, scores, threshold)["sensitivity"] >= target
+        assert binary_metrics_at_threshold(truth, scores, np.nextafter(threshold, 2))["sensitivity"] < target
+
+    # 0.7 * 10 is 7.000000000000001 in floating point: still the 7th highest positive score.
+    assert threshold_for_sensitivity(np.ones(10, bool), np.arange(10) / 10, 0.7) == 0.3
+    with pytest.raises(UserError, match="no positive"):
+        threshold_for_sensitivity(np.zeros(5, bool), np.ones(5), 0.9)
+
+
+def test_binary_metrics_at_threshold_worked_by_hand():
+    truth = np.array([1, 1, 1, 0, 0, 0, 0], bool)
+    scores = np.array([0.9, 0.6, 0.4, 0.6, 0.3, 0.2, 0.1])
+    result = binary_metrics_at_threshold(truth, scores, 0.4)  # positives: 0.9 0.6 0.4 | 0.6
+    assert (result["tp"], result["fn"], result["fp"], result["tn"]) == (3, 0, 1, 3)
+    assert (result["sensitivity"], result["specificity"], result["ppv"], result["npv"]) == pytest.approx(
+        (1, 3 / 4, 3 / 4, 1))
+    assert binary_metrics_at_threshold(truth, scores, 2.0)["ppv"] is None
+
+
+def test_operating_point_is_chosen_on_one_split_and_applied_to_another():
+    y_val, probs_val = random_predictions(1, 300, 3)
+    y_test, probs_test = random_predictions(2, 300, 3)
+    point = operating_point(y_val, probs_val, y_test, probs_test, STUDY_CLASSES, 0.9)
+    assert point["selection"]["sensitivity"] >= 0.9
+    assert point["metrics"]["threshold"] == point["threshold"] == point["selection"]["threshold"]
+    assert point["metrics"]["tp"] + point["metrics"]["fn"] == int(np.sum(y_test == 0))
+    with pytest.raises(UserError, match="positive class"):
+        operating_point(y_val, probs_val, y_test, probs_test, ["a", "b", "c"], 0.9)

@@ -1,0 +1,83 @@
+"""Reports: every file is written, figures open as images, the tables and notes are in the text."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gastro_dist.evaluation.metrics import dummy_baselines, evaluate_predictions, operating_point
+from gastro_dist.evaluation.report import write_report
+
+STUDY_CLASSES = ["gastric_cancer", "gastric_ulcer", "chronic_gastritis"]
+
+
+def random_predictions(seed, num_samples, num_classes):
+    rng = np.random.default_rng(seed)
+    y_true = rng.integers(0, num_classes, num_samples)
+    logits = rng.normal(size=(num_samples, num_classes))
+    logits[np.arange(num_samples), y_true] += 2.0
+    probs = np.exp(logits)
+    return y_true, probs / probs.sum(axis=1, keepdims=True)
+
+
+def test_full_report_for_the_study_classes(tmp_path):
+    y_true, probs = random_predictions(0, 240, 3)
+    y_val, probs_val = random_predictions(1, 120, 3)
+    groups = np.arange(240) // 3
+    metrics = evaluate_predictions(y_true, probs, STUDY_CLASSES, groups, num_bootstrap=100)
+    Image.new("RGB", (96, 96), (180, 40, 40)).save(tmp_path / "cam_0.png")
+
+    paths = write_report(
+        tmp_path, metrics, y_true, probs, STUDY_CLASSES, "resnet50 on test",
+        details={"model": "resnet50", "checkpoint": "runs/a/best.safetensors", "split": "test"},
+        baselines=dummy_baselines(y_true, STUDY_CLASSES, groups),
+        operating_point=operating_point(y_val, probs_val, y_true, probs, STUDY_CLASSES, 0.95),
+        cam_images=[("cam_0.png", "gastric_cancer, predicted gastric_cancer")],
+    )
+
+    assert set(paths) == {"confusion_matrix", "roc", "calibration", "markdown", "html"}
+    for key in ("confusion_matrix", "roc", "calibration"):
+        with Image.open(paths[key]) as image:
+            assert image.format == "PNG"
+            assert 400 <= image.width <= 3000 and 400 <= image.height <= 3000, image.size
+
+    markdown = paths["markdown"].read_text()
+    assert markdown.startswith("# resnet50 on test")
+    assert "| Class | Recognised | Accuracy | 95% CI |" in markdown
+    for k, name in enumerate(STUDY_CLASSES):
+        recognised = f"{metrics['confusion_matrix'][k][k]}/{metrics['per_class'][name]['support']}"
+        interval = metrics["ci"]["per_class_accuracy"][name]
+        assert (f"| {name} | {recognised} | {100 * metrics['per_class_accuracy'][name]:.1f}% | "
+                f"{100 * interval['lower']:.1f}% – {100 * interval['upper']:.1f}% |") in markdown
+    assert "matthews_corrcoef" in markdown and "patient-level bootstrap" in markdown
+    for section in ("## Cancer vs benign", "## Operating point", "## Baselines", "## Grad-CAM",
+                    "| Sensitivity | Specificity | PPV | NPV | F1 | AUC |", "runs/a/best.safetensors"):
+        assert section in markdown
+    assert "](confusion_matrix.png)" in markdown and "](cam_0.png)" in markdown
+    assert "| Images | 240 |" in markdown and "| Patients | 80 |" in markdown
+
+    page = paths["html"].read_text()
+    assert page.count("data:image/png;base64,") == 4
+    assert "src='confusion_matrix.png'" not in page
+    assert "<code>matthews_corrcoef</code>" in page
+
+
+@pytest.mark.parametrize("num_classes", [2, 12])
+def test_report_without_cancer_class_or_intervals(tmp_path, num_classes):
+    classes = [f"finding_{k}" for k in range(num_classes)]
+    y_true, probs = random_predictions(2, 150, num_classes)
+    metrics = evaluate_predictions(y_true, probs, classes, num_bootstrap=0)
+    paths = write_report(tmp_path, metrics, y_true, probs, classes, "no cancer class",
+                         details={"images": "150 (given by the caller)"})
+    markdown = paths["markdown"].read_text()
+    assert "| images | 150 (given by the caller) |" in markdown and "| Images | 150 |" not in markdown
+    assert "Cancer vs benign" not in markdown and "Operating point" not in markdown
+    assert "No confidence intervals were computed" in markdown
+    with Image.open(paths["confusion_matrix"]) as image:
+        assert image.width >= 400
+
+
+def test_report_refuses_metrics_of_other_predictions(tmp_path):
+    y_true, probs = random_predictions(3, 50, 3)
+    metrics = evaluate_predictions(y_true, probs, STUDY_CLASSES, num_bootstrap=0)
+    with pytest.raises(ValueError, match="do not belong"):
+        write_report(tmp_path, metrics, y_true[:40], probs[:40], STUDY_CLASSES, "mismatch")
