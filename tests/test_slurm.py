@@ -1,0 +1,256 @@
+"""slurm/train.sbatch under a real SLURM cluster: multi-node CPU training, preemption + requeue.
+
+A private 2-node cluster (slurmctld, two slurmd, munged) is started on this machine for the
+module by tests/slurm_cluster.py and torn down after it. Needs root; the slurm/munge packages
+are installed with apt-get (.ci/install_slurm.sh) when missing. Outside CI the tests are skipped
+when that is impossible (not root, no apt); with CI=true they fail instead.
+
+About 2 minutes on 2 cores: run with `pytest -m slurm tests/test_slurm.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from slurm_cluster import ClusterUnavailable, SlurmCluster, ensure_installed  # noqa: E402
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SBATCH = REPO / "slurm" / "train.sbatch"
+COMPARE_SBATCH = REPO / "slurm" / "compare.sbatch"
+SMOKE = REPO / "configs" / "smoke.yaml"
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+# Small and CPU-friendly; every run logs each optimizer step to metrics.jsonl.
+COMMON_OVERRIDES = ["data.num_workers=0", "tracking.tracker=none", "tracking.log_every_steps=1"]
+
+
+def _cannot_run(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"CI=true and the SLURM tests cannot run: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if os.geteuid() != 0:
+        _cannot_run("the SLURM tests start slurmd/munged and may apt-get install them: they need root")
+    if shutil.which("apt-get") is None and not _installed():
+        _cannot_run("slurm/munge are not installed and apt-get is not available")
+    try:
+        ensure_installed()
+    except ClusterUnavailable as err:
+        _cannot_run(str(err))
+    c = SlurmCluster(nodes=2, cpus_per_node=1)
+    try:
+        c.start()  # any failure here is a real failure, also outside CI (it cleans up after itself)
+    except ClusterUnavailable as err:
+        shutil.rmtree(c.root, ignore_errors=True)
+        pytest.fail(f"the local SLURM cluster did not start: {err}")
+    yield c
+    c.stop()
+    left = c.marked_pids()
+    shutil.rmtree(c.root, ignore_errors=True)
+    assert not left, f"processes of the test cluster still alive after stop(): {left}"
+
+
+def _installed() -> bool:
+    from slurm_cluster import missing_binaries
+    return not missing_binaries()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """A tiny synthetic dataset: 3 classes x 40 frames, stored at 80 px for 64 px crops."""
+    root = tmp_path_factory.mktemp("slurm-data")
+    env = _python_env()
+    py = [sys.executable, "-m", "gastro_dist"]
+    subprocess.run(py + ["synth", "--out", str(root / "raw"), "--per-class", "40", "--size-range", "160", "200",
+                         "--workers", "1"], check=True, env=env, capture_output=True, cwd=root)
+    subprocess.run(py + ["pack", str(root / "raw"), "--out", str(root / "shards"), "--val-fraction", "0.2",
+                         "--resize-short", "80", "--input-size", "64", "--workers", "1"],
+                   check=True, env=env, capture_output=True, cwd=root)
+    return root / "shards"
+
+
+def _python_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def _job_env() -> dict[str, str]:
+    """What a user would have in their shell at sbatch time."""
+    env = dict(os.environ)
+    if (Path(sys.prefix) / "bin" / "activate").is_file():
+        env["GASTRO_DIST_VENV"] = sys.prefix          # the documented way to pick the environment
+    else:
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["WANDB_MODE"] = "disabled"
+    env["CUDA_VISIBLE_DEVICES"] = ""                  # CPU processes even on a machine with GPUs
+    env.pop("GASTRO_DIST_HOME", None)                 # found from the submitted script's path
+    env.pop("GASTRO_DIST_PROCS_PER_NODE", None)
+    return env
+
+
+def _submit(cluster: SlurmCluster, workdir: Path, nodes: int, run: Path, shards: Path, overrides: list[str]) -> int:
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)  # for the script's default --output=logs/%x-%j.out
+    return cluster.sbatch(
+        f"--nodes={nodes}", "--cpus-per-task=1", "--time=10",
+        str(TRAIN_SBATCH), "--config", str(SMOKE), "--shards", str(shards), "--out", str(run),
+        *COMMON_OVERRIDES, *overrides,
+        cwd=workdir, env=_job_env(),
+    )
+
+
+def _log(workdir: Path, job_id: int) -> str:
+    path = workdir / "logs" / f"gastro-train-{job_id}.out"
+    return path.read_text(errors="replace") if path.is_file() else f"<no log at {path}>"
+
+
+def _train_events(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written right now
+            pass
+    return [e for e in events if e.get("event") == "train"]
+
+
+def _describe(cluster: SlurmCluster, workdir: Path, job_id: int) -> str:
+    return f"job {job_id}: {cluster.job(job_id)}\n--- job log\n{_log(workdir, job_id)[-6000:]}"
+
+
+# ---------------------------------------------------------------- tests
+def test_two_node_cpu_training(cluster, shards, tmp_path):
+    run = tmp_path / "run"
+    job = _submit(cluster, tmp_path, 2, run, shards,
+                  ["head.epochs=1", "finetune.epochs=1", "data.batch_size=8"])
+    info = cluster.wait_job(job, timeout=240)
+    log = _log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", _describe(cluster, tmp_path, job)
+    assert info["ExitCode"] == "0:0", _describe(cluster, tmp_path, job)
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed", summary
+    assert summary["num_machines"] == 2, summary
+    assert summary["world_size"] == 2, summary
+    assert summary["resumes"] == [], summary
+    for phase in ("head", "finetune"):
+        assert summary["phases"][phase]["steps"] > 0, summary["phases"]
+    assert (run / "model.safetensors").is_file()
+
+    # One task per node, each launching one CPU process; both node ranks appear in the log.
+    assert "2 node(s)" in log and "1 proc/node x 2 = 2 processes (CPU" in log, log
+    assert "node rank 0/2 on" in log and "node rank 1/2 on" in log, log
+    assert "(n1)" in log and "(n2)" in log, log
+    assert "node rank 0: exit 0" in log and "node rank 1: exit 0" in log, log
+
+
+def test_usr1_preemption_requeues_and_resumes(cluster, shards, tmp_path):
+    run = tmp_path / "run"
+    # ~36 fine-tuning steps of ~0.5 s on two CPU ranks: long enough to preempt in the middle.
+    job = _submit(cluster, tmp_path, 2, run, shards,
+                  ["head.epochs=1", "finetune.epochs=3", "data.batch_size=4"])
+    deadline = time.monotonic() + 180
+    while not any(e.get("phase") == "finetune" for e in _train_events(run)):
+        state = cluster.job(job).get("JobState", "")
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), _describe(cluster, tmp_path, job)
+        assert time.monotonic() < deadline, "fine-tuning never started\n" + _describe(cluster, tmp_path, job)
+        time.sleep(0.5)
+
+    # What SLURM does at --signal=B:USR1@180, by hand: signal only the batch shell.
+    cluster.cmd("scancel", "--signal=USR1", "--batch", str(job))
+    # Requeued, it is PENDING then RUNNING again; the first terminal state is the final one.
+    info = cluster.wait_job(job, timeout=300)
+    log = _log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", _describe(cluster, tmp_path, job)
+    assert info["Restarts"] == "1", _describe(cluster, tmp_path, job)
+
+    # The batch shell trapped USR1, the trainer checkpointed and stopped, the job requeued itself.
+    assert "SIGUSR1: asking the trainer to checkpoint and stop" in log, log
+    assert "summary status 'preempted'" in log, log
+    assert f"scontrol requeue {job}" in log, log
+    assert "restart 0 |" in log and "restart 1 |" in log, log
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed", summary
+    assert summary["num_machines"] == 2 and summary["world_size"] == 2, summary
+    assert len(summary["resumes"]) == 1, summary["resumes"]
+    resume = summary["resumes"][0]
+    assert resume["phase"] == "finetune", resume
+
+    # No optimizer step done twice and none skipped: every step is logged (log_every_steps=1),
+    # (epoch, step) strictly increases within each phase and the count matches the phase's steps.
+    events = _train_events(run)
+    for phase in ("head", "finetune"):
+        positions = [(e["epoch"], e["step"]) for e in events if e["phase"] == phase]
+        assert all(a < b for a, b in zip(positions, positions[1:])), f"{phase}: {positions}"
+        assert len(positions) == summary["phases"][phase]["steps"] > 0, (phase, positions, summary["phases"][phase])
+    finetune = [(e["epoch"], e["step"]) for e in events if e["phase"] == "finetune"]
+    # Work was done both before and after the preemption.
+    before = [p for p in finetune if p <= (resume["epoch"] + 1, resume["step"])]
+    assert before and len(before) < len(finetune), (resume, finetune)
+
+
+def test_plain_scancel_does_not_requeue(cluster, shards, tmp_path):
+    """One node, one process (plain `accelerate launch`); SIGTERM from scancel must not requeue."""
+    run = tmp_path / "run"
+    job = _submit(cluster, tmp_path, 1, run, shards,
+                  ["head.epochs=1", "finetune.epochs=3", "data.batch_size=4"])
+    deadline = time.monotonic() + 180
+    while not _train_events(run):
+        assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), \
+            _describe(cluster, tmp_path, job)
+        assert time.monotonic() < deadline, "training never started\n" + _describe(cluster, tmp_path, job)
+        time.sleep(0.5)
+    cluster.cmd("scancel", str(job))
+    info = cluster.wait_job(job, timeout=120)
+    assert info["JobState"] == "CANCELLED", _describe(cluster, tmp_path, job)
+    time.sleep(3)  # a wrongly requeued job would show up as PENDING/RUNNING again by now
+    info = cluster.job(job)
+    log = _log(tmp_path, job)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", _describe(cluster, tmp_path, job)
+    assert "1 proc/node x 1 = 1 process" in log, log
+    assert "will NOT requeue" in log and "scontrol requeue" not in log, log
+
+
+def test_compare_array_one_config_per_task(cluster, shards, tmp_path):
+    """compare.sbatch: array task i trains config i into OUT/<stem>; both tasks run side by side."""
+    configs = []
+    for name in ("r18a", "r18b"):
+        path = tmp_path / "configs" / f"{name}.yaml"
+        path.parent.mkdir(exist_ok=True)
+        shutil.copy(SMOKE, path)
+        configs.append(path)
+    out = tmp_path / "compare"
+    (tmp_path / "logs").mkdir()
+    array = cluster.sbatch(
+        "--array=0-1", "--cpus-per-task=1", "--time=10",
+        str(COMPARE_SBATCH), "--configs", ",".join(map(str, configs)), "--shards", str(shards), "--out", str(out),
+        *COMMON_OVERRIDES, "head.epochs=1", "finetune.epochs=1", "data.batch_size=16", "max_steps_per_epoch=2",
+        cwd=tmp_path, env=_job_env(),
+    )
+    for task, name in enumerate(("r18a", "r18b")):
+        info = cluster.wait_job(f"{array}_{task}", timeout=240)
+        log_path = tmp_path / "logs" / f"gastro-compare-{array}_{task}.out"
+        log = log_path.read_text(errors="replace") if log_path.is_file() else f"<no log at {log_path}>"
+        assert info["JobState"] == "COMPLETED", f"{info}\n{log[-6000:]}"
+        assert f"array task {task}/2: {configs[task]} -> {out / name}" in log, log
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert summary["status"] == "completed", summary
+        assert summary["phases"]["head"]["steps"] == summary["phases"]["finetune"]["steps"] == 2, summary["phases"]
+        assert json.loads((out / name / "run.json").read_text())["model"] == "resnet18"
