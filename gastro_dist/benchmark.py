@@ -1,10 +1,434 @@
-"""Benchmarks: `gastro-dist bench loader` and `gastro-dist bench train` (being written)."""
+"""Benchmarks: `gastro-dist bench loader` and `gastro-dist bench train`.
+
+`bench loader` times the real training input pipeline, `pipeline.train_loader` (shard read, decode,
+augmentation, collation into the batch tensor the trainer gets), and with `--source` the same
+augmentation (`pipeline.train_transform`) through a plain torchvision ImageFolder + DataLoader over
+the original images, in the same run, so that the two are compared under the same load.
+`bench train` times optimizer steps on synthetic in-memory batches (compute only) and, with
+`--shards`, the same step fed by `train_loader` (end to end); on CUDA it adds the model FLOPs
+utilisation against a matmul rate measured in the same run, and the peak memory.
+
+Every figure comes with the machine it was taken on (CPU, cores, load average, versions), since
+the build machines are shared. Torch is imported inside the handlers so `gastro-dist --help` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from gastro_dist import UserError
+
+NUM_CLASSES = 3  # the study's classes: the new head is the one the trainer would build
+MATMUL_SIZE = 8192  # square matmuls that run a GPU at its dense peak
 
 
+# ---------------------------------------------------------------- machine and output
+def machine_description() -> dict[str, Any]:
+    import PIL
+    import torch
+    import torchvision
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {
+        "cpu_model": _cpu_model(), "cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
+        "gpu": device, "python": platform.python_version(), "torch": torch.__version__,
+        "torchvision": torchvision.__version__, "pillow": PIL.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _write_json(path: Path | None, result: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _print_table(title: str, rows: list[tuple[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for name, value in rows:
+        table.add_row(name, "n/a" if value is None else f"{value:,.1f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+# ---------------------------------------------------------------- input pipeline
+@dataclass
+class LoaderRun:
+    """One timed pass over a loader: wall time after the first (warm-up) batch, CPU time throughout."""
+    batches: int
+    images: int
+    timed_images: int
+    wall_s: float
+    worker_cpu_s: float
+    main_cpu_s: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.timed_images / self.wall_s
+
+    def summary(self, num_workers: int) -> dict[str, float | int]:
+        return {
+            "batches": self.batches, "images": self.images, "images_per_s": self.images_per_s,
+            "images_per_s_per_worker": self.images_per_s / max(num_workers, 1),
+            # Worker processes are counted once reaped, so this is all of their time, start-up included.
+            "worker_cpu_ms_per_image": 1000 * self.worker_cpu_s / self.images if num_workers else None,
+            "main_cpu_ms_per_image": 1000 * self.main_cpu_s / self.images,
+            # Per core of the processes that decode and augment (the main process when there are no workers).
+            "images_per_cpu_s": self.images / (self.worker_cpu_s if num_workers else self.main_cpu_s),
+        }
+
+
+def time_batches(image_batches: Iterable) -> LoaderRun:
+    """Consume every batch of `image_batches` (tensors of images); the clock starts at the first batch."""
+    times_before, main_before = os.times(), time.process_time()
+    batches = images = timed_images = 0
+    start = None
+    for images_tensor in image_batches:
+        batches += 1
+        images += images_tensor.shape[0]
+        if start is None:
+            start = time.perf_counter()
+        else:
+            timed_images += images_tensor.shape[0]
+    wall_s = time.perf_counter() - start if start is not None else 0.0
+    times_after = os.times()
+    if timed_images == 0:
+        raise UserError("the loader gave fewer than 2 batches: nothing left to time after the warm-up batch; "
+                        "use more data or a smaller --batch-size")
+    worker_cpu_s = (times_after.children_user + times_after.children_system
+                    - times_before.children_user - times_before.children_system)
+    return LoaderRun(batches, images, timed_images, wall_s, worker_cpu_s, time.process_time() - main_before)
+
+
+def shard_image_batches(shard_dir: Path, data, min_batches: int) -> Iterator:
+    """Batch image tensors of `train_loader`, whole epochs until at least `min_batches`: every image a
+    worker decodes is consumed, so its CPU time is counted for an image."""
+    from gastro_dist.data import pipeline
+
+    index = pipeline.load_shard_index(shard_dir)
+    steps_per_epoch = pipeline.train_steps_per_epoch(index.count("train"), 1, data.batch_size)
+    for epoch in range(math.ceil(min_batches / steps_per_epoch)):
+        for batch in pipeline.train_loader(index, data, seed=0, epoch=epoch, rank=0, world_size=1):
+            yield batch["image"]
+
+
+def image_folder_batches(source: Path, data, num_batches: int) -> Iterator:
+    """The same augmentation through a plain ImageFolder (PIL loader, full decode) and DataLoader."""
+    from torch.utils.data import DataLoader, RandomSampler
+    from torchvision.datasets import ImageFolder
+
+    from gastro_dist.data import pipeline
+
+    if not source.is_dir():
+        raise UserError(f"--source {source} is not a folder of class folders")
+    dataset = ImageFolder(str(source), transform=pipeline.train_transform(data))
+    sampler = RandomSampler(dataset, num_samples=num_batches * data.batch_size)
+    loader = DataLoader(dataset, batch_size=data.batch_size, sampler=sampler, num_workers=data.num_workers)
+    for images, _labels in loader:
+        yield images
+
+
+def bench_loader(shards: Path, *, source: Path | None, num_workers: int, num_batches: int, batch_size: int,
+                 image_size: int) -> dict[str, Any]:
+    from gastro_dist.config import DataConfig
+
+    data = DataConfig(image_size=image_size, batch_size=batch_size, num_workers=num_workers)
+    machine = machine_description()
+    shard_run = time_batches(shard_image_batches(shards, data, num_batches)).summary(num_workers)
+    baseline = time_batches(image_folder_batches(source, data, num_batches)).summary(num_workers) if source else None
+    result = {
+        "shards_images_per_s": shard_run["images_per_s"],
+        "baseline_images_per_s": baseline["images_per_s"] if baseline else None,
+        "ratio": shard_run["images_per_s"] / baseline["images_per_s"] if baseline else None,
+        "worker_cpu_ratio": (baseline["worker_cpu_ms_per_image"] / shard_run["worker_cpu_ms_per_image"]
+                             if baseline and num_workers else None),
+        "workers": num_workers, "image_size": image_size, "batch_size": batch_size, "batches_asked": num_batches,
+        "shards": {"dir": str(shards), **shard_run},
+        "baseline": {"dir": str(source), **baseline} if baseline else None,
+        "machine": {**machine, "load_average_after": [round(x, 2) for x in os.getloadavg()]},
+    }
+    return result
+
+
+def _print_loader(result: dict) -> None:
+    rows: list[tuple[str, Any]] = []
+    for name in ("shards", "baseline"):
+        run = result[name]
+        if run is None:
+            continue
+        rows += [(f"{name}: images/s", run["images_per_s"]),
+                 (f"{name}: images/s per worker", run["images_per_s_per_worker"]),
+                 (f"{name}: worker CPU ms/image", run["worker_cpu_ms_per_image"]),
+                 (f"{name}: images per CPU-second (one core)", run["images_per_cpu_s"]),
+                 (f"{name}: main-process CPU ms/image", run["main_cpu_ms_per_image"]),
+                 (f"{name}: batches", run["batches"])]
+    rows += [("speed-up (wall)", result["ratio"]), ("speed-up (worker CPU per image)", result["worker_cpu_ratio"]),
+             ("load average before", " ".join(map(str, result["machine"]["load_average"]))),
+             ("load average after", " ".join(map(str, result["machine"]["load_average_after"])))]
+    _print_table(f"input pipeline: {result['workers']} workers, {result['image_size']} px, "
+                 f"batch {result['batch_size']}", rows)
+
+
+def _cmd_bench_loader(args: argparse.Namespace) -> int:
+    result = bench_loader(args.shards, source=args.source, num_workers=args.workers, num_batches=args.batches,
+                          batch_size=args.batch_size, image_size=args.image_size)
+    _print_loader(result)
+    _write_json(args.json, result)
+    return 0
+
+
+# ---------------------------------------------------------------- training step
+@dataclass
+class TrainSetup:
+    """A model with a new 3-class head, its optimizer and the trainer's loss, on one device."""
+    model: Any
+    optimizer: Any
+    criterion: Any
+    scaler: Any
+    device: Any
+    autocast_dtype: Any  # None: full precision
+    channels_last: bool
+    aux_loss_weight: float
+
+    def step(self, images, labels) -> None:
+        """Forward, loss, backward, gradient clipping and optimizer step, as the trainer runs one."""
+        import torch
+
+        from gastro_dist.models.backbones import model_logits
+
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            logits, aux_logits = model_logits(self.model(images))
+            loss = self.criterion(logits.float(), labels)
+            if aux_logits is not None:
+                loss = loss + self.aux_loss_weight * self.criterion(aux_logits.float(), labels)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def build_train_setup(model_name: str, precision: str, channels_last: bool) -> TrainSetup:
+    import torch
+
+    from gastro_dist.config import ModelConfig, PhaseConfig
+    from gastro_dist.models.backbones import build_model, head_parameter_names
+    from gastro_dist.training.trainer import build_optimizer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a GPU; use bf16 or no on CPU")
+    config = ModelConfig(name=model_name, pretrained="none", channels_last=channels_last)
+    model, spec = build_model(config, num_classes=NUM_CLASSES)
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model.train()
+    optimizer = build_optimizer(model, head_parameter_names(model, spec), PhaseConfig(optimizer="sgd", lr=1e-3,
+                                                                                     backbone_lr=1e-4, unfreeze="all"))
+    return TrainSetup(
+        model=model, optimizer=optimizer, criterion=torch.nn.CrossEntropyLoss(label_smoothing=0.1),
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"), device=device,
+        autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[precision],
+        channels_last=channels_last, aux_loss_weight=config.aux_loss_weight)
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(setup: TrainSetup, batches: Iterator[tuple[Any, Any]], *, warmup: int, steps: int) -> float:
+    """Images per second over `steps` optimizer steps after `warmup` untimed ones."""
+    for _ in range(warmup):
+        setup.step(*next(batches))
+    _synchronize(setup.device)
+    start, images = time.perf_counter(), 0
+    for _ in range(steps):
+        images_tensor, labels = next(batches)
+        setup.step(images_tensor, labels)
+        images += images_tensor.shape[0]
+    _synchronize(setup.device)
+    return images / (time.perf_counter() - start)
+
+
+def synthetic_batches(batch_size: int, image_size: int, device) -> Iterator[tuple[Any, Any]]:
+    """The same in-memory batch again and again: compute only, no input pipeline."""
+    import torch
+
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    labels = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
+    while True:
+        yield images, labels
+
+
+def loader_batches(shards: Path, data, device) -> Iterator[tuple[Any, Any]]:
+    """`train_loader` batches, epoch after epoch, moved to the device as the trainer moves them."""
+    from gastro_dist.data import pipeline
+
+    index = pipeline.load_shard_index(shards)
+    for epoch in itertools.count():
+        loader = pipeline.train_loader(index, data, seed=0, epoch=epoch, rank=0, world_size=1,
+                                       pin_memory=device.type == "cuda")
+        for batch in loader:
+            yield (batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True))
+
+
+def model_flops_per_image(setup: TrainSetup, image_size: int) -> float:
+    """Forward + backward FLOPs of one training image, counted by torch's FlopCounterMode."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gastro_dist.models.backbones import model_logits
+
+    count_batch = 2  # training-mode BatchNorm needs more than one value per channel
+    images = torch.randn(count_batch, 3, image_size, image_size, device=setup.device)
+    labels = torch.randint(0, NUM_CLASSES, (count_batch,), device=setup.device)
+    with FlopCounterMode(display=False) as counter:
+        logits, aux_logits = model_logits(setup.model(images))
+        loss = setup.criterion(logits, labels)
+        if aux_logits is not None:
+            loss = loss + setup.criterion(aux_logits, labels)
+        loss.backward()
+    setup.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / count_batch
+
+
+def matmul_flops_per_s(device, dtype, size: int = MATMUL_SIZE, repeats: int = 20) -> float:
+    """The device's dense matmul rate in this run: the denominator of MFU."""
+    import torch
+
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        torch.mm(a, b, out=out)
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b, out=out)
+    _synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def bench_train(model_name: str, *, batch_size: int, image_size: int, precision: str, channels_last: bool,
+                compile_model: bool, steps: int, warmup: int, shards: Path | None, num_workers: int) -> dict[str, Any]:
+    import torch
+
+    from gastro_dist.config import DataConfig
+
+    if steps < 1 or warmup < 0:
+        raise UserError("--steps must be >= 1 and --warmup >= 0")
+    machine = machine_description()
+    setup = build_train_setup(model_name, precision, channels_last)
+    flops_per_image = model_flops_per_image(setup, image_size)
+    if compile_model:
+        setup.model = torch.compile(setup.model)
+    on_gpu = setup.device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(setup.device)
+    images_per_s = time_steps(setup, synthetic_batches(batch_size, image_size, setup.device), warmup=warmup, steps=steps)
+    peak_memory_gib = torch.cuda.max_memory_allocated(setup.device) / 2**30 if on_gpu else None
+    end_to_end = None
+    if shards is not None:
+        data = DataConfig(image_size=image_size, batch_size=batch_size, num_workers=num_workers)
+        with contextlib.closing(loader_batches(shards, data, setup.device)) as batches:  # stops the workers
+            end_to_end = time_steps(setup, batches, warmup=warmup, steps=steps)
+    peak_flops = matmul_flops_per_s(setup.device, setup.autocast_dtype or torch.float32) if on_gpu else None
+    return {
+        "images_per_s": images_per_s, "end_to_end_images_per_s": end_to_end,
+        "end_to_end_fraction": end_to_end / images_per_s if end_to_end else None,
+        "model": model_name, "batch_size": batch_size, "image_size": image_size, "precision": precision,
+        "channels_last": channels_last, "compile": compile_model, "steps": steps, "warmup": warmup,
+        "workers": num_workers if shards is not None else None,
+        "device": torch.cuda.get_device_name(setup.device) if on_gpu else f"cpu ({machine['cpu_model']})",
+        "model_flops_per_image": flops_per_image,
+        "achieved_flops_per_s": flops_per_image * images_per_s,
+        "matmul_flops_per_s": peak_flops,
+        "mfu": flops_per_image * images_per_s / peak_flops if peak_flops else None,
+        "peak_memory_gib": peak_memory_gib,
+        "machine": {**machine, "load_average_after": [round(x, 2) for x in os.getloadavg()]},
+    }
+
+
+def _print_train(result: dict) -> None:
+    rows = [("compute only: images/s", result["images_per_s"]),
+            ("end to end from shards: images/s", result["end_to_end_images_per_s"]),
+            ("model GFLOPs per image (fwd+bwd)", result["model_flops_per_image"] / 1e9),
+            ("achieved TFLOP/s", result["achieved_flops_per_s"] / 1e12),
+            ("matmul TFLOP/s (same run)", result["matmul_flops_per_s"] / 1e12 if result["matmul_flops_per_s"] else None),
+            ("MFU", f"{result['mfu']:.1%}" if result["mfu"] is not None else None),
+            ("peak memory GiB", result["peak_memory_gib"]),
+            ("load average before", " ".join(map(str, result["machine"]["load_average"])))]
+    _print_table(f"{result['model']} on {result['device']}: batch {result['batch_size']}, {result['image_size']} px, "
+                 f"{result['precision']}{', channels_last' if result['channels_last'] else ''}"
+                 f"{', compiled' if result['compile'] else ''}", rows)
+
+
+def _cmd_bench_train(args: argparse.Namespace) -> int:
+    result = bench_train(args.model, batch_size=args.batch_size, image_size=args.image_size, precision=args.precision,
+                         channels_last=args.channels_last, compile_model=args.compile, steps=args.steps,
+                         warmup=args.warmup, shards=args.shards, num_workers=args.workers)
+    _print_train(result)
+    _write_json(args.json, result)
+    return 0
+
+
+# ---------------------------------------------------------------- command line
 def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure input-pipeline and training throughput")
-    p.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+
+    q = bench_sub.add_parser("loader", help="images/s of the training input pipeline (and of a plain ImageFolder)")
+    q.add_argument("--shards", type=Path, required=True, help="folder written by `gastro-dist pack`")
+    q.add_argument("--source", type=Path, default=None,
+                   help="the original image tree (class folders): also time ImageFolder + DataLoader over it")
+    q.add_argument("--workers", type=int, default=4, help="DataLoader workers, for both pipelines")
+    q.add_argument("--batches", type=int, default=50,
+                   help="batches to time (the shard pipeline runs whole epochs, so at least this many)")
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--image-size", type=int, default=224)
+    q.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    q.set_defaults(handler=_cmd_bench_loader)
+
+    q = bench_sub.add_parser("train", help="optimizer-step images/s (compute only, and end to end with --shards)")
+    q.add_argument("--model", required=True, help="torchvision model name, e.g. resnet50, vgg19, inception_v3")
+    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--image-size", type=int, default=224)
+    q.add_argument("--precision", choices=("bf16", "fp16", "no"), default="bf16")
+    q.add_argument("--channels-last", action="store_true")
+    q.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    q.add_argument("--steps", type=int, default=50, help="timed optimizer steps")
+    q.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, cuDNN autotuning)")
+    q.add_argument("--shards", type=Path, default=None, help="also time the step fed by the training input pipeline")
+    q.add_argument("--workers", type=int, default=4, help="DataLoader workers for --shards")
+    q.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    q.set_defaults(handler=_cmd_bench_train)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -199,9 +198,8 @@ def compare_configs(config_paths: list[str | Path], shards_dir: str | Path, out_
     rows = []
     for name, config in configs:
         run_dir = out_dir / name
-        start = time.perf_counter()
         summary = train(config, shards_dir, run_dir)
-        train_time = time.perf_counter() - start
+        train_time = sum(phase.get("time_s", 0.0) for phase in summary.get("phases", {}).values())
         AcceleratorState._reset_state()  # each run builds its own Accelerator (precision and trackers may differ)
         metrics = evaluate_run(run_dir, shards_dir, run_dir / "eval", split=split, num_bootstrap=num_bootstrap)
         AcceleratorState._reset_state()

@@ -122,6 +122,39 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _allowed_pickle_globals() -> list:
+    """Plain-data classes found in accelerate's and DeepSpeed's state files (numpy arrays of RNG
+    states; DeepSpeed's loss scaler, ZeRO stage enum, fragment addresses). Nothing else may appear."""
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    allowed = list(TORCH_SAFE_GLOBALS)
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+        allowed += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    except ImportError:
+        pass
+    return allowed
+
+
+def refuse_code_in_state(path: Path) -> None:
+    """Every pickle-based file of a training state must load with `weights_only=True`.
+
+    accelerate and DeepSpeed read some of these files with `weights_only=False`; checking them
+    first means a file that would run code when unpickled is refused instead of loaded.
+    """
+    allowed = _allowed_pickle_globals()
+    for file in sorted(p for p in path.rglob("*") if p.suffix in (".pt", ".pth", ".bin", ".pkl") and p.is_file()):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:
+            first_line = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise UserError(f"refusing to load checkpoint {path}: {file.name} needs pickle code execution "
+                            f"({first_line[:200]}); delete that checkpoint folder to resume from an older one") from None
+
+
 # ---------------------------------------------------------------- plain weights
 def save_weights(model: torch.nn.Module, directory: Path, meta: dict) -> None:
     """model.safetensors + meta.json, written to a temp directory and renamed into place."""

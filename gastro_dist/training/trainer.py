@@ -17,7 +17,6 @@ import contextlib
 import json
 import math
 import os
-import pickle
 import signal
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -49,6 +48,11 @@ class Preempted(Exception):
 
 
 # ---------------------------------------------------------------- setup
+def deepspeed_requested() -> bool:
+    """`accelerate launch` with a DeepSpeed config (or --use_deepspeed) says so in the environment."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     # With no CUDA, cpu=True makes several launched processes use gloo (MULTI_CPU) instead of
     # each one silently running alone.
@@ -57,7 +61,38 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     if cpu and mixed_precision == "fp16":
         raise UserError("mixed_precision=fp16 needs a GPU; use mixed_precision=bf16 or no on CPU")
     log_with = "wandb" if config.tracking.tracker == "wandb" else None
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with)
+    handlers = []
+    if deepspeed_requested():
+        check_deepspeed_setup(config)
+        if cpu:
+            # accelerate picks no process-group backend for DeepSpeed without CUDA and then counts one
+            # process per rank; naming gloo gives the real world size (cpu=True would disable DeepSpeed).
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+            cpu = False
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with, kwargs_handlers=handlers)
+    if accelerator.state.deepspeed_plugin is not None:
+        # There is no prepared DataLoader for the plugin to read batch sizes from (ours stay outside
+        # prepare()), so the values DeepSpeed checks (train_batch_size = micro * accumulation * world)
+        # come from the run's config.
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = config.data.batch_size
+        ds_config["gradient_accumulation_steps"] = 1
+        ds_config.pop("train_batch_size", None)  # DeepSpeed derives it: micro * accumulation * world
+        ds_config["gradient_clipping"] = config.grad_clip_norm
+    return accelerator
+
+
+def check_deepspeed_setup(config: TrainConfig) -> None:
+    import importlib.util
+
+    missing = [name for name in ("deepspeed", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        # accelerate's DeepSpeed plugin reads transformers' version even when nothing else uses it.
+        raise UserError(f"DeepSpeed was requested but {' and '.join(missing)} is not installed; "
+                        "run pip install 'gastro-dist[deepspeed]'")
+    if config.grad_accum_steps != 1:
+        raise UserError("grad_accum_steps > 1 is not supported under DeepSpeed yet; "
+                        "use grad_accum_steps=1 and a larger data.batch_size or more processes")
 
 
 def num_machines(world_size: int) -> int:
@@ -261,8 +296,12 @@ class Trainer:
 
     # ------------------------------------------------------------ whole run
     def run(self) -> dict:
-        self._prepare_run_dir()
         resume = ckpt.latest_state(self.run_dir)
+        if self._already_complete(resume):
+            if self.is_main:
+                self.console.print(f"{self.run_dir} is already fully trained; nothing to do")
+            return json.loads((self.run_dir / "summary.json").read_text())
+        self._prepare_run_dir()
         self.summary = self._start_summary(resume)
         self.run_log = RunLog(self.accelerator, self.run_dir, self.config)
         self.watch = PreemptionWatch(self.accelerator, self.run_dir)
@@ -290,6 +329,14 @@ class Trainer:
             raise
         self._finish()
         return self.summary
+
+    def _already_complete(self, resume: tuple[TrainerState, Path] | None) -> bool:
+        """The newest state is the final phase, finished, and the final model was written."""
+        final_phase = [name for name, phase in self.config.phases() if phase.epochs > 0][-1]
+        summary_path = self.run_dir / "summary.json"
+        return (resume is not None and resume[0].phase == final_phase and resume[0].phase_done
+                and (self.run_dir / "model.safetensors").is_file() and summary_path.is_file()
+                and json.loads(summary_path.read_text()).get("status") == "completed")
 
     def _prepare_run_dir(self) -> None:
         if self.is_main:
@@ -395,11 +442,8 @@ class Trainer:
 
     def _load_state(self, resume: tuple[TrainerState, Path], scheduler) -> TrainerState:
         state, path = resume
-        try:
-            self.accelerator.load_state(str(path))
-        except pickle.UnpicklingError as err:
-            raise UserError(f"refusing to load checkpoint {path}: a file in it needs pickle code execution "
-                            f"({str(err).splitlines()[0]}); delete that checkpoint folder to resume from an older one") from None
+        ckpt.refuse_code_in_state(path)
+        self.accelerator.load_state(str(path))
         scheduler.load_state_dict(state.scheduler)
         if self.is_main:
             self.console.print(f"resuming {state.phase} at epoch {state.epoch + 1}, step {state.micro_step}/"
@@ -489,7 +533,7 @@ class Trainer:
         config, accelerator = self.config, self.accelerator
         max_norm = config.grad_clip_norm if config.grad_clip_norm > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(ddp_model.parameters(), max_norm)
-        finite = grad_norm is None or bool(torch.isfinite(grad_norm))
+        finite = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)))
         if finite or config.mixed_precision == "fp16":
             optimizer.step()
             finite = finite and not accelerator.optimizer_step_was_skipped
@@ -505,8 +549,13 @@ class Trainer:
         self.run_log.log("nonfinite", {"phase": state.phase, "epoch": state.epoch + 1, "step": state.micro_step,
                                        "consecutive": self.consecutive_nonfinite}, step=state.total_optimizer_steps)
         if self.consecutive_nonfinite >= config.max_nonfinite_steps:
-            # The skipped steps changed no weight: this checkpoint holds the weights from before the divergence.
-            path = self.save_state(state, scheduler, positions)
+            if accelerator.state.deepspeed_plugin is None:
+                # The skipped steps changed no weight: this checkpoint holds the weights from before the divergence.
+                path = self.save_state(state, scheduler, positions)
+            else:
+                # DeepSpeed's engine steps inside backward(), before we see the norm: the newest saved state is the safe one.
+                latest = ckpt.latest_state(self.run_dir)
+                path = latest[1] if latest else "no checkpoint yet"
             raise Diverged(f"loss or gradients were not finite for {self.consecutive_nonfinite} consecutive steps "
                            f"({state.phase} epoch {state.epoch + 1}, step {state.micro_step}); weights from before the "
                            f"divergence are in {path}; lower the learning rate or check the data, then re-run to resume")
