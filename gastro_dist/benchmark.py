@@ -72,8 +72,16 @@ def _print_table(title: str, rows: list[tuple[str, Any]]) -> None:
     table.add_column("measure")
     table.add_column("value", justify="right")
     for name, value in rows:
-        table.add_row(name, "n/a" if value is None else f"{value:,.1f}" if isinstance(value, float) else str(value))
+        table.add_row(name, _format(value))
     Console().print(table)
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.3g}"
+    return str(value)
 
 
 # ---------------------------------------------------------------- input pipeline
@@ -144,8 +152,6 @@ def image_folder_batches(source: Path, data, num_batches: int) -> Iterator:
 
     from gastro_dist.data import pipeline
 
-    if not source.is_dir():
-        raise UserError(f"--source {source} is not a folder of class folders")
     dataset = ImageFolder(str(source), transform=pipeline.train_transform(data))
     sampler = RandomSampler(dataset, num_samples=num_batches * data.batch_size)
     loader = DataLoader(dataset, batch_size=data.batch_size, sampler=sampler, num_workers=data.num_workers)
@@ -153,14 +159,34 @@ def image_folder_batches(source: Path, data, num_batches: int) -> Iterator:
         yield images
 
 
+@contextlib.contextmanager
+def _one_thread_like_a_worker(active: bool) -> Iterator[None]:
+    """With no workers the main process decodes: give it one thread, as DataLoader gives each worker,
+    so that the figure is the cost on one core (torch's intra-op threads spin on tiny tensors)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if active:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def bench_loader(shards: Path, *, source: Path | None, num_workers: int, num_batches: int, batch_size: int,
                  image_size: int) -> dict[str, Any]:
     from gastro_dist.config import DataConfig
+    from gastro_dist.data.pipeline import load_shard_index
 
+    load_shard_index(shards)  # mistakes in either folder are reported before anything runs
+    if source is not None and not source.is_dir():
+        raise UserError(f"--source {source} is not a folder of class folders")
     data = DataConfig(image_size=image_size, batch_size=batch_size, num_workers=num_workers)
     machine = machine_description()
-    shard_run = time_batches(shard_image_batches(shards, data, num_batches)).summary(num_workers)
-    baseline = time_batches(image_folder_batches(source, data, num_batches)).summary(num_workers) if source else None
+    with _one_thread_like_a_worker(num_workers == 0):
+        shard_run = time_batches(shard_image_batches(shards, data, num_batches)).summary(num_workers)
+        baseline = time_batches(image_folder_batches(source, data, num_batches)).summary(num_workers) if source else None
     result = {
         "shards_images_per_s": shard_run["images_per_s"],
         "baseline_images_per_s": baseline["images_per_s"] if baseline else None,
@@ -345,8 +371,12 @@ def bench_train(model_name: str, *, batch_size: int, image_size: int, precision:
 
     from gastro_dist.config import DataConfig
 
+    from gastro_dist.data.pipeline import load_shard_index
+
     if steps < 1 or warmup < 0:
         raise UserError("--steps must be >= 1 and --warmup >= 0")
+    if shards is not None:
+        load_shard_index(shards)  # a wrong folder is reported before the compute-only run
     machine = machine_description()
     setup = build_train_setup(model_name, precision, channels_last)
     flops_per_image = model_flops_per_image(setup, image_size)

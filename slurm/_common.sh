@@ -8,6 +8,7 @@
 #   GASTRO_DIST_MASTER_ADDR=ADDR      rendezvous address (default: first node's name or NodeAddr)
 #   GASTRO_DIST_PORT=PORT             rendezvous port (default: 20000 + job id % 20000)
 #   GASTRO_DIST_LAUNCH_ARGS="..."     extra `accelerate launch` flags, e.g. "--mixed_precision bf16"
+#   GASTRO_DIST_ACCELERATE_CONFIG=F   an accelerate config file, e.g. launch/deepspeed_zero2.yaml (DeepSpeed ZeRO-2)
 #   GASTRO_DIST_SRUN_ARGS="..."       extra `srun` flags, e.g. "--label"
 #   GASTRO_DIST_MAX_RESTARTS=N        stop requeueing after N restarts (default 50)
 #   WANDB_MODE / WANDB_PROJECT / WANDB_ENTITY / WANDB_API_KEY   passed through, never printed
@@ -136,9 +137,14 @@ gd_node_task() {
     local -a launch=(accelerate launch --num_machines "$nnodes" --num_processes "$total"
                      --machine_rank "$rank" --main_process_ip "$master" --main_process_port "$port"
                      --num_cpu_threads_per_process "$threads" --dynamo_backend no)
-    # More than one process in total: torchrun via --multi_gpu (also the way to get several
+    # An accelerate config file (e.g. launch/deepspeed_zero2.yaml) picks the distributed mode itself.
+    # Otherwise, more than one process in total: torchrun via --multi_gpu (also the way to get several
     # CPU processes; the trainer then uses Accelerator(cpu=True) -> gloo). One: plain launch.
-    [ "$total" -gt 1 ] && launch+=(--multi_gpu)
+    if [ -n "${GASTRO_DIST_ACCELERATE_CONFIG:-}" ]; then
+        launch+=(--config_file "$GASTRO_DIST_ACCELERATE_CONFIG")
+    elif [ "$total" -gt 1 ]; then
+        launch+=(--multi_gpu)
+    fi
     # shellcheck disable=SC2206
     [ -n "${GASTRO_DIST_LAUNCH_ARGS:-}" ] && launch+=($GASTRO_DIST_LAUNCH_ARGS)
     launch+=(-m gastro_dist train "$@")

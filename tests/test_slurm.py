@@ -102,13 +102,14 @@ def _job_env() -> dict[str, str]:
     return env
 
 
-def _submit(cluster: SlurmCluster, workdir: Path, nodes: int, run: Path, shards: Path, overrides: list[str]) -> int:
+def _submit(cluster: SlurmCluster, workdir: Path, nodes: int, run: Path, shards: Path, overrides: list[str],
+            **job_env: str) -> int:
     (workdir / "logs").mkdir(parents=True, exist_ok=True)  # for the script's default --output=logs/%x-%j.out
     return cluster.sbatch(
         f"--nodes={nodes}", "--cpus-per-task=1", "--time=10",
         str(TRAIN_SBATCH), "--config", str(SMOKE), "--shards", str(shards), "--out", str(run),
         *COMMON_OVERRIDES, *overrides,
-        cwd=workdir, env=_job_env(),
+        cwd=workdir, env={**_job_env(), **job_env},
     )
 
 
@@ -158,6 +159,21 @@ def test_two_node_cpu_training(cluster, shards, tmp_path):
     assert "node rank 0/2 on" in log and "node rank 1/2 on" in log, log
     assert "(n1)" in log and "(n2)" in log, log
     assert "node rank 0: exit 0" in log and "node rank 1: exit 0" in log, log
+
+
+def test_two_node_deepspeed_zero2(cluster, shards, tmp_path):
+    """The same script with GASTRO_DIST_ACCELERATE_CONFIG=launch/deepspeed_zero2.yaml: ZeRO-2 across nodes."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("transformers")
+    run = tmp_path / "run"
+    job = _submit(cluster, tmp_path, 2, run, shards, ["head.epochs=1", "finetune.epochs=1", "data.batch_size=8"],
+                  GASTRO_DIST_ACCELERATE_CONFIG=str(REPO / "launch" / "deepspeed_zero2.yaml"))
+    info = cluster.wait_job(job, timeout=300)
+    assert info["JobState"] == "COMPLETED", _describe(cluster, tmp_path, job)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["num_machines"] == 2 and summary["world_size"] == 2
+    assert (ckpt_dir := next((run / "checkpoints").glob("state-1-finetune-*"))) and (ckpt_dir / "pytorch_model").is_dir()
+    assert "deepspeed_zero2.yaml" in _log(tmp_path, job)
 
 
 def test_usr1_preemption_requeues_and_resumes(cluster, shards, tmp_path):

@@ -6,7 +6,7 @@ weights), validating after every epoch and keeping `best` (by macro accuracy: th
 per-class accuracies, the study's figure averaged) and `last` weights per phase.
 
 Running the same command again with the same RUN resumes from the newest complete training
-state, inside the epoch if it was interrupted there. A preemption request (SIGUSR1/SIGTERM,
+state, inside the epoch if it was interrupted there. A preemption request (SIGUSR1,
 or the file RUN/.preempt_requested written by a SLURM batch script) is agreed by all ranks at
 the next step boundary; they save one checkpoint and `train` raises `Preempted`.
 """
@@ -66,8 +66,10 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         check_deepspeed_setup(config)
         if cpu:
             # accelerate picks no process-group backend for DeepSpeed without CUDA and then counts one
-            # process per rank; naming gloo gives the real world size (cpu=True would disable DeepSpeed).
+            # process per rank; naming gloo gives the real world size. CPU mode (cpu=True or
+            # ACCELERATE_USE_CPU, which launchers set on GPU-less nodes) would silently disable DeepSpeed.
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
+            os.environ.pop("ACCELERATE_USE_CPU", None)
             cpu = False
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with, kwargs_handlers=handlers)
     if accelerator.state.deepspeed_plugin is not None:
@@ -157,18 +159,21 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
 
 # ---------------------------------------------------------------- preemption
 class PreemptionWatch:
-    """Set by SIGUSR1/SIGTERM or by the flag file; the handler only sets a flag (saving inside a
-    signal handler can deadlock collective calls). Ranks agree through an all-reduce."""
+    """Set by SIGUSR1 or by the flag file; the handler only sets a flag (saving inside a signal
+    handler can deadlock collective calls). Ranks agree through an all-reduce.
+
+    SIGTERM is deliberately not a preemption request: torchrun and DeepSpeed's launcher send it to
+    the surviving ranks when one rank fails, and that must end the job, not checkpoint and requeue it.
+    """
 
     def __init__(self, accelerator: Accelerator, run_dir: Path):
         self.accelerator = accelerator
         self.flag_file = run_dir / PREEMPT_FLAG
         self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            try:
-                signal.signal(sig, self._on_signal)
-            except ValueError:  # not in the main thread (e.g. called from a test's thread)
-                pass
+        try:
+            signal.signal(signal.SIGUSR1, self._on_signal)
+        except ValueError:  # not in the main thread (e.g. called from a test's thread)
+            pass
 
     def _on_signal(self, signum, frame) -> None:
         self.requested = True
