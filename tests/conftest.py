@@ -18,6 +18,18 @@ TINY_TRAIN_OVERRIDES = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One intra-op thread: on a small CPU shared with DataLoader workers and subprocesses, torch's
+    thread pool otherwise spins against them and the tests run several times slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def synthetic_source(tmp_path_factory) -> Path:
     from gastro_dist.data.synth import generate_dataset

@@ -12,16 +12,6 @@ from gastro_dist import UserError
 from gastro_dist.evaluation.cam import find_target_layer, grad_cam, overlay_heatmap
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a small shared CPU, torch's thread pool otherwise spins against the
-    other processes and these tests run several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def build(name, num_classes=10, **kwargs):
     """A randomly initialised torchvision model whose head has zero bias.
 

@@ -17,16 +17,6 @@ CLASSES = ["gastric_cancer", "gastric_ulcer", "chronic_gastritis", "normal"]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a small shared CPU, torch's thread pool otherwise spins against the
-    other processes and these tests run several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def resnet():
     torch.manual_seed(0)
