@@ -100,10 +100,14 @@ def test_two_processes_under_accelerate_launch(synthetic_shards, tmp_path):
     assert val["num_samples"] == index["splits"]["val"]["count"]
 
 
-def test_resume_continues_without_repeating_a_step(synthetic_shards, tmp_path):
+def test_resume_continues_without_repeating_a_step(synthetic_shards, tmp_path, monkeypatch):
+    """Stopped after its first checkpoint, resumed with the same command: later steps only, same W&B run."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "gastro_dist", *_train_args(synthetic_shards, run, "finetune.epochs=2",
-                                                             "checkpoint_every_steps=1")]
+    extra = ["finetune.epochs=2", "checkpoint_every_steps=1", "tracking.tracker=wandb", "tracking.project=resume"]
+    args = [sys.executable, "-m", "gastro_dist", *_train_args(synthetic_shards, run, *extra)]
     process = subprocess.Popen(args, env=_subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
@@ -116,8 +120,11 @@ def test_resume_continues_without_repeating_a_step(synthetic_shards, tmp_path):
     stopped = json.loads((run / "summary.json").read_text())
     assert stopped["status"] == "preempted"
 
-    assert main(_train_args(synthetic_shards, run, "finetune.epochs=2", "checkpoint_every_steps=1")) == 0
+    assert main(_train_args(synthetic_shards, run, *extra)) == 0
     summary = json.loads((run / "summary.json").read_text())
+    run_id = json.loads((run / "tracking.json").read_text())["wandb_run_id"]
+    offline_runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2 and all(d.name.endswith(run_id) for d in offline_runs)
     assert summary["status"] == "completed" and len(summary["resumes"]) == 1
     for phase in ("head", "finetune"):
         steps = [(e["epoch"], e["step"]) for e in _events(run, "train") if e["phase"] == phase]
