@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from gastro_dist import UserError
 
@@ -99,7 +99,7 @@ class LoaderRun:
     def images_per_s(self) -> float:
         return self.timed_images / self.wall_s
 
-    def summary(self, num_workers: int) -> dict[str, float | int]:
+    def summary(self, num_workers: int) -> dict[str, Any]:
         return {
             "batches": self.batches, "images": self.images, "images_per_s": self.images_per_s,
             "images_per_s_per_worker": self.images_per_s / max(num_workers, 1),
@@ -187,7 +187,7 @@ def bench_loader(shards: Path, *, source: Path | None, num_workers: int, num_bat
     with _one_thread_like_a_worker(num_workers == 0):
         shard_run = time_batches(shard_image_batches(shards, data, num_batches)).summary(num_workers)
         baseline = time_batches(image_folder_batches(source, data, num_batches)).summary(num_workers) if source else None
-    result = {
+    return {
         "shards_images_per_s": shard_run["images_per_s"],
         "baseline_images_per_s": baseline["images_per_s"] if baseline else None,
         "ratio": shard_run["images_per_s"] / baseline["images_per_s"] if baseline else None,
@@ -198,7 +198,6 @@ def bench_loader(shards: Path, *, source: Path | None, num_workers: int, num_bat
         "baseline": {"dir": str(source), **baseline} if baseline else None,
         "machine": {**machine, "load_average_after": [round(x, 2) for x in os.getloadavg()]},
     }
-    return result
 
 
 def _print_loader(result: dict) -> None:
@@ -370,7 +369,6 @@ def bench_train(model_name: str, *, batch_size: int, image_size: int, precision:
     import torch
 
     from gastro_dist.config import DataConfig
-
     from gastro_dist.data.pipeline import load_shard_index
 
     if steps < 1 or warmup < 0:

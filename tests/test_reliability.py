@@ -177,7 +177,8 @@ def test_kill_at_random_moments_always_leaves_a_loadable_checkpoint(synthetic_sh
 
 def test_resume_inside_an_epoch_gives_the_same_weights(synthetic_shards, tmp_path):
     """Interrupted mid-epoch and resumed == uninterrupted, to 1e-6 (CPU, deterministic)."""
-    extra = ["finetune.epochs=2", "checkpoint_every_steps=1", "data.num_workers=1"]
+    # Two data workers per process: the resumed epoch must continue their round-robin where it stopped.
+    extra = ["finetune.epochs=2", "checkpoint_every_steps=1", "data.num_workers=2", "data.batch_size=4"]
     straight = tmp_path / "straight"
     assert main(_train_args(synthetic_shards, straight, *extra)) == 0
 

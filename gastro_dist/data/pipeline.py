@@ -174,7 +174,7 @@ class TrainAugmentation:
 
     The steps and distributions of torchvision's RandomResizedCrop, RandomHorizontalFlip,
     RandomVerticalFlip, RandomRotation (nearest, black corners) and ColorJitter, in that order,
-    on cheaper kernels (a quarter of the CPU time per image; see benchmarks/README.md):
+    on cheaper kernels (about a quarter of the CPU time per image; see benchmarks/README.md):
 
     * the crop is resized by torch's antialiased bilinear uint8 kernel, in channels-last layout;
     * flips and rotation are one nearest-neighbour PIL affine warp at output size;
@@ -342,7 +342,7 @@ class ShardSamples(IterableDataset):
     def __init__(self, worker_chunks: list[list[Chunk]], transform, *, decode_short_side: int,
                  shuffle_buffer: int = 0, seed: int = 0, epoch: int = 0, rank: int = 0,
                  planned_per_worker: list[int] | None = None, skip_positions: list[int] | None = None,
-                 with_meta: bool = False, strict: bool = False):
+                 with_meta: bool = False, strict: bool = False, first_slot: int = 0):
         self.worker_chunks = worker_chunks
         self.transform = transform
         self.decode_short_side = decode_short_side
@@ -352,6 +352,7 @@ class ShardSamples(IterableDataset):
         self.skip_positions = skip_positions or [0] * len(worker_chunks)
         self.with_meta = with_meta
         self.strict = strict
+        self.first_slot = first_slot
 
     def _raw_samples(self, chunks: list[Chunk], problems: list[str]) -> Iterator[dict]:
         for chunk in chunks:
@@ -392,10 +393,12 @@ class ShardSamples(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
         num_workers = info.num_workers if info is not None else 1
         if num_workers != len(self.worker_chunks):
             raise RuntimeError(f"planned for {len(self.worker_chunks)} workers, running with {num_workers}")
+        # `worker` is the plan's slot; the DataLoader's worker 0 serves slot `first_slot`, so that a
+        # resumed epoch continues the round-robin where the interrupted one stopped.
+        worker = ((info.id if info is not None else 0) + self.first_slot) % num_workers
         planned = None if self.planned_per_worker is None else self.planned_per_worker[worker]
         if planned == 0:
             return
@@ -460,21 +463,26 @@ def _loader(dataset: ShardSamples, batch_size: int, num_workers: int, pin_memory
 
 
 def train_loader(index: ShardIndex, cfg: DataConfig, *, seed: int, epoch: int, rank: int, world_size: int,
-                 resume_positions: list[int] | None = None, pin_memory: bool = False) -> DataLoader:
-    """Exactly `train_steps_per_epoch(...)` full batches for this rank (fewer when resuming:
-    `resume_positions[w]` is how far worker w's raw stream was consumed)."""
+                 resume_batches: int = 0, resume_positions: list[int] | None = None,
+                 pin_memory: bool = False) -> DataLoader:
+    """The rest of this rank's `train_steps_per_epoch(...)` full batches, after the first
+    `resume_batches` (0: the whole epoch). `resume_positions[w]` is how far slot w's raw stream
+    was consumed; both come from the checkpoint."""
     num_slots = max(cfg.num_workers, 1)
     chunks = train_worker_chunks(index.shards("train"), seed=seed, epoch=epoch, rank=rank, world_size=world_size,
                                  batch_size=cfg.batch_size, num_workers=num_slots)
-    planned = [n * cfg.batch_size for n in batches_per_worker(
-        train_steps_per_epoch(index.count("train"), world_size, cfg.batch_size), num_slots)]
+    batches = batches_per_worker(train_steps_per_epoch(index.count("train"), world_size, cfg.batch_size), num_slots)
+    # The DataLoader yields slots round-robin, so the first `resume_batches` came from each slot in turn.
+    consumed = batches_per_worker(resume_batches, num_slots)
+    remaining = [(total - done) * cfg.batch_size for total, done in zip(batches, consumed)]
     positions = resume_positions or [0] * num_slots
     if len(positions) != num_slots:
         raise UserError(f"the checkpoint was written with {len(positions)} data workers per process and this run has "
                         f"{num_slots}; resume with data.num_workers={len(positions)}")
     dataset = ShardSamples(chunks, train_transform(cfg), decode_short_side=cfg.image_size,
                            shuffle_buffer=cfg.shuffle_buffer, seed=seed, epoch=epoch, rank=rank,
-                           planned_per_worker=planned, skip_positions=positions, strict=cfg.strict)
+                           planned_per_worker=remaining, skip_positions=positions, strict=cfg.strict,
+                           first_slot=resume_batches % num_slots)
     return _loader(dataset, cfg.batch_size, cfg.num_workers, pin_memory)
 
 

@@ -472,7 +472,8 @@ class Trainer:
         positions = self._resume_positions(state) or [0] * max(config.data.num_workers, 1)
         loader = pipeline.train_loader(self.index, config.data, seed=config.seed,
                                        epoch=_epoch_seed(state.phase, state.epoch), rank=accelerator.process_index,
-                                       world_size=self.world_size, resume_positions=positions,
+                                       world_size=self.world_size, resume_batches=state.micro_step,
+                                       resume_positions=positions,
                                        pin_memory=accelerator.device.type == "cuda")
         ddp_model.train()
         if phase.unfreeze != "all":
