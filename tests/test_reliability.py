@@ -71,6 +71,13 @@ def test_truncated_shard_is_skipped_counted_and_steps_stay_equal(synthetic_shard
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(e["event"] == "skipped" for e in logged)
 
+    # evaluate on the broken split: the readable samples are scored, the lost ones reported
+    assert main(["evaluate", "--run", str(run), "--shards", str(shards), "--split", "train",
+                 "--out", str(tmp_path / "eval"), "--bootstrap", "0", "--workers", "0"]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["skipped_samples"]["missing"] >= 1
+    assert metrics["num_samples"] + metrics["skipped_samples"]["missing"] == index["splits"]["train"]["count"]
+
 
 def test_undecodable_image_is_skipped_and_strict_mode_stops(synthetic_shards, tmp_path, capsys):
     shards = _copy_shards(synthetic_shards, tmp_path / "shards")

@@ -81,7 +81,11 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
                "shards": str(shards_dir), "split": split, "images": len(labels),
                "patients": len(set(groups.tolist())), "input size": trained.image_size}
     result = {**metrics, "details": details, "baselines": baselines, "operating_point": op,
-              "mcc_definition": "scikit-learn matthews_corrcoef (multiclass R_K)"}
+              "mcc_definition": "scikit-learn matthews_corrcoef (multiclass R_K)",
+              "skipped_samples": {"missing": predictions["missing"], "reasons": predictions["skipped"]}}
+    if predictions["missing"]:
+        print(f"warning: {predictions['missing']} samples of the {split} split could not be read and are not "
+              "in the metrics (see skipped_samples in metrics.json)")
     write_json_atomic(out_dir / "metrics.json", result)
     paths = write_report(out_dir, metrics, labels, probs, classes, title=f"{trained.architecture} on {split}",
                          details=details, baselines=baselines, operating_point=op, cam_images=cam_images)
