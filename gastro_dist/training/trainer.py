@@ -170,6 +170,11 @@ class PreemptionWatch:
         self.accelerator = accelerator
         self.flag_file = run_dir / PREEMPT_FLAG
         self.requested = False
+        # The per-step agreement runs on a CPU (gloo) group: an all-reduce on the GPU read back with
+        # .item() would make the host wait for every step to finish and stall the next one's launch.
+        self.group = None
+        if accelerator.num_processes > 1:
+            self.group = torch.distributed.new_group(backend="gloo")
         try:
             signal.signal(signal.SIGUSR1, self._on_signal)
         except ValueError:  # not in the main thread (e.g. called from a test's thread)
@@ -180,8 +185,11 @@ class PreemptionWatch:
 
     def agreed(self) -> bool:
         local = self.requested or self.flag_file.exists()
-        flag = torch.tensor([1.0 if local else 0.0], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        if self.group is None:
+            return local
+        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, group=self.group)
+        return bool(flag.item() > 0)
 
 
 # ---------------------------------------------------------------- evaluation
