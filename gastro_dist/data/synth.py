@@ -37,10 +37,10 @@ MIN_WIDTH = 32
 _STREAM_PLAN, _STREAM_PATIENT, _STREAM_IMAGE = 0, 1, 2
 
 _FIBRIN = np.array([0.96, 0.89, 0.70], np.float32)
-_WHITISH = np.array([0.95, 0.83, 0.77], np.float32)
+_WHITISH = np.array([0.88, 0.76, 0.72], np.float32)  # dull: no ulcer-like fibrin
 _HYPERAEMIA = np.array([1.10, 0.60, 0.62], np.float32)  # gains on the mucosa colour
 _DARK_RED = np.array([0.80, 0.52, 0.56], np.float32)
-_PALE = np.array([1.05, 1.22, 1.22], np.float32)
+_PALE = np.array([1.06, 1.30, 1.30], np.float32)
 _HAEMATIN = np.array([0.35, 0.12, 0.12], np.float32)
 
 
@@ -77,9 +77,9 @@ _LOOKS = {
     "default": _Look(aspects=(5 / 4, 4 / 3), hue=(-6.0, 10.0), saturation=(0.40, 0.62), value=(0.80, 0.96),
                      fov="circle", fov_offset=0.04, vignette=(0.25, 0.55), highlights="blobs",
                      highlight_rgb=(1.0, 1.0, 1.0), blur=(0.0, 0.0), noise=(1.5, 3.0)),
-    "alt": _Look(aspects=(16 / 9, 1.0), hue=(11.0, 24.0), saturation=(0.34, 0.50), value=(0.88, 1.0),
+    "alt": _Look(aspects=(16 / 9, 1.0), hue=(11.0, 24.0), saturation=(0.46, 0.62), value=(0.74, 0.90),
                  fov="octagon", fov_offset=0.35, vignette=(0.45, 0.75), highlights="speckle",
-                 highlight_rgb=(1.0, 0.96, 0.86), blur=(0.5, 1.1), noise=(3.0, 5.0)),
+                 highlight_rgb=(0.93, 0.97, 1.0), blur=(0.5, 1.1), noise=(3.0, 5.0)),
 }
 
 
@@ -325,7 +325,7 @@ def _draw_patient(rng: np.random.Generator, look: _Look) -> _Patient:
         fold_depth=rng.uniform(0.01, 0.05),
         vessels=rng.uniform(0.0, 0.45),
         severity=rng.uniform(0.2, 0.45) if rng.random() < 0.15 else rng.uniform(0.5, 1.0),
-        lesion_scale=rng.uniform(0.7, 1.3),
+        lesion_scale=rng.uniform(0.8, 1.25),
         aspect=rng.uniform(0.6, 1.0),
         border=np.stack([rng.uniform(0.04, 0.16, harmonics.size) / np.sqrt(harmonics / 2),
                          rng.uniform(0, 2 * math.pi, harmonics.size)], axis=1),
@@ -396,7 +396,7 @@ def _rugae(canvas: _Canvas, patient: _Patient) -> np.ndarray:
 def _draw_cancer(canvas: _Canvas, surface: _Surface, fov: _Fov, patient: _Patient, severity: float):
     rng = canvas.rng
     cx, cy = _lesion_centre(rng, fov)
-    r0 = fov.radius * rng.uniform(0.17, 0.36) * patient.lesion_scale
+    r0 = fov.radius * rng.uniform(0.20, 0.38) * patient.lesion_scale
     rotation = rng.uniform(0, 2 * math.pi)
     if patient.converging_folds:
         _converging_folds(canvas, surface, cx, cy, r0 * 1.2, severity * 0.6, clubbed=True)
@@ -411,16 +411,16 @@ def _draw_cancer(canvas: _Canvas, surface: _Surface, fov: _Fov, patient: _Patien
     inside = _smoothstep(1.06, 0.94, rho)
     nodules = canvas.fbm(14, 2)
     if patient.raised:  # a mound, nodular on top
-        surface.relief += severity * r0 * (0.2 * _smoothstep(1.1, 0.4, rho) + 0.035 * nodules * inside)
+        surface.relief += severity * r0 * (0.4 * _smoothstep(1.1, 0.4, rho) + 0.07 * nodules * inside)
     else:  # depressed type: sunken uneven centre, irregular raised margin
-        surface.relief += severity * r0 * (0.03 * nodules * inside - 0.1 * _smoothstep(0.95, 0.4, rho)
-                                           + 0.05 * np.exp(-((rho - 0.95) / 0.2) ** 2))
+        surface.relief += severity * r0 * (0.06 * nodules * inside - 0.2 * _smoothstep(0.95, 0.4, rho)
+                                           + 0.1 * np.exp(-((rho - 0.95) / 0.2) ** 2))
     surface.fold_gain *= 1 - 0.9 * _smoothstep(1.5, 0.9, rho)  # folds stop abruptly at the tumour
 
     tint = _PALE if patient.pale else _DARK_RED
-    mottle = np.clip(0.75 + 0.5 * canvas.noise(12), 0, 1)
-    surface.paint(surface.albedo * tint, inside * (0.3 + 0.7 * severity) * mottle)
-    surface.paint(_WHITISH, 0.75 * severity * inside * _smoothstep(0.3, 1.1, canvas.noise(9)))
+    mottle = np.clip(0.9 + 0.3 * canvas.noise(12), 0.4, 1)
+    surface.paint(surface.albedo * tint, inside * (0.6 + 0.4 * severity) * mottle)
+    surface.paint(_WHITISH, 0.5 * severity * inside * _smoothstep(0.3, 1.1, canvas.noise(9)))
     if patient.ulcerated:
         _ulceration(canvas, surface, cx, cy, r0, severity)
     return cx, cy
@@ -440,7 +440,7 @@ def _ulceration(canvas: _Canvas, surface: _Surface, cx: float, cy: float, r0: fl
 def _draw_ulcer(canvas: _Canvas, surface: _Surface, fov: _Fov, patient: _Patient, severity: float):
     rng = canvas.rng
     cx, cy = _lesion_centre(rng, fov)
-    a = fov.radius * rng.uniform(0.08, 0.22) * patient.lesion_scale
+    a = fov.radius * rng.uniform(0.11, 0.24) * patient.lesion_scale
     b = a * patient.aspect
     rotation = rng.uniform(0, math.pi)
     if patient.converging_folds:
@@ -493,9 +493,9 @@ def _draw_gastritis(canvas: _Canvas, surface: _Surface, fov: _Fov, patient: _Pat
     strength = min(1.0, 0.4 + severity)
     for cx, cy in _scatter(rng, canvas, fov, coverage, erosions):
         if rng.random() < 0.65:
-            _spot(canvas, surface, cx, cy, rng.uniform(0.013, 0.028), _FIBRIN, _HYPERAEMIA, strength)
+            _spot(canvas, surface, cx, cy, rng.uniform(0.018, 0.034), _FIBRIN, _HYPERAEMIA, strength)
         else:  # petechia-like red erosion
-            _spot(canvas, surface, cx, cy, rng.uniform(0.013, 0.028), None, _DARK_RED * np.float32(0.9), strength)
+            _spot(canvas, surface, cx, cy, rng.uniform(0.018, 0.034), None, _DARK_RED * np.float32(0.9), strength)
     if erosions and rng.random() < 0.2:  # one larger erosion: the ulcer look-alike
         cx, cy = _lesion_centre(rng, fov)
         _spot(canvas, surface, cx, cy, rng.uniform(0.035, 0.06), _FIBRIN, _HYPERAEMIA, strength)
