@@ -77,6 +77,8 @@ _LOOKS = {
     "default": _Look(aspects=(5 / 4, 4 / 3), hue=(-6.0, 10.0), saturation=(0.40, 0.62), value=(0.80, 0.96),
                      fov="circle", fov_offset=0.04, vignette=(0.25, 0.55), highlights="blobs",
                      highlight_rgb=(1.0, 1.0, 1.0), blur=(0.0, 0.0), noise=(1.5, 3.0)),
+    # alt: more orange mucosa. Its saturation and value keep fibrin and whitish lesions as far from the mucosa
+    # colour as in default (a paler mucosa hid them); its glints are cool white, not fibrin-yellow.
     "alt": _Look(aspects=(16 / 9, 1.0), hue=(11.0, 24.0), saturation=(0.46, 0.62), value=(0.74, 0.90),
                  fov="octagon", fov_offset=0.35, vignette=(0.45, 0.75), highlights="speckle",
                  highlight_rgb=(0.93, 0.97, 1.0), blur=(0.5, 1.1), noise=(3.0, 5.0)),
