@@ -6,7 +6,7 @@
 #   GASTRO_DIST_HOME=/path/to/repo    where slurm/ lives (default: found from the submitted script)
 #   GASTRO_DIST_PROCS_PER_NODE=N      processes per node (default: GPUs per node, 1 when none)
 #   GASTRO_DIST_MASTER_ADDR=ADDR      rendezvous address (default: first node's name or NodeAddr)
-#   GASTRO_DIST_PORT=PORT             rendezvous port (default: 20000 + job id % 20000)
+#   GASTRO_DIST_PORT=PORT             rendezvous port (default: 20000 + job id % 12000)
 #   GASTRO_DIST_LAUNCH_ARGS="..."     extra `accelerate launch` flags, e.g. "--mixed_precision bf16"
 #   GASTRO_DIST_ACCELERATE_CONFIG=F   an accelerate config file, e.g. launch/deepspeed_zero2.yaml (DeepSpeed ZeRO-2)
 #   GASTRO_DIST_SRUN_ARGS="..."       extra `srun` flags, e.g. "--label"
@@ -96,11 +96,14 @@ PY
 
 gd_master_port() {
     if [ -n "${GASTRO_DIST_PORT:-}" ]; then echo "$GASTRO_DIST_PORT"; return; fi
-    local port=$((20000 + SLURM_JOB_ID % 20000)) tries=0
+    # 20000-31999 stays below Linux's ephemeral range (32768-60999 by default), where srun,
+    # slurmstepd and gloo bind random listening ports: a port there can be free when checked
+    # below and taken a moment later, before rank 0's launcher claims it.
+    local port=$((20000 + SLURM_JOB_ID % 12000)) tries=0
     # The batch shell runs on the first node, which hosts the rendezvous: skip ports in use there.
     if [ "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)" = "${SLURMD_NODENAME:-}" ]; then
         while ! gd_port_free "$port" && [ $tries -lt 50 ]; do
-            port=$((20000 + (port - 20000 + 1) % 20000)); tries=$((tries + 1))
+            port=$((20000 + (port - 20000 + 1) % 12000)); tries=$((tries + 1))
         done
     fi
     echo "$port"
