@@ -155,7 +155,7 @@ def image_folder_batches(source: Path, data, num_batches: int) -> Iterator:
     dataset = ImageFolder(str(source), transform=pipeline.train_transform(data))
     sampler = RandomSampler(dataset, num_samples=num_batches * data.batch_size)
     loader = DataLoader(dataset, batch_size=data.batch_size, sampler=sampler, num_workers=data.num_workers)
-    for images, _labels in loader:
+    for (images, _augment_params), _labels in loader:
         yield images
 
 
@@ -315,16 +315,18 @@ def synthetic_batches(batch_size: int, image_size: int, device) -> Iterator[tupl
         yield images, labels
 
 
-def loader_batches(shards: Path, data, device) -> Iterator[tuple[Any, Any]]:
-    """`train_loader` batches, epoch after epoch, moved to the device as the trainer moves them."""
+def loader_batches(shards: Path, data, device, channels_last: bool) -> Iterator[tuple[Any, Any]]:
+    """`train_loader` batches, epoch after epoch, moved to the device and augmented there as the trainer does."""
     from gastro_dist.data import pipeline
 
     index = pipeline.load_shard_index(shards)
+    augment = pipeline.DeviceAugmentation(data)
     for epoch in itertools.count():
         loader = pipeline.train_loader(index, data, seed=0, epoch=epoch, rank=0, world_size=1,
                                        pin_memory=device.type == "cuda")
         for batch in loader:
-            yield (batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True))
+            yield (pipeline.training_images(batch, augment, device, channels_last),
+                   batch["label"].to(device, non_blocking=True))
 
 
 def model_flops_per_image(setup: TrainSetup, image_size: int) -> float:
@@ -388,7 +390,7 @@ def bench_train(model_name: str, *, batch_size: int, image_size: int, precision:
     end_to_end = None
     if shards is not None:
         data = DataConfig(image_size=image_size, batch_size=batch_size, num_workers=num_workers)
-        with contextlib.closing(loader_batches(shards, data, setup.device)) as batches:  # stops the workers
+        with contextlib.closing(loader_batches(shards, data, setup.device, channels_last)) as batches:  # stops the workers
             end_to_end = time_steps(setup, batches, warmup=warmup, steps=steps)
     peak_flops = matmul_flops_per_s(setup.device, setup.autocast_dtype or torch.float32) if on_gpu else None
     return {

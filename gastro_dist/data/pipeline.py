@@ -38,6 +38,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from gastro_dist import UserError
@@ -56,6 +57,7 @@ class ShardIndex:
     root: Path
     classes: list[str]
     splits: dict[str, dict]
+    stored_short_side: int = 0  # pack's --resize-short: no stored image has a longer short side (0: originals kept)
 
     def shards(self, split: str) -> list[ShardFile]:
         if split not in self.splits:
@@ -79,7 +81,8 @@ def load_shard_index(shard_dir: str | Path) -> ShardIndex:
         raise UserError(f"{root} has no index.json (not a finished pack); run `gastro-dist pack SRC --out {root}`")
     try:
         index = json.loads(path.read_text())
-        return ShardIndex(root=root, classes=list(index["classes"]), splits=dict(index["splits"]))
+        return ShardIndex(root=root, classes=list(index["classes"]), splits=dict(index["splits"]),
+                          stored_short_side=int(index.get("settings", {}).get("resize_short") or 0))
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise UserError(f"{path} is not a gastro-dist shard index ({err}); re-pack the data") from None
 
@@ -167,22 +170,27 @@ _CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries this many areas bef
 _CROP_LOG_RATIOS = (math.log(3 / 4), math.log(4 / 3))
 _CROP_DRAWS = 4 * _CROP_ATTEMPTS  # area, aspect ratio, top, left per attempt
 _NUM_DRAWS = _CROP_DRAWS + 7 + 3  # crop; flips, angle, brightness, contrast, saturation, hue; jitter order
+# What a worker hands over per image besides its pixels: the rest of the augmentation's draws.
+AUGMENT_PARAMS = ("hflip", "vflip", "angle_deg", "brightness", "contrast", "saturation", "step0", "step1", "step2")
 
 
 class TrainAugmentation:
-    """Training augmentation of one RGB image into the normalised float CHW tensor the model gets.
+    """The worker half of the training augmentation: random resized crop (and hue, when enabled).
 
-    The steps and distributions of torchvision's RandomResizedCrop, RandomHorizontalFlip,
+    The steps and distributions are torchvision's RandomResizedCrop, RandomHorizontalFlip,
     RandomVerticalFlip, RandomRotation (nearest, black corners) and ColorJitter, in that order,
-    on cheaper kernels (about a quarter of the CPU time per image; see benchmarks/README.md):
+    split in two so that a data worker spends about half a millisecond on an image:
 
-    * the crop is resized by torch's antialiased bilinear uint8 kernel, in channels-last layout;
-    * flips and rotation are one nearest-neighbour PIL affine warp at output size;
-    * brightness, contrast and saturation are each an affine map of the RGB vector, so in their
-      random order they compose into one 3x3 matrix, applied with the normalisation in one pass.
-      torchvision clamps after each of the three; here only the result is clamped, which differs
-      only where an intermediate step saturated;
-    * hue (off by default) is shifted by torchvision's PIL kernel, before the other jitter.
+    * here, in the worker: the crop, resized by torch's antialiased bilinear uint8 kernel in
+      channels-last layout, handed over as uint8 HWC (a quarter of the bytes of a float image to
+      collate, to pass through shared memory and to copy to the GPU), with the draws of all the
+      other steps (`AUGMENT_PARAMS`);
+    * `DeviceAugmentation`, on the training device for the whole batch: flips and rotation as one
+      nearest-neighbour warp, then brightness, contrast and saturation in their random order and
+      the normalisation, fused into one 3x3 matrix per image.
+
+    Hue (off by default) is shifted here by torchvision's kernel, before the other jitter; being
+    per pixel, it commutes with the flips and the rotation.
 
     All random numbers of an image come from one draw of torch's global generator, which
     `ShardSamples` seeds per sample (any other DataLoader dataset gets its per-worker seeding).
@@ -193,27 +201,23 @@ class TrainAugmentation:
         self.crop_scale_min = cfg.crop_scale_min
         self.hflip, self.vflip, self.rotation_deg = cfg.hflip, cfg.vflip, cfg.rotation_deg
         self.color_jitter, self.hue_jitter = cfg.color_jitter, cfg.hue_jitter
-        self.mean, self.std = cfg.mean, cfg.std
-        self.normalised_min = [-m / s for m, s in zip(cfg.mean, cfg.std)]
-        self.normalised_max = [(1 - m) / s for m, s in zip(cfg.mean, cfg.std)]
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(size x size x 3 uint8 crop, float32 `AUGMENT_PARAMS`) of a PIL image or a CHW uint8 tensor."""
         draws = torch.rand(_NUM_DRAWS).tolist()
         crop_draws, order_draws = draws[:_CROP_DRAWS], draws[_CROP_DRAWS + 7:]
         u_hflip, u_vflip, u_angle, *factor_draws, u_hue = draws[_CROP_DRAWS:_CROP_DRAWS + 7]
-        resized = self._resized_crop(image, self._crop_box(image.width, image.height, crop_draws))
-        warped = self._flip_rotate(resized, hflip=self.hflip and u_hflip < 0.5, vflip=self.vflip and u_vflip < 0.5,
-                                   angle_deg=self.rotation_deg * (2 * u_angle - 1))
+        height, width = (image.height, image.width) if isinstance(image, Image.Image) else image.shape[1:]
+        resized = self._resized_crop(image, self._crop_box(width, height, crop_draws))
         if self.hue_jitter > 0:
-            warped = v2.functional.adjust_hue(warped, self.hue_jitter * (2 * u_hue - 1))
-        # PIL packs one band at a time much faster than torch transposes HWC to CHW.
-        planes = torch.frombuffer(bytearray().join(warped.tobytes("raw", band) for band in "RGB"), dtype=torch.uint8)
-        planes = planes.view(3, -1).float()
-        matrix, offset = self._jitter_matrix(planes, factor_draws, order_draws)
-        out = torch.addmm(offset, matrix, planes)
-        for channel, low, high in zip(out, self.normalised_min, self.normalised_max):
-            channel.clamp_(low, high)  # per channel with Python floats: a broadcast tensor clamp is 5x slower
-        return out.view(3, self.size, self.size)
+            chw = v2.functional.adjust_hue(resized.permute(2, 0, 1), self.hue_jitter * (2 * u_hue - 1))
+            resized = chw.permute(1, 2, 0).contiguous()
+        low = max(0.0, 1 - self.color_jitter)
+        params = [float(self.hflip and u_hflip < 0.5), float(self.vflip and u_vflip < 0.5),
+                  self.rotation_deg * (2 * u_angle - 1),
+                  *(low + (1 + self.color_jitter - low) * u for u in factor_draws),
+                  *sorted(range(3), key=order_draws.__getitem__)]
+        return resized, torch.tensor(params)
 
     def _crop_box(self, width: int, height: int, draws: list[float]) -> tuple[int, int, int, int]:
         """(left, top, right, bottom), sampled as torchvision's RandomResizedCrop does."""
@@ -232,66 +236,102 @@ class TrainAugmentation:
         left, top = (width - w) // 2, (height - h) // 2
         return left, top, left + w, top + h
 
-    def _resized_crop(self, image: Image.Image, box: tuple[int, int, int, int]) -> torch.Tensor:
-        """The crop resized to size x size: uint8, HWC."""
-        # NCHW view of HWC memory: channels-last, what torch's fast uint8 antialiased kernel takes
-        crop = torch.from_numpy(np.array(image.crop(box))).unsqueeze(0).permute(0, 3, 1, 2)
+    def _resized_crop(self, image: Image.Image | torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
+        """The crop resized to size x size: uint8, HWC, contiguous."""
+        left, top, right, bottom = box
+        if isinstance(image, Image.Image):
+            crop = torch.from_numpy(np.array(image.crop(box))).permute(2, 0, 1)
+        else:
+            crop = image[:, top:bottom, left:right]
+        # NCHW in channels-last memory: what torch's fast uint8 antialiased kernel takes (a decoded
+        # JPEG already is, so this is no copy)
+        crop = crop.unsqueeze(0).contiguous(memory_format=torch.channels_last)
         resized = F.interpolate(crop, size=(self.size, self.size), mode="bilinear", antialias=True)
-        return resized.squeeze(0).permute(1, 2, 0)
+        return resized.squeeze(0).permute(1, 2, 0).contiguous()
 
-    def _flip_rotate(self, hwc: torch.Tensor, *, hflip: bool, vflip: bool, angle_deg: float) -> Image.Image:
-        """Flips, then a rotation about the centre, as one nearest-neighbour warp (black corners)."""
-        image = Image.frombuffer("RGB", (self.size, self.size), hwc.contiguous().numpy(), "raw", "RGB", 0, 1)
-        if not (hflip or vflip or angle_deg):
-            return image
-        # PIL's rotate(): output -> input coordinates about the centre c, extended by the flips (x -> size - x).
-        cos, sin, c = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg)), self.size / 2
-        x_row = [cos, -sin, c - cos * c + sin * c]
-        y_row = [sin, cos, c - sin * c - cos * c]
-        if hflip:
-            x_row = [-x_row[0], -x_row[1], self.size - x_row[2]]
-        if vflip:
-            y_row = [-y_row[0], -y_row[1], self.size - y_row[2]]
-        return image.transform(image.size, Image.Transform.AFFINE, x_row + y_row, Image.Resampling.NEAREST,
-                               fillcolor=(0, 0, 0))
 
-    def _jitter_matrix(self, planes: torch.Tensor, factor_draws: list[float],
-                       order_draws: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(3x3 matrix, 3x1 offset) taking 0..255 RGB planes to jittered, normalised planes.
+class DeviceAugmentation:
+    """The device half of the training augmentation (see `TrainAugmentation`), on a whole batch.
 
-        Each of the three steps maps a pixel x to a x + (b grey(x) + c) (1, 1, 1), grey(x) = w.x, and
-        so does their composition: only (a, b, c) is tracked (w sums to `_GRAY_SUM`, not exactly 1).
-        """
-        j = self.color_jitter
-        low = max(0.0, 1 - j)
-        brightness, contrast, saturation = (low + (1 + j - low) * u for u in factor_draws)
-        a, b, c = 1.0, 0.0, 0.0
-        for step in sorted(range(3), key=order_draws.__getitem__):
-            if step == 0:  # x * brightness
-                a, b, c = a * brightness, b * brightness, c * brightness
-            elif step == 1:  # blend with the image's mean grey level as it is at this step
-                mean_grey = (a + b * _GRAY_SUM) * self._mean_grey(planes) + c * _GRAY_SUM
-                a, b, c = a * contrast, b * contrast, contrast * c + (1 - contrast) * mean_grey
-            else:  # blend with each pixel's grey level
-                a, b, c = (saturation * a, saturation * b + (1 - saturation) * (a + b * _GRAY_SUM),
-                           c * (saturation + (1 - saturation) * _GRAY_SUM))
-        matrix = [[(a * (row == col) + b * _GRAY_WEIGHTS[col]) / (255 * std) for col in range(3)]
-                  for row, std in enumerate(self.std)]
-        offset = [[(c / 255 - mean) / std] for mean, std in zip(self.mean, self.std)]
-        return torch.tensor(matrix), torch.tensor(offset)
+    Takes the collated uint8 NHWC batch and its `AUGMENT_PARAMS` rows, on the training device, and
+    returns the normalised float32 NCHW batch (channels-last memory). torchvision clamps after each
+    of brightness, contrast and saturation; the fused matrix clamps only the result, which differs
+    only where an intermediate step saturated.
+    """
+
+    def __init__(self, cfg: DataConfig):
+        self.mean, self.std = cfg.mean, cfg.std
+
+    def __call__(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _ = images.shape
+        x = images.permute(0, 3, 1, 2).float()
+        hflip, vflip, angle = params[:, 0], params[:, 1], params[:, 2]
+        if bool((hflip != 0).any() or (vflip != 0).any() or (angle != 0).any()):
+            x = self._flip_rotate(x, hflip, vflip, angle)
+        matrix, offset = self._jitter_matrix(x, params)
+        pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, 3)
+        out = torch.baddbmm(offset.unsqueeze(1), pixels, matrix.transpose(1, 2))
+        low = torch.tensor([-m / s for m, s in zip(self.mean, self.std)], device=out.device)
+        high = torch.tensor([(1 - m) / s for m, s in zip(self.mean, self.std)], device=out.device)
+        out = torch.minimum(torch.maximum(out, low), high)
+        return out.view(batch, height, width, 3).permute(0, 3, 1, 2)
 
     @staticmethod
-    def _mean_grey(planes: torch.Tensor) -> float:
-        return sum(w * m for w, m in zip(_GRAY_WEIGHTS, planes.mean(dim=1).tolist()))
+    def _flip_rotate(x: torch.Tensor, hflip: torch.Tensor, vflip: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+        """Flips, then a rotation about the centre (counter-clockwise for positive angles, as
+        torchvision's), as one nearest-neighbour warp with black corners. Square images only."""
+        radians = torch.deg2rad(angle)
+        cos, sin = torch.cos(radians), torch.sin(radians)
+        # output -> input coordinates in [-1, 1]: rotate back, then undo the flips (x -> -x)
+        x_sign, y_sign = 1 - 2 * hflip, 1 - 2 * vflip
+        zero = torch.zeros_like(cos)
+        theta = torch.stack([torch.stack([x_sign * cos, -x_sign * sin, zero], dim=1),
+                             torch.stack([y_sign * sin, y_sign * cos, zero], dim=1)], dim=1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+    def _jitter_matrix(self, x: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B x 3 x 3 matrices, B x 3 offsets) taking 0..255 RGB pixels to jittered, normalised ones.
+
+        Each of the three steps maps a pixel p to a p + (b grey(p) + c) (1, 1, 1), grey(p) = w.p, and
+        so does their composition: only (a, b, c) per image is tracked (w sums to `_GRAY_SUM`, not 1).
+        """
+        brightness, contrast, saturation = params[:, 3], params[:, 4], params[:, 5]
+        weights = torch.tensor(_GRAY_WEIGHTS, device=x.device)
+        image_grey = x.mean(dim=(2, 3)) @ weights  # mean grey level of each image before jitter
+        a, b, c = torch.ones_like(brightness), torch.zeros_like(brightness), torch.zeros_like(brightness)
+        for position in range(3):
+            step = params[:, 6 + position]
+            # step 1 blends with the image's mean grey level as it is at this step
+            mean_grey = (a + b * _GRAY_SUM) * image_grey + c * _GRAY_SUM
+            candidates = (
+                (a * brightness, b * brightness, c * brightness),  # step 0: p * brightness
+                (a * contrast, b * contrast, contrast * c + (1 - contrast) * mean_grey),
+                (saturation * a, saturation * b + (1 - saturation) * (a + b * _GRAY_SUM),  # step 2: blend
+                 c * (saturation + (1 - saturation) * _GRAY_SUM)),                       # with each pixel's grey
+            )
+            a, b, c = (torch.where(step == 0, c0, torch.where(step == 1, c1, c2)) for c0, c1, c2 in zip(*candidates))
+        mean = torch.tensor(self.mean, device=x.device)
+        std = torch.tensor(self.std, device=x.device)
+        eye = torch.eye(3, device=x.device)
+        matrix = (a[:, None, None] * eye + b[:, None, None] * weights) / (255 * std[:, None])
+        offset = (c[:, None] / 255 - mean) / std
+        return matrix, offset
 
 
 def train_transform(cfg: DataConfig) -> TrainAugmentation:
-    """Random crop, flips, rotation and colour jitter, then scaling and normalisation (`TrainAugmentation`)."""
+    """The worker half of the training augmentation (`TrainAugmentation`); `DeviceAugmentation` finishes it."""
     return TrainAugmentation(cfg)
 
 
+def training_images(batch: dict, augment: DeviceAugmentation, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """A `train_loader` batch's images on `device`, augmented and normalised, in the model's memory format."""
+    images = augment(batch["image"].to(device, non_blocking=True), batch["augment"].to(device, non_blocking=True))
+    return images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def eval_transform(cfg: DataConfig) -> v2.Compose:
-    """The one preprocessing used by validation, evaluate, predict and Grad-CAM."""
+    """The one preprocessing used by validation, evaluate, predict and Grad-CAM (PIL image or CHW uint8 tensor)."""
     return v2.Compose([
         v2.PILToTensor(),
         v2.Resize(round(cfg.image_size / cfg.eval_crop_ratio), antialias=True),
@@ -301,16 +341,26 @@ def eval_transform(cfg: DataConfig) -> v2.Compose:
     ])
 
 
-def decode_rgb(data: bytes, min_short_side: int) -> Image.Image:
-    """Decode stored JPEG/PNG bytes to RGB; JPEGs are DCT-downscaled while still >= `min_short_side`."""
-    image = Image.open(io.BytesIO(data))
-    if image.format == "JPEG":
+def decode_stored(data: bytes, min_short_side: int, stored_short_side: int = 0) -> torch.Tensor:
+    """Decode a shard's stored JPEG/PNG bytes to a CHW uint8 RGB tensor.
+
+    A JPEG at least twice the needed size is DCT-downscaled by PIL (`draft`) while still
+    >= `min_short_side`; everything else goes through torchvision's decoder, about a third faster
+    than PIL's on the small JPEGs pack stores, and already in the channels-last memory layout the
+    resize kernel wants. `stored_short_side` (the index's; 0: unknown) tells when no stored image
+    can be that large, so that the header is not parsed twice.
+    """
+    if stored_short_side == 0 or stored_short_side >= 2 * min_short_side:
+        image = Image.open(io.BytesIO(data))
         w, h = image.size
         scale = min(w, h) / max(min_short_side, 1)
-        if scale >= 2:
+        if image.format == "JPEG" and scale >= 2:
             image.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
-    image.load()
-    return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
+            rgb = image.convert("RGB") if image.mode != "RGB" else image
+            return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
+    # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they are kept while
+    # the pinned torch range ships them (pyproject.toml), PIL being the slower alternative.
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
 # ---------------------------------------------------------------- datasets
@@ -330,7 +380,8 @@ def _is_our_member(name: str) -> bool:
 class ShardSamples(IterableDataset):
     """One rank's samples for one epoch; each DataLoader worker reads its own chunks.
 
-    `worker_chunks[w]` are worker w's shard chunks. Yields dicts with `image`, `label`, `key`,
+    `worker_chunks[w]` are worker w's shard chunks. Yields dicts with `image`, `label`, (training:
+    `augment`, see `TrainAugmentation`), `key`,
     `worker`, `position` (the sample's index in the worker's raw stream, what resume skips to) and
     `skipped` (JSON list of the broken samples passed over since the previous item, or "").
     A broken sample (unreadable tar data, undecodable image, missing member) is skipped and
@@ -339,13 +390,13 @@ class ShardSamples(IterableDataset):
     rank still yields exactly its planned number of batches and DDP stays in step.
     """
 
-    def __init__(self, worker_chunks: list[list[Chunk]], transform, *, decode_short_side: int,
+    def __init__(self, worker_chunks: list[list[Chunk]], transform, *, decode_short_side: int, stored_short_side: int = 0,
                  shuffle_buffer: int = 0, seed: int = 0, epoch: int = 0, rank: int = 0,
                  planned_per_worker: list[int] | None = None, skip_positions: list[int] | None = None,
                  with_meta: bool = False, strict: bool = False, first_slot: int = 0):
         self.worker_chunks = worker_chunks
         self.transform = transform
-        self.decode_short_side = decode_short_side
+        self.decode_short_side, self.stored_short_side = decode_short_side, stored_short_side
         self.shuffle_buffer = shuffle_buffer
         self.seed, self.epoch, self.rank = seed, epoch, rank
         self.planned_per_worker = planned_per_worker
@@ -385,11 +436,16 @@ class ShardSamples(IterableDataset):
                 return
             pass_index += 1
 
-    def _decode(self, sample: dict) -> tuple[torch.Tensor, int]:
+    def _decode(self, sample: dict) -> dict:
+        """`image` and `label`, and for training the `augment` params the device half needs."""
         image_bytes = sample.get("jpg") or sample.get("png")
         if image_bytes is None or "cls" not in sample:
             raise ValueError("sample has no image or no cls member")
-        return self.transform(decode_rgb(image_bytes, self.decode_short_side)), int(sample["cls"])
+        transformed = self.transform(decode_stored(image_bytes, self.decode_short_side, self.stored_short_side))
+        if isinstance(self.transform, TrainAugmentation):
+            image, augment = transformed
+            return {"image": image, "augment": augment, "label": int(sample["cls"])}
+        return {"image": transformed, "label": int(sample["cls"])}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -415,15 +471,15 @@ class ShardSamples(IterableDataset):
                 continue
             try:
                 with _augmentation_seed(hash((self.seed, self.epoch, self.rank, worker, position)), info is None):
-                    image, label = self._decode(sample)
+                    item = self._decode(sample)
             except Exception as error:  # any broken sample: PIL, missing member, bad label
                 reason = f"{Path(sample.get('__url__', '?')).name}#{sample.get('__key__', '?')}: {type(error).__name__}: {error}"
                 if self.strict:
                     raise CorruptSample(f"{reason} (data.strict=true; set data.strict=false to skip broken samples)") from None
                 problems.append(reason)
                 continue
-            item = {"image": image, "label": label, "key": sample["__key__"], "worker": worker,
-                    "position": position, "skipped": json.dumps(problems) if problems else ""}
+            item.update(key=sample["__key__"], worker=worker, position=position,
+                        skipped=json.dumps(problems) if problems else "")
             if self.with_meta:
                 item["meta"] = sample["json"].decode("utf-8") if "json" in sample else "{}"
             problems = []
@@ -480,6 +536,7 @@ def train_loader(index: ShardIndex, cfg: DataConfig, *, seed: int, epoch: int, r
         raise UserError(f"the checkpoint was written with {len(positions)} data workers per process and this run has "
                         f"{num_slots}; resume with data.num_workers={len(positions)}")
     dataset = ShardSamples(chunks, train_transform(cfg), decode_short_side=cfg.image_size,
+                           stored_short_side=index.stored_short_side,
                            shuffle_buffer=cfg.shuffle_buffer, seed=seed, epoch=epoch, rank=rank,
                            planned_per_worker=remaining, skip_positions=positions, strict=cfg.strict,
                            first_slot=resume_batches % num_slots)
@@ -492,5 +549,6 @@ def eval_loader(index: ShardIndex, cfg: DataConfig, split: str, *, rank: int, wo
     num_slots = max(cfg.num_workers, 1)
     chunks = eval_worker_chunks(index.shards(split), rank=rank, world_size=world_size, num_workers=num_slots)
     dataset = ShardSamples(chunks, eval_transform(cfg), decode_short_side=round(cfg.image_size / cfg.eval_crop_ratio),
+                           stored_short_side=index.stored_short_side,
                            with_meta=with_meta, strict=cfg.strict)
     return _loader(dataset, cfg.eval_batch_size, cfg.num_workers, pin_memory)

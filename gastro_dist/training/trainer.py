@@ -300,6 +300,7 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(
             weight=self.loss_weights.to(self.accelerator.device) if self.loss_weights is not None else None,
             label_smoothing=config.label_smoothing)
+        self.augment = pipeline.DeviceAugmentation(config.data)
         self.console = Console()
         self.skipped_local: list[str] = []
 
@@ -497,10 +498,8 @@ class Trainer:
             if self.watch.agreed():
                 self.save_state(state, scheduler, positions)
                 raise Preempted()
-            images = batch["image"].to(accelerator.device, non_blocking=True)
+            images = pipeline.training_images(batch, self.augment, accelerator.device, config.model.channels_last)
             labels = batch["label"].to(accelerator.device, non_blocking=True)
-            if config.model.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
             is_update = (state.micro_step + 1) % accum == 0 or state.micro_step + 1 == self.micro_steps
             with accelerator.no_sync(ddp_model) if not is_update else contextlib.nullcontext():
                 with accelerator.autocast():

@@ -1,0 +1,133 @@
+"""The training augmentation, split between the data workers (`TrainAugmentation`) and the training
+device (`DeviceAugmentation`): torchvision's steps and distributions on faster kernels, seeded per
+sample, within its ranges; and the shard decoder it reads from."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from gastro_dist.config import DataConfig
+from gastro_dist.data.pipeline import (AUGMENT_PARAMS, DeviceAugmentation, decode_stored, eval_transform,
+                                       train_transform)
+
+
+def _test_pixels(size: int = 96, seed: int = 0) -> torch.Tensor:
+    """HWC uint8 noise away from 0 and 255, so that no jitter step saturates."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(30, 220, (size, size, 3), dtype=torch.uint8, generator=generator)
+
+
+def _params(hflip=0.0, vflip=0.0, angle=0.0, factors=(1.0, 1.0, 1.0), steps=(0, 1, 2)) -> torch.Tensor:
+    return torch.tensor([[hflip, vflip, angle, *factors, *steps]], dtype=torch.float32)
+
+
+def test_worker_crop_is_torchvisions_antialiased_resize_for_pil_and_tensor_input():
+    augment = train_transform(DataConfig(image_size=64))
+    pixels = _test_pixels()
+    reference = TF.resize(pixels.permute(2, 0, 1)[:, 7:90, 5:85], [64, 64], antialias=True).permute(1, 2, 0)
+    from_pil = augment._resized_crop(Image.fromarray(pixels.numpy()), (5, 7, 85, 90))
+    from_tensor = augment._resized_crop(pixels.permute(2, 0, 1), (5, 7, 85, 90))
+    assert torch.equal(from_pil, reference) and torch.equal(from_tensor, reference)
+    assert from_tensor.is_contiguous() and from_tensor.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("hflip, vflip, angle", [(0, 0, 9.0), (1, 0, -12.0), (1, 1, 14.5), (0, 1, 0.0)])
+def test_device_warp_is_torchvisions_flips_then_rotation(hflip, vflip, angle):
+    pixels = _test_pixels(64).permute(2, 0, 1)
+    expected = TF.vertical_flip(pixels) if vflip else pixels
+    expected = TF.rotate(TF.horizontal_flip(expected) if hflip else expected, angle)
+    params = _params(hflip, vflip, angle)
+    warped = DeviceAugmentation._flip_rotate(pixels.unsqueeze(0).float(), params[:, 0], params[:, 1], params[:, 2])
+    same = (warped[0].to(torch.uint8) == expected).all(dim=0).float().mean()
+    assert same > 0.999  # nearest-neighbour ties may round the other way
+
+
+@pytest.mark.parametrize("steps", [(0, 1, 2), (2, 1, 0), (1, 2, 0)])
+def test_device_jitter_is_torchvisions_colour_steps_in_their_order_then_normalisation(steps):
+    cfg = DataConfig()
+    pixels = (_test_pixels(20) // 2 + 60).permute(2, 0, 1)  # mid-range: no step saturates, so fusing is exact
+    brightness, contrast, saturation = 1.08, 0.92, 1.1
+    expected = pixels.float() / 255
+    for step in steps:
+        expected = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation][step](
+            expected, [brightness, contrast, saturation][step])
+    out = DeviceAugmentation(cfg)(pixels.permute(1, 2, 0).unsqueeze(0),
+                                  _params(factors=(brightness, contrast, saturation), steps=steps))
+    assert out.shape == (1, 3, 20, 20) and out.dtype == torch.float32
+    assert torch.allclose(out[0], TF.normalize(expected, cfg.mean, cfg.std), atol=1e-5)
+
+
+def test_device_augmentation_treats_each_image_of_a_batch_with_its_own_params_and_clamps():
+    cfg = DataConfig()
+    augment = DeviceAugmentation(cfg)
+    images = torch.stack([_test_pixels(32, seed) for seed in range(3)])
+    params = torch.cat([_params(1, 0, 10.0, (1.1, 0.9, 1.0), (2, 0, 1)), _params(),
+                        _params(0, 1, -5.0, (1.3, 1.2, 0.8), (1, 2, 0))])
+    batch = augment(images, params)
+    for i in range(3):
+        assert torch.allclose(batch[i], augment(images[i:i + 1], params[i:i + 1])[0], atol=1e-5)
+    plain = TF.normalize(images[1].permute(2, 0, 1).float() / 255, cfg.mean, cfg.std)
+    assert torch.allclose(batch[1], plain, atol=1e-5)  # identity params: normalisation only
+    bright = augment(torch.full((1, 8, 8, 3), 250, dtype=torch.uint8), _params(factors=(1.5, 1.0, 1.0)))
+    assert torch.allclose(bright, TF.normalize(torch.ones(1, 3, 8, 8), cfg.mean, cfg.std), atol=1e-5)
+
+
+def test_worker_half_is_seeded_and_draws_within_its_ranges():
+    cfg = DataConfig(image_size=48, crop_scale_min=0.35, rotation_deg=15.0, color_jitter=0.1)
+    augment, pixels = train_transform(cfg), _test_pixels().permute(2, 0, 1)
+    torch.manual_seed(5)
+    image, params = augment(pixels)
+    torch.manual_seed(5)
+    again, params_again = augment(pixels)
+    assert torch.equal(image, again) and torch.equal(params, params_again)
+    assert image.shape == (48, 48, 3) and image.dtype == torch.uint8 and params.shape == (len(AUGMENT_PARAMS),)
+    draws = torch.stack([augment(pixels)[1] for _ in range(300)])
+    assert set(draws[:, 0].tolist()) == {0.0, 1.0} and set(draws[:, 1].tolist()) == {0.0, 1.0}
+    assert draws[:, 2].abs().max() <= 15.0 and draws[:, 2].abs().max() > 10.0
+    assert ((draws[:, 3:6] >= 0.9) & (draws[:, 3:6] <= 1.1)).all()
+    assert all(sorted(row) == [0.0, 1.0, 2.0] for row in draws[:, 6:].tolist())
+    for _ in range(200):
+        left, top, right, bottom = augment._crop_box(96, 96, torch.rand(40).tolist())
+        area, ratio = (right - left) * (bottom - top) / 96**2, (right - left) / (bottom - top)
+        assert 0 <= left < right <= 96 and 0 <= top < bottom <= 96
+        assert 0.33 <= area <= 1.0 and 0.72 <= ratio <= 1.39
+
+
+def test_disabled_steps_draw_identity_params():
+    cfg = DataConfig(image_size=32, hflip=False, vflip=False, rotation_deg=0.0, color_jitter=0.0)
+    _, params = train_transform(cfg)(_test_pixels().permute(2, 0, 1))
+    assert params[:6].tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+
+
+def _encoded(pixels: torch.Tensor, mode: str = "RGB", fmt: str = "JPEG") -> bytes:
+    image = Image.fromarray(pixels.numpy())
+    buffer = io.BytesIO()
+    (image if mode == "RGB" else image.convert(mode)).save(buffer, format=fmt, quality=95)
+    return buffer.getvalue()
+
+
+def test_decode_stored_gives_rgb_chw_for_jpeg_png_and_grayscale_and_shrinks_large_jpegs():
+    pixels = _test_pixels(96)
+    for data in (_encoded(pixels), _encoded(pixels, fmt="PNG"), _encoded(pixels, mode="L")):
+        decoded = decode_stored(data, 96)
+        assert decoded.shape == (3, 96, 96) and decoded.dtype == torch.uint8
+    assert torch.equal(decode_stored(_encoded(pixels, fmt="PNG"), 96), pixels.permute(2, 0, 1))
+    shrunk = decode_stored(_encoded(_test_pixels(400)), 96)  # DCT-downscaled 1/4, still >= 96 on the short side
+    assert shrunk.shape == (3, 100, 100)
+    # the index says no stored image reaches twice the needed size: straight to the full decoder
+    assert decode_stored(_encoded(_test_pixels(400)), 96, stored_short_side=150).shape == (3, 400, 400)
+    with pytest.raises(Exception):
+        decode_stored(_encoded(pixels)[:200], 96)  # truncated: the caller skips and reports the sample
+
+
+def test_eval_transform_takes_a_pil_image_or_the_decoded_tensor_alike():
+    cfg = DataConfig(image_size=48)
+    data = _encoded(_test_pixels(80), fmt="PNG")
+    from_pil = eval_transform(cfg)(Image.open(io.BytesIO(data)).convert("RGB"))
+    from_tensor = eval_transform(cfg)(decode_stored(data, 55))
+    assert from_pil.shape == (3, 48, 48) and torch.equal(from_pil, from_tensor)
