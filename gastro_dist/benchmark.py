@@ -134,15 +134,16 @@ def time_batches(image_batches: Iterable) -> LoaderRun:
 
 
 def shard_image_batches(shard_dir: Path, data, min_batches: int) -> Iterator:
-    """Batch image tensors of `train_loader`, whole epochs until at least `min_batches`: every image a
-    worker decodes is consumed, so its CPU time is counted for an image."""
+    """The label tensor of each `train_loader` batch (one per image, decoded or not: `data.decode_on`),
+    whole epochs until at least `min_batches`: every image a worker reads is consumed, so its CPU time
+    is counted for an image."""
     from gastro_dist.data import pipeline
 
     index = pipeline.load_shard_index(shard_dir)
     steps_per_epoch = pipeline.train_steps_per_epoch(index.count("train"), 1, data.batch_size)
     for epoch in range(math.ceil(min_batches / steps_per_epoch)):
         for batch in pipeline.train_loader(index, data, seed=0, epoch=epoch, rank=0, world_size=1):
-            yield batch["image"]
+            yield batch["label"]
 
 
 def image_folder_batches(source: Path, data, num_batches: int) -> Iterator:
@@ -175,14 +176,14 @@ def _one_thread_like_a_worker(active: bool) -> Iterator[None]:
 
 
 def bench_loader(shards: Path, *, source: Path | None, num_workers: int, num_batches: int, batch_size: int,
-                 image_size: int) -> dict[str, Any]:
+                 image_size: int, decode_on: str = "workers") -> dict[str, Any]:
     from gastro_dist.config import DataConfig
     from gastro_dist.data.pipeline import load_shard_index
 
     load_shard_index(shards)  # mistakes in either folder are reported before anything runs
     if source is not None and not source.is_dir():
         raise UserError(f"--source {source} is not a folder of class folders")
-    data = DataConfig(image_size=image_size, batch_size=batch_size, num_workers=num_workers)
+    data = DataConfig(image_size=image_size, batch_size=batch_size, num_workers=num_workers, decode_on=decode_on)
     machine = machine_description()
     with _one_thread_like_a_worker(num_workers == 0):
         shard_run = time_batches(shard_image_batches(shards, data, num_batches)).summary(num_workers)
@@ -194,6 +195,7 @@ def bench_loader(shards: Path, *, source: Path | None, num_workers: int, num_bat
         "worker_cpu_ratio": (baseline["worker_cpu_ms_per_image"] / shard_run["worker_cpu_ms_per_image"]
                              if baseline and num_workers else None),
         "workers": num_workers, "image_size": image_size, "batch_size": batch_size, "batches_asked": num_batches,
+        "decode_on": decode_on,
         "shards": {"dir": str(shards), **shard_run},
         "baseline": {"dir": str(source), **baseline} if baseline else None,
         "machine": {**machine, "load_average_after": [round(x, 2) for x in os.getloadavg()]},
@@ -221,7 +223,7 @@ def _print_loader(result: dict) -> None:
 
 def _cmd_bench_loader(args: argparse.Namespace) -> int:
     result = bench_loader(args.shards, source=args.source, num_workers=args.workers, num_batches=args.batches,
-                          batch_size=args.batch_size, image_size=args.image_size)
+                          batch_size=args.batch_size, image_size=args.image_size, decode_on=args.decode_on)
     _print_loader(result)
     _write_json(args.json, result)
     return 0
@@ -325,8 +327,8 @@ def loader_batches(shards: Path, data, device, channels_last: bool) -> Iterator[
         loader = pipeline.train_loader(index, data, seed=0, epoch=epoch, rank=0, world_size=1,
                                        pin_memory=device.type == "cuda")
         for batch in loader:
-            yield (pipeline.training_images(batch, augment, device, channels_last),
-                   batch["label"].to(device, non_blocking=True))
+            images, labels, _ = augment.training_batch(batch, device, channels_last)
+            yield images, labels
 
 
 def model_flops_per_image(setup: TrainSetup, image_size: int) -> float:
@@ -367,7 +369,8 @@ def matmul_flops_per_s(device, dtype, size: int = MATMUL_SIZE, repeats: int = 20
 
 
 def bench_train(model_name: str, *, batch_size: int, image_size: int, precision: str, channels_last: bool,
-                compile_model: bool, steps: int, warmup: int, shards: Path | None, num_workers: int) -> dict[str, Any]:
+                compile_model: bool, steps: int, warmup: int, shards: Path | None, num_workers: int,
+                decode_on: str = "workers") -> dict[str, Any]:
     import torch
 
     from gastro_dist.config import DataConfig
@@ -389,7 +392,7 @@ def bench_train(model_name: str, *, batch_size: int, image_size: int, precision:
     peak_memory_gib = torch.cuda.max_memory_allocated(setup.device) / 2**30 if on_gpu else None
     end_to_end = None
     if shards is not None:
-        data = DataConfig(image_size=image_size, batch_size=batch_size, num_workers=num_workers)
+        data = DataConfig(image_size=image_size, batch_size=batch_size, num_workers=num_workers, decode_on=decode_on)
         with contextlib.closing(loader_batches(shards, data, setup.device, channels_last)) as batches:  # stops the workers
             end_to_end = time_steps(setup, batches, warmup=warmup, steps=steps)
     peak_flops = matmul_flops_per_s(setup.device, setup.autocast_dtype or torch.float32) if on_gpu else None
@@ -399,6 +402,7 @@ def bench_train(model_name: str, *, batch_size: int, image_size: int, precision:
         "model": model_name, "batch_size": batch_size, "image_size": image_size, "precision": precision,
         "channels_last": channels_last, "compile": compile_model, "steps": steps, "warmup": warmup,
         "workers": num_workers if shards is not None else None,
+        "decode_on": decode_on if shards is not None else None,
         "device": torch.cuda.get_device_name(setup.device) if on_gpu else f"cpu ({machine['cpu_model']})",
         "model_flops_per_image": flops_per_image,
         "achieved_flops_per_s": flops_per_image * images_per_s,
@@ -426,7 +430,7 @@ def _print_train(result: dict) -> None:
 def _cmd_bench_train(args: argparse.Namespace) -> int:
     result = bench_train(args.model, batch_size=args.batch_size, image_size=args.image_size, precision=args.precision,
                          channels_last=args.channels_last, compile_model=args.compile, steps=args.steps,
-                         warmup=args.warmup, shards=args.shards, num_workers=args.workers)
+                         warmup=args.warmup, shards=args.shards, num_workers=args.workers, decode_on=args.decode_on)
     _print_train(result)
     _write_json(args.json, result)
     return 0
@@ -446,6 +450,8 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
                    help="batches to time (the shard pipeline runs whole epochs, so at least this many)")
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--image-size", type=int, default=224)
+    q.add_argument("--decode-on", choices=("workers", "device"), default="workers",
+                   help="data.decode_on: 'device' times what the workers still do (reading the shards)")
     q.add_argument("--json", type=Path, default=None, help="also write the figures here")
     q.set_defaults(handler=_cmd_bench_loader)
 
@@ -460,5 +466,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, cuDNN autotuning)")
     q.add_argument("--shards", type=Path, default=None, help="also time the step fed by the training input pipeline")
     q.add_argument("--workers", type=int, default=4, help="DataLoader workers for --shards")
+    q.add_argument("--decode-on", choices=("workers", "device"), default="workers",
+                   help="data.decode_on for --shards: 'device' decodes and crops on the GPU")
     q.add_argument("--json", type=Path, default=None, help="also write the figures here")
     q.set_defaults(handler=_cmd_bench_train)

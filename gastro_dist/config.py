@@ -78,6 +78,9 @@ class DataConfig:
     """Evaluation resizes the short side to image_size / ratio, then center-crops image_size."""
     strict: bool = False
     """Stop at the first unreadable shard or sample instead of skipping and reporting it."""
+    decode_on: str = "workers"
+    """Where training JPEGs are decoded and cropped: "workers" (DataLoader processes, CPU) or "device"
+    (the training device, nvJPEG on a GPU; workers only read the shards: for nodes with few cores per GPU)."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -90,6 +93,9 @@ class DataConfig:
         _check(0.05 <= self.crop_scale_min <= 1.0, "crop_scale_min must be in [0.05, 1]")
         _check(0.5 <= self.eval_crop_ratio <= 1.0, "eval_crop_ratio must be in [0.5, 1]")
         _check(0 <= self.hue_jitter <= 0.5, "hue_jitter must be in [0, 0.5]")
+        _check(self.decode_on in ("workers", "device"), f"decode_on must be workers or device, got {self.decode_on!r}")
+        _check(not (self.decode_on == "device" and self.hue_jitter > 0),
+               "hue_jitter needs data.decode_on=workers (hue is shifted in the workers)")
         _check(len(self.mean) == 3 and len(self.std) == 3, "mean and std need 3 values (RGB)")
 
 

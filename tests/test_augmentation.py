@@ -11,9 +11,11 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from gastro_dist import UserError
 from gastro_dist.config import DataConfig
-from gastro_dist.data.pipeline import (AUGMENT_PARAMS, DeviceAugmentation, decode_stored, eval_transform,
-                                       train_transform)
+from gastro_dist.data import pipeline
+from gastro_dist.data.pipeline import (AUGMENT_PARAMS, CorruptSample, DeviceAugmentation, collate_samples,
+                                       decode_crops_on_device, decode_stored, eval_transform, train_transform)
 
 
 def _test_pixels(size: int = 96, seed: int = 0) -> torch.Tensor:
@@ -56,8 +58,7 @@ def test_device_jitter_is_torchvisions_colour_steps_in_their_order_then_normalis
     for step in steps:
         expected = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation][step](
             expected, [brightness, contrast, saturation][step])
-    out = DeviceAugmentation(cfg)(pixels.permute(1, 2, 0).unsqueeze(0),
-                                  _params(factors=(brightness, contrast, saturation), steps=steps))
+    out = DeviceAugmentation(cfg)(pixels.unsqueeze(0).float(), _params(factors=(brightness, contrast, saturation), steps=steps))
     assert out.shape == (1, 3, 20, 20) and out.dtype == torch.float32
     assert torch.allclose(out[0], TF.normalize(expected, cfg.mean, cfg.std), atol=1e-5)
 
@@ -65,15 +66,15 @@ def test_device_jitter_is_torchvisions_colour_steps_in_their_order_then_normalis
 def test_device_augmentation_treats_each_image_of_a_batch_with_its_own_params_and_clamps():
     cfg = DataConfig()
     augment = DeviceAugmentation(cfg)
-    images = torch.stack([_test_pixels(32, seed) for seed in range(3)])
+    images = torch.stack([_test_pixels(32, seed) for seed in range(3)]).permute(0, 3, 1, 2).float()
     params = torch.cat([_params(1, 0, 10.0, (1.1, 0.9, 1.0), (2, 0, 1)), _params(),
                         _params(0, 1, -5.0, (1.3, 1.2, 0.8), (1, 2, 0))])
     batch = augment(images, params)
     for i in range(3):
         assert torch.allclose(batch[i], augment(images[i:i + 1], params[i:i + 1])[0], atol=1e-5)
-    plain = TF.normalize(images[1].permute(2, 0, 1).float() / 255, cfg.mean, cfg.std)
+    plain = TF.normalize(images[1] / 255, cfg.mean, cfg.std)
     assert torch.allclose(batch[1], plain, atol=1e-5)  # identity params: normalisation only
-    bright = augment(torch.full((1, 8, 8, 3), 250, dtype=torch.uint8), _params(factors=(1.5, 1.0, 1.0)))
+    bright = augment(torch.full((1, 3, 8, 8), 250.0), _params(factors=(1.5, 1.0, 1.0)))
     assert torch.allclose(bright, TF.normalize(torch.ones(1, 3, 8, 8), cfg.mean, cfg.std), atol=1e-5)
 
 
@@ -131,3 +132,52 @@ def test_eval_transform_takes_a_pil_image_or_the_decoded_tensor_alike():
     from_pil = eval_transform(cfg)(Image.open(io.BytesIO(data)).convert("RGB"))
     from_tensor = eval_transform(cfg)(decode_stored(data, 55))
     assert from_pil.shape == (3, 48, 48) and torch.equal(from_pil, from_tensor)
+
+
+# ---------------------------------------------------------------- data.decode_on=device
+def _first_batch(shards, **overrides):
+    cfg = DataConfig(image_size=48, batch_size=6, num_workers=0, shuffle_buffer=4, **overrides)
+    loader = pipeline.train_loader(pipeline.load_shard_index(shards), cfg, seed=1, epoch=0, rank=0, world_size=1)
+    return cfg, next(iter(loader))
+
+
+def test_decoding_on_the_device_feeds_what_the_workers_would(synthetic_shards):
+    cfg, on_workers = _first_batch(synthetic_shards)
+    _, on_device = _first_batch(synthetic_shards, decode_on="device")
+    assert "image" not in on_device and on_device["jpeg"].dtype == torch.uint8
+    assert on_device["jpeg_lengths"].sum() == on_device["jpeg"].numel() and on_device["crop_box"].shape == (6, 4)
+    assert on_device["key"] == on_workers["key"] and torch.equal(on_device["augment"], on_workers["augment"])
+    augment = DeviceAugmentation(cfg)
+    from_workers, labels, _ = augment.training_batch(on_workers, torch.device("cpu"), channels_last=True)
+    from_device, device_labels, problems = augment.training_batch(on_device, torch.device("cpu"), channels_last=True)
+    assert problems == [] and torch.equal(labels, device_labels)
+    assert from_device.shape == (6, 3, 48, 48) and from_device.is_contiguous(memory_format=torch.channels_last)
+    # the float and the uint8 resize kernels round some values the other way, by one grey level
+    pixels, _, _ = decode_crops_on_device(on_device, 48, torch.device("cpu"))
+    pixel_difference = (pixels - on_workers["image"].permute(0, 3, 1, 2).float()).abs()
+    assert pixel_difference.max() <= 1 and (pixel_difference > 0).float().mean() < 0.25
+    # which the jitter (factors up to 1.1 each) may stretch a little
+    assert (from_device - from_workers).abs().max() <= 1.5 / 255 / min(cfg.std)
+
+
+def test_an_image_the_device_cannot_decode_is_dropped_and_reported():
+    cfg = DataConfig(image_size=32, decode_on="device")
+    good, broken = _encoded(_test_pixels(64)), _encoded(_test_pixels(64, seed=1))[:300]  # header intact, data cut
+    items = [{"jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8), "crop_box": torch.tensor([0, 0, 64, 64]),
+              "augment": _params()[0], "label": label, "key": f"k{label}"}
+             for label, data in enumerate([good, broken, good])]
+    batch = collate_samples(items)
+    pixels, kept, problems = decode_crops_on_device(batch, 32, torch.device("cpu"))
+    assert kept == [0, 2] and pixels.shape == (2, 3, 32, 32) and len(problems) == 1 and "k1" in problems[0]
+    images, labels, reasons = DeviceAugmentation(cfg).training_batch(batch, torch.device("cpu"), channels_last=False)
+    assert images.shape[0] == 2 and labels.tolist() == [0, 2] and reasons == problems
+    with pytest.raises(CorruptSample, match="data.strict"):
+        DeviceAugmentation(DataConfig(image_size=32, decode_on="device", strict=True)).training_batch(
+            batch, torch.device("cpu"), channels_last=False)
+
+
+def test_decode_on_settings_are_checked():
+    with pytest.raises(UserError, match="decode_on"):
+        DataConfig(decode_on="gpu")
+    with pytest.raises(UserError, match="hue_jitter"):
+        DataConfig(decode_on="device", hue_jitter=0.1)

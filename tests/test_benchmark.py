@@ -44,6 +44,18 @@ def test_bench_train_compute_only_and_end_to_end(synthetic_shards, tmp_path):
         assert result["mfu"] is None and result["peak_memory_gib"] is None
 
 
+def test_bench_commands_time_decoding_on_the_device(synthetic_shards, tmp_path):
+    out = tmp_path / "loader.json"
+    assert main(["bench", "loader", "--shards", str(synthetic_shards), "--workers", "1", "--batches", "3", *TINY,
+                 "--decode-on", "device", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["decode_on"] == "device" and result["shards_images_per_s"] > 0 and result["baseline"] is None
+    assert main(["bench", "train", "--model", "resnet18", *TINY, "--precision", "no", "--steps", "2", "--warmup", "1",
+                 "--shards", str(synthetic_shards), "--workers", "0", "--decode-on", "device", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["decode_on"] == "device" and result["end_to_end_images_per_s"] > 0
+
+
 def test_bench_train_refuses_fp16_without_a_gpu(capsys):
     if torch.cuda.is_available():
         pytest.skip("fp16 is valid on a GPU")

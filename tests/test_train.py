@@ -61,6 +61,15 @@ def test_both_phases_through_the_cli(synthetic_shards, tmp_path):
     assert {"loss", "lr", "images_per_s"} <= set(_events(run, "train")[0])
 
 
+def test_decoding_on_the_device_trains_both_phases(synthetic_shards, tmp_path):
+    """data.decode_on=device: one worker reads JPEG bytes, the training device (here the CPU) decodes them."""
+    run = tmp_path / "run"
+    assert main(_train_args(synthetic_shards, run, "data.decode_on=device", "data.num_workers=1")) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["skipped_samples"]["count"] == 0
+    assert all(summary["phases"][phase]["steps"] > 0 for phase in ("head", "finetune"))
+
+
 def test_head_phase_changes_only_the_head(synthetic_shards, tmp_path):
     """Phase 1 leaves every backbone parameter and BatchNorm buffer as loaded; the head learns."""
     pretrained = torchvision.models.resnet18(weights=None).state_dict()

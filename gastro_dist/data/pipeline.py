@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
 
 from gastro_dist import UserError
@@ -204,20 +204,25 @@ class TrainAugmentation:
 
     def __call__(self, image: Image.Image | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(size x size x 3 uint8 crop, float32 `AUGMENT_PARAMS`) of a PIL image or a CHW uint8 tensor."""
+        height, width = (image.height, image.width) if isinstance(image, Image.Image) else image.shape[1:]
+        box, params, hue_shift = self.draw(width, height)
+        resized = self._resized_crop(image, box)
+        if hue_shift:
+            chw = v2.functional.adjust_hue(resized.permute(2, 0, 1), hue_shift)
+            resized = chw.permute(1, 2, 0).contiguous()
+        return resized, params
+
+    def draw(self, width: int, height: int) -> tuple[tuple[int, int, int, int], torch.Tensor, float]:
+        """All random choices for one image of this size: (crop box, `AUGMENT_PARAMS`, hue shift)."""
         draws = torch.rand(_NUM_DRAWS).tolist()
         crop_draws, order_draws = draws[:_CROP_DRAWS], draws[_CROP_DRAWS + 7:]
         u_hflip, u_vflip, u_angle, *factor_draws, u_hue = draws[_CROP_DRAWS:_CROP_DRAWS + 7]
-        height, width = (image.height, image.width) if isinstance(image, Image.Image) else image.shape[1:]
-        resized = self._resized_crop(image, self._crop_box(width, height, crop_draws))
-        if self.hue_jitter > 0:
-            chw = v2.functional.adjust_hue(resized.permute(2, 0, 1), self.hue_jitter * (2 * u_hue - 1))
-            resized = chw.permute(1, 2, 0).contiguous()
         low = max(0.0, 1 - self.color_jitter)
         params = [float(self.hflip and u_hflip < 0.5), float(self.vflip and u_vflip < 0.5),
                   self.rotation_deg * (2 * u_angle - 1),
                   *(low + (1 + self.color_jitter - low) * u for u in factor_draws),
                   *sorted(range(3), key=order_draws.__getitem__)]
-        return resized, torch.tensor(params)
+        return self._crop_box(width, height, crop_draws), torch.tensor(params), self.hue_jitter * (2 * u_hue - 1)
 
     def _crop_box(self, width: int, height: int, draws: list[float]) -> tuple[int, int, int, int]:
         """(left, top, right, bottom), sampled as torchvision's RandomResizedCrop does."""
@@ -253,18 +258,37 @@ class TrainAugmentation:
 class DeviceAugmentation:
     """The device half of the training augmentation (see `TrainAugmentation`), on a whole batch.
 
-    Takes the collated uint8 NHWC batch and its `AUGMENT_PARAMS` rows, on the training device, and
-    returns the normalised float32 NCHW batch (channels-last memory). torchvision clamps after each
+    Takes a batch of float NCHW pixels in 0..255 and its `AUGMENT_PARAMS` rows, on the training device,
+    and returns the normalised float32 NCHW batch (channels-last memory). torchvision clamps after each
     of brightness, contrast and saturation; the fused matrix clamps only the result, which differs
     only where an intermediate step saturated.
     """
 
     def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
         self.mean, self.std = cfg.mean, cfg.std
 
-    def __call__(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        batch, height, width, _ = images.shape
-        x = images.permute(0, 3, 1, 2).float()
+    def training_batch(self, batch: dict, device: torch.device,
+                       channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """A `train_loader` batch on `device`: (augmented, normalised images in the model's memory
+        format, labels, reasons for images dropped because the device could not decode them)."""
+        params = batch["augment"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        problems: list[str] = []
+        if "jpeg" in batch:
+            pixels, kept, problems = decode_crops_on_device(batch, self.cfg.image_size, device)
+            if problems and self.cfg.strict:
+                raise CorruptSample(f"{problems[0]} (data.strict=true; set data.strict=false to skip broken samples)")
+            if problems:
+                kept_index = torch.tensor(kept, device=device)
+                params, labels = params[kept_index], labels[kept_index]
+        else:
+            pixels = batch["image"].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+        images = self(pixels, params)
+        return images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format), labels, problems
+
+    def __call__(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
         hflip, vflip, angle = params[:, 0], params[:, 1], params[:, 2]
         if bool((hflip != 0).any() or (vflip != 0).any() or (angle != 0).any()):
             x = self._flip_rotate(x, hflip, vflip, angle)
@@ -324,10 +348,37 @@ def train_transform(cfg: DataConfig) -> TrainAugmentation:
     return TrainAugmentation(cfg)
 
 
-def training_images(batch: dict, augment: DeviceAugmentation, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """A `train_loader` batch's images on `device`, augmented and normalised, in the model's memory format."""
-    images = augment(batch["image"].to(device, non_blocking=True), batch["augment"].to(device, non_blocking=True))
-    return images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+def decode_crops_on_device(batch: dict, size: int, device: torch.device) -> tuple[torch.Tensor, list[int], list[str]]:
+    """`data.decode_on=device`: the batch's JPEGs decoded on `device` (nvJPEG on CUDA, in one batched
+    call), each cropped to its `crop_box` and resized to size x size by the antialiased bilinear kernel.
+
+    Returns (float NCHW pixels in 0..255, batch indices of the decoded images, reasons for the others).
+    A JPEG the decoder rejects fails the batched call, so then each is decoded alone and the broken
+    ones are left out (the worker only read its header).
+    """
+    data = list(torch.split(batch["jpeg"], batch["jpeg_lengths"].tolist()))
+    problems: list[str] = []
+    try:
+        images, kept = decode_jpeg(data, mode=ImageReadMode.RGB, device=device), list(range(len(data)))
+    except RuntimeError:
+        images, kept = [], []
+        for i, one in enumerate(data):
+            try:
+                images.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
+                kept.append(i)
+            except RuntimeError as error:
+                problems.append(f"{batch['key'][i]}: undecodable on {device.type}: {error}")
+    if not kept:
+        raise CorruptSample(f"no image of the batch could be decoded on {device.type}: {problems[0]}; "
+                            "check the shards with `gastro-dist verify`, or set data.decode_on=workers")
+    boxes = batch["crop_box"].tolist()
+    crops = []
+    for i, image in zip(kept, images):
+        left, top, right, bottom = boxes[i]
+        crop = image[:, top:bottom, left:right].unsqueeze(0).float()
+        crops.append(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True))
+    # rounded like the uint8 crops the workers make, so both paths feed the same values
+    return torch.cat(crops).round_().clamp_(0, 255), kept, problems
 
 
 def eval_transform(cfg: DataConfig) -> v2.Compose:
@@ -393,7 +444,7 @@ class ShardSamples(IterableDataset):
     def __init__(self, worker_chunks: list[list[Chunk]], transform, *, decode_short_side: int, stored_short_side: int = 0,
                  shuffle_buffer: int = 0, seed: int = 0, epoch: int = 0, rank: int = 0,
                  planned_per_worker: list[int] | None = None, skip_positions: list[int] | None = None,
-                 with_meta: bool = False, strict: bool = False, first_slot: int = 0):
+                 with_meta: bool = False, strict: bool = False, first_slot: int = 0, decode_on_device: bool = False):
         self.worker_chunks = worker_chunks
         self.transform = transform
         self.decode_short_side, self.stored_short_side = decode_short_side, stored_short_side
@@ -404,6 +455,7 @@ class ShardSamples(IterableDataset):
         self.with_meta = with_meta
         self.strict = strict
         self.first_slot = first_slot
+        self.decode_on_device = decode_on_device
 
     def _raw_samples(self, chunks: list[Chunk], problems: list[str]) -> Iterator[dict]:
         for chunk in chunks:
@@ -441,11 +493,22 @@ class ShardSamples(IterableDataset):
         image_bytes = sample.get("jpg") or sample.get("png")
         if image_bytes is None or "cls" not in sample:
             raise ValueError("sample has no image or no cls member")
+        if self.decode_on_device:
+            return {**self._undecoded(image_bytes), "label": int(sample["cls"])}
         transformed = self.transform(decode_stored(image_bytes, self.decode_short_side, self.stored_short_side))
         if isinstance(self.transform, TrainAugmentation):
             image, augment = transformed
             return {"image": image, "augment": augment, "label": int(sample["cls"])}
         return {"image": transformed, "label": int(sample["cls"])}
+
+    def _undecoded(self, image_bytes: bytes) -> dict:
+        """`data.decode_on=device`: only the JPEG header is read here, for the size the crop is drawn for."""
+        header = Image.open(io.BytesIO(image_bytes))
+        if header.format != "JPEG":
+            raise ValueError(f"a {header.format} member: data.decode_on=device decodes JPEGs only; use data.decode_on=workers")
+        box, params, _ = self.transform.draw(*header.size)
+        return {"jpeg": torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8),
+                "crop_box": torch.tensor(box), "augment": params}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -510,12 +573,23 @@ class _augmentation_seed:
         return False
 
 
+def collate_samples(items: list[dict]) -> dict:
+    """torch's default collation, except that JPEG bytes of different lengths (`data.decode_on=device`)
+    become one byte tensor and their lengths: one shared-memory block per batch, not one per image."""
+    if "jpeg" not in items[0]:
+        return default_collate(items)
+    jpegs = [item.pop("jpeg") for item in items]
+    batch = default_collate(items)
+    batch["jpeg"], batch["jpeg_lengths"] = torch.cat(jpegs), torch.tensor([len(j) for j in jpegs])
+    return batch
+
+
 def _loader(dataset: ShardSamples, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
     # Its own generator: creating the iterator would otherwise draw from the global RNG, so a
     # resumed epoch (iterator created after the RNG state is restored) would get other dropout masks.
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=False, prefetch_factor=4 if num_workers else None,
-                      generator=torch.Generator().manual_seed(0))
+                      collate_fn=collate_samples, generator=torch.Generator().manual_seed(0))
 
 
 def train_loader(index: ShardIndex, cfg: DataConfig, *, seed: int, epoch: int, rank: int, world_size: int,
@@ -539,7 +613,7 @@ def train_loader(index: ShardIndex, cfg: DataConfig, *, seed: int, epoch: int, r
                            stored_short_side=index.stored_short_side,
                            shuffle_buffer=cfg.shuffle_buffer, seed=seed, epoch=epoch, rank=rank,
                            planned_per_worker=remaining, skip_positions=positions, strict=cfg.strict,
-                           first_slot=resume_batches % num_slots)
+                           first_slot=resume_batches % num_slots, decode_on_device=cfg.decode_on == "device")
     return _loader(dataset, cfg.batch_size, cfg.num_workers, pin_memory)
 
 

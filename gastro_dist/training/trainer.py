@@ -498,8 +498,8 @@ class Trainer:
             if self.watch.agreed():
                 self.save_state(state, scheduler, positions)
                 raise Preempted()
-            images = pipeline.training_images(batch, self.augment, accelerator.device, config.model.channels_last)
-            labels = batch["label"].to(accelerator.device, non_blocking=True)
+            images, labels, undecodable = self.augment.training_batch(batch, accelerator.device, config.model.channels_last)
+            self.skipped_local.extend(undecodable)
             is_update = (state.micro_step + 1) % accum == 0 or state.micro_step + 1 == self.micro_steps
             with accelerator.no_sync(ddp_model) if not is_update else contextlib.nullcontext():
                 with accelerator.autocast():
