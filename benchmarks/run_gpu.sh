@@ -40,6 +40,7 @@ train() {  # NAME MODEL BATCH SIZE [extra flags]: compute only and end to end fr
 
 train resnet50-224-bf16-cl resnet50 256 224
 train resnet50-224-bf16-cl-compile resnet50 256 224 --compile
+train resnet50-224-bf16-cl-decode-on-device resnet50 256 224 --decode-on device
 train vgg19-224-bf16-cl vgg19 128 224
 train vgg19-224-bf16-cl-compile vgg19 128 224 --compile
 train inception_v3-299-bf16-cl inception_v3 128 299
@@ -50,4 +51,6 @@ for size in 224 299; do
         --workers "$workers" --batches 40 --batch-size 128 --image-size "$size" \
         --json "$out_dir/loader-$size.json" 2>&1 | tee -a "$log"
 done
+python -m gastro_dist bench loader --shards "$work_dir/shards224" --workers "$workers" --batches 40 --batch-size 128 \
+    --image-size 224 --decode-on device --json "$out_dir/loader-224-decode-on-device.json" 2>&1 | tee -a "$log"
 echo "results in $out_dir"
