@@ -249,7 +249,7 @@ class TrainAugmentation:
         else:
             crop = image[:, top:bottom, left:right]
         # NCHW in channels-last memory: what torch's fast uint8 antialiased kernel takes (a decoded
-        # JPEG already is, so this is no copy)
+        # JPEG already has that layout, so this copies only the crop, without transposing)
         crop = crop.unsqueeze(0).contiguous(memory_format=torch.channels_last)
         resized = F.interpolate(crop, size=(self.size, self.size), mode="bilinear", antialias=True)
         return resized.squeeze(0).permute(1, 2, 0).contiguous()
@@ -266,7 +266,17 @@ class DeviceAugmentation:
 
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
-        self.mean, self.std = cfg.mean, cfg.std
+        self._constants_on: dict[torch.device, dict[str, torch.Tensor]] = {}
+
+    def _constants(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Mean, std, grey weights and clamp bounds on `device`, made once: building them each step
+        would be a blocking host-to-device copy, a wait for the GPU."""
+        if device not in self._constants_on:
+            mean, std = torch.tensor(self.cfg.mean), torch.tensor(self.cfg.std)
+            values = {"mean": mean, "std": std, "grey_weights": torch.tensor(_GRAY_WEIGHTS), "eye": torch.eye(3),
+                      "low": -mean / std, "high": (1 - mean) / std}
+            self._constants_on[device] = {name: value.to(device) for name, value in values.items()}
+        return self._constants_on[device]
 
     def training_batch(self, batch: dict, device: torch.device,
                        channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -296,9 +306,8 @@ class DeviceAugmentation:
         matrix, offset = self._jitter_matrix(x, params)
         pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, 3)
         out = torch.baddbmm(offset.unsqueeze(1), pixels, matrix.transpose(1, 2))
-        low = torch.tensor([-m / s for m, s in zip(self.mean, self.std)], device=out.device)
-        high = torch.tensor([(1 - m) / s for m, s in zip(self.mean, self.std)], device=out.device)
-        out = torch.minimum(torch.maximum(out, low), high)
+        constants = self._constants(out.device)
+        out = torch.minimum(torch.maximum(out, constants["low"]), constants["high"])
         return out.view(batch, height, width, 3).permute(0, 3, 1, 2)
 
     @staticmethod
@@ -322,7 +331,8 @@ class DeviceAugmentation:
         so does their composition: only (a, b, c) per image is tracked (w sums to `_GRAY_SUM`, not 1).
         """
         brightness, contrast, saturation = params[:, 3], params[:, 4], params[:, 5]
-        weights = torch.tensor(_GRAY_WEIGHTS, device=x.device)
+        constants = self._constants(x.device)
+        weights = constants["grey_weights"]
         image_grey = x.mean(dim=(2, 3)) @ weights  # mean grey level of each image before jitter
         a, b, c = torch.ones_like(brightness), torch.zeros_like(brightness), torch.zeros_like(brightness)
         for position in range(3):
@@ -336,9 +346,7 @@ class DeviceAugmentation:
                  c * (saturation + (1 - saturation) * _GRAY_SUM)),                       # with each pixel's grey
             )
             a, b, c = (torch.where(step == 0, c0, torch.where(step == 1, c1, c2)) for c0, c1, c2 in zip(*candidates))
-        mean = torch.tensor(self.mean, device=x.device)
-        std = torch.tensor(self.std, device=x.device)
-        eye = torch.eye(3, device=x.device)
+        mean, std, eye = constants["mean"], constants["std"], constants["eye"]
         matrix = (a[:, None, None] * eye + b[:, None, None] * weights) / (255 * std[:, None])
         offset = (c[:, None] / 255 - mean) / std
         return matrix, offset
