@@ -111,12 +111,12 @@ class LoaderRun:
         }
 
 
-def time_batches(image_batches: Iterable) -> LoaderRun:
-    """Consume every batch of `image_batches` (tensors of images); the clock starts at the first batch."""
+def time_batches(per_image_batches: Iterable) -> LoaderRun:
+    """Consume every batch (a tensor with one row per image); the clock starts at the first batch."""
     times_before, main_before = os.times(), time.process_time()
     batches = images = timed_images = 0
     start = None
-    for images_tensor in image_batches:
+    for images_tensor in per_image_batches:
         batches += 1
         images += images_tensor.shape[0]
         if start is None:
@@ -133,7 +133,7 @@ def time_batches(image_batches: Iterable) -> LoaderRun:
     return LoaderRun(batches, images, timed_images, wall_s, worker_cpu_s, time.process_time() - main_before)
 
 
-def shard_image_batches(shard_dir: Path, data, min_batches: int) -> Iterator:
+def shard_batches(shard_dir: Path, data, min_batches: int) -> Iterator:
     """The label tensor of each `train_loader` batch (one per image, decoded or not: `data.decode_on`),
     whole epochs until at least `min_batches`: every image a worker reads is consumed, so its CPU time
     is counted for an image."""
@@ -186,7 +186,7 @@ def bench_loader(shards: Path, *, source: Path | None, num_workers: int, num_bat
     data = DataConfig(image_size=image_size, batch_size=batch_size, num_workers=num_workers, decode_on=decode_on)
     machine = machine_description()
     with _one_thread_like_a_worker(num_workers == 0):
-        shard_run = time_batches(shard_image_batches(shards, data, num_batches)).summary(num_workers)
+        shard_run = time_batches(shard_batches(shards, data, num_batches)).summary(num_workers)
         baseline = time_batches(image_folder_batches(source, data, num_batches)).summary(num_workers) if source else None
     return {
         "shards_images_per_s": shard_run["images_per_s"],
