@@ -14,4 +14,16 @@ __version__ = "0.1.0"
 
 
 class UserError(Exception):
-    """A mistake the user can fix (bad config, missing file). The CLI prints it as one line."""
+    """A mistake the user can fix in the command line or the config (a bad value, a missing file).
+
+    The CLI prints it as one line on stderr and exits with `exit_status` 2, like argparse's usage errors.
+    """
+
+    exit_status = 2
+
+
+class RunFailure(UserError):
+    """The command was right but the run could not complete: unreadable input data, a full disk,
+    a diverged training. One line on stderr, exit status 1."""
+
+    exit_status = 1

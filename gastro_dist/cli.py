@@ -2,8 +2,11 @@
 
 Every handler below imports its module lazily so that `gastro-dist --help` and the data
 commands start fast and do not import torch when they need not.
-A `UserError` (or a `FileNotFoundError` / `ValueError` raised while reading user input)
-is printed as one line on stderr with exit status 2, never as a traceback.
+Exit status: 0 success; 1 the run failed (`RunFailure`: unreadable data, divergence; or an
+`OSError` such as a full disk or a path that cannot be written), printed as one line on stderr;
+2 a usage error (argparse's, or a `UserError`: a bad option, config value or missing input),
+also one line; 75 a training run was preempted and checkpointed (run it again to resume);
+130 interrupted. A traceback means a bug in gastro-dist.
 """
 
 from __future__ import annotations
@@ -269,7 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except UserError as err:
         print(f"gastro-dist {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_status
+    except OSError as err:  # a full disk, a folder that cannot be created, a file that cannot be read
+        where = f": {err.filename}" if err.filename else ""
+        print(f"gastro-dist {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"gastro-dist {args.command}: interrupted", file=sys.stderr)
         return 130
