@@ -48,6 +48,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         workers=args.workers,
         seed=args.seed,
+        max_file_mb=args.max_file_mb,
     )
     result = pack_dataset(
         src=args.src,
@@ -95,6 +96,8 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-file-mb", type=float, default=512.0,
+                   help="files larger than this many MB (10^6 bytes) are rejected without being read")
     p.set_defaults(handler=_cmd_pack)
 
     p = sub.add_parser("verify", help="re-read every shard and check it against index.json")

@@ -1,7 +1,9 @@
 """Synthetic data set generator: determinism, manifest, frame geometry, class evidence, argument checks."""
 
 import csv
+import errno
 import hashlib
+import os
 import re
 from collections import Counter, defaultdict
 
@@ -209,3 +211,18 @@ def test_cli_synth_command(tmp_path, capsys):
     assert len(_manifest(tmp_path / "cli")) == 1 + len(CLASSES)
     assert main(["synth", "--out", str(tmp_path / "bad"), "--per-class", "1", "--style", "sepia"]) == 2
     assert "unknown style" in capsys.readouterr().err
+
+
+def test_cli_synth_write_failures_are_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    assert main(["synth", "--out", "/dev/null/x", "--per-class", "1", "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Not a directory: /dev/null/x" in err
+
+    def disk_full(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(fp))
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)  # forked workers inherit the patch
+    assert main(["synth", "--out", str(tmp_path / "full"), "--per-class", "1", "--size-range", "96", "128",
+                 "--workers", "2"]) == 1  # the error crosses the process pool as the same OSError
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err

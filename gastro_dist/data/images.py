@@ -1,15 +1,18 @@
 """Reading one image file as an 8-bit RGB picture, or saying exactly why it cannot be used.
 
 Owns the rules shared by packing (`gastro_dist.data.pack`) and prediction: which file
-extensions count as images, the decompression-bomb limit, full decoding (so truncated files
-are caught here and not in the middle of training), EXIF orientation, and the conversion of
-every PIL mode we meet in hospital exports (grayscale, 16-bit, palette, CMYK, alpha) to RGB.
+extensions count as images, which files may be read at all (regular files under a size cap),
+the decompression-bomb limit, full decoding (so truncated files are caught here and not in the
+middle of training), EXIF orientation, and the conversion of every PIL mode we meet in hospital
+exports (grayscale, 16-bit, palette, CMYK, alpha) to RGB.
 Every failure is raised as `BadImage` with a short reason that is written to rejected.jsonl.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -20,6 +23,10 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 
 # 100 MP is ~10x a 4K endoscopy frame; PIL itself refuses anything above 2 * Image.MAX_IMAGE_PIXELS.
 DEFAULT_MAX_PIXELS = 100_000_000
+
+# A 4K frame is a few MB, 50 MB even as 16-bit uncompressed TIFF; the cap bounds what one read holds in memory.
+DEFAULT_MAX_FILE_BYTES = 512_000_000
+_READ_CHUNK_BYTES = 1 << 16  # read request after the first (of the stat size): small, as it usually just finds the end
 
 # Modes whose samples are wider than 8 bits; their 8-bit rendering needs scaling, not clipping.
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
@@ -37,6 +44,52 @@ class BadImage(Exception):
 def is_image_path(path: str | Path) -> bool:
     """True for the extensions we pack (case-insensitive); everything else is listed as skipped."""
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def file_type(mode: int) -> str:
+    """What a stat mode is, in words: 'file' for a regular file, else 'folder', 'FIFO', 'character device' ..."""
+    if stat.S_ISREG(mode):
+        return "file"
+    kinds = ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+    return next((name for is_kind, name in kinds if is_kind(mode)), "special file")
+
+
+def _check_readable(info: os.stat_result, max_bytes: int) -> None:
+    """Raise `BadImage` unless `info` describes a regular file within the size cap."""
+    kind = file_type(info.st_mode)
+    if kind != "file":
+        raise BadImage(f"not a regular file: {kind}")
+    if info.st_size > max_bytes:
+        raise BadImage(f"file too large: {info.st_size} bytes, the limit is {max_bytes}")
+
+
+def read_image_file(path: str | Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file (links followed) of at most `max_bytes`, or `BadImage` saying why not.
+
+    A device is never opened (a link to /dev/zero would be read until memory runs out) nor a FIFO (opening
+    one blocks until a writer comes). The size is checked before reading and at most max_bytes + 1 bytes
+    are read, so a file that grows meanwhile is still bounded.
+    """
+    try:
+        _check_readable(os.stat(path), max_bytes)
+        # O_NONBLOCK: should the path have been swapped for a FIFO since the stat, open still returns at once
+        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb", buffering=0) as handle:
+            info = os.fstat(handle.fileno())
+            _check_readable(info, max_bytes)  # what was opened, not what the path named a moment ago
+            chunks, num_bytes, request = [], 0, info.st_size + 1  # one read for the file, one to see its end
+            while num_bytes <= max_bytes:
+                chunk = handle.read(min(request, max_bytes + 1 - num_bytes))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                num_bytes += len(chunk)
+                request = _READ_CHUNK_BYTES
+    except OSError as err:
+        raise BadImage(f"unreadable file: {err.strerror or err}") from None
+    if num_bytes > max_bytes:
+        raise BadImage(f"file too large: grew past the limit of {max_bytes} bytes while being read")
+    return b"".join(chunks)
 
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -146,13 +199,7 @@ def load_rgb(
     min_short_side_px: int | None = None,
 ) -> Image.Image:
     """Load a file (path or its bytes) as a fully decoded, upright, 8-bit RGB image or raise `BadImage`."""
-    if isinstance(source, (str, Path)):
-        try:
-            data = Path(source).read_bytes()
-        except OSError as err:
-            raise BadImage(f"unreadable file: {err.strerror or err}") from None
-    else:
-        data = source
+    data = read_image_file(source) if isinstance(source, (str, Path)) else source
     return decode_rgb(open_image(data, max_pixels), min_short_side_px)
 
 

@@ -14,7 +14,9 @@ import hashlib
 import json
 import multiprocessing
 import os
+import posixpath
 import random
+import unicodedata
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -23,18 +25,22 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from gastro_dist import UserError
 from gastro_dist.data.images import (
+    DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_PIXELS,
     BadImage,
     decode_rgb,
     encode_jpeg,
+    file_type,
     is_image_path,
     load_rgb,
     open_image,
+    read_image_file,
     shrink_to_short_side,
 )
 
@@ -64,6 +70,7 @@ class PackSettings:
     shard_size: int = 1000
     workers: int | None = None
     seed: int = 0
+    max_file_mb: float = DEFAULT_MAX_FILE_BYTES / 1e6  # larger files are rejected without being read
 
     def __post_init__(self) -> None:
         problems = []
@@ -93,6 +100,8 @@ class PackSettings:
             problems.append(f"--shard-size must be at least 1, got {self.shard_size}")
         if self.workers is not None and self.workers < 1:
             problems.append(f"--workers must be at least 1, got {self.workers}")
+        if not self.max_file_mb > 0:
+            problems.append(f"--max-file-mb must be positive, got {self.max_file_mb}")
         if problems:
             raise UserError("; ".join(problems))
 
@@ -102,6 +111,11 @@ class PackSettings:
         if self.resize_short is None:
             return round(self.input_size / 0.875)  # the usual resize-then-centre-crop ratio (224 -> 256)
         return self.resize_short
+
+    @property
+    def max_file_bytes(self) -> int:
+        """The file-size cap in bytes (an MB is 10^6 bytes)."""
+        return int(self.max_file_mb * 1e6)
 
 
 @dataclass(frozen=True)
@@ -172,11 +186,13 @@ def pack_dataset(
     console = Console(stderr=True, soft_wrap=True)
     src, out_dir = Path(src).resolve(), Path(out_dir).resolve()
     _check_folders(src, out_dir)
-    label_for = _load_class_map(Path(class_map)) if class_map else None
+    label_for = _load_class_map(Path(class_map), console) if class_map else None
     if manifest:
         inputs = _read_manifest(Path(manifest), src, label_for, console)
     else:
         inputs = _scan_class_folders(src, out_dir, label_for, console)
+    if label_for is None:  # class names are folder names or manifest labels as written (a map's are checked already)
+        _normalise_class_names(inputs, "manifest labels" if manifest else "folders", console)
     files_seen = len(inputs.images) + len(inputs.skipped) + len(inputs.rejected)  # before validation moves any
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_jsonl(out_dir / SKIPPED_FILE, inputs.skipped)
@@ -187,7 +203,7 @@ def pack_dataset(
     num_workers = min(settings.workers or _available_cpus(), -(-len(inputs.images) // _IMAGES_PER_TASK))
 
     with _Workers(num_workers) as workers:
-        valid = _validate(inputs, workers, console)
+        valid = _validate(inputs, workers, settings.max_file_bytes, console)
         kept, dropped, conflicts = _drop_duplicates(valid, inputs.rejected)
         _write_jsonl(out_dir / REJECTED_FILE, inputs.rejected)
         _write_jsonl(out_dir / DUPLICATES_FILE, conflicts)
@@ -235,11 +251,14 @@ def _available_cpus() -> int:
 
 
 # ---------------------------------------------------------------- discovery
-def _load_class_map(path: Path) -> dict[str, str]:
-    """Map of folder path (or manifest label) to class name, keys normalised to 'a/b/c'."""
+def _load_class_map(path: Path, console: Console) -> dict[str, str]:
+    """Map of folder path (or manifest label) to class name, keys normalised to NFC 'a/b/c', names checked."""
     if not path.is_file():
         raise UserError(f"class map {path} not found; pass a YAML or JSON file mapping folders to classes")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"class map {path} is not UTF-8 text; save it as UTF-8") from None
     try:
         if path.suffix.lower() == ".json":
             mapping = json.loads(text)
@@ -251,16 +270,68 @@ def _load_class_map(path: Path) -> dict[str, str]:
         raise UserError(f"class map {path} cannot be parsed ({type(err).__name__}: {err}); fix its syntax") from None
     if not isinstance(mapping, dict) or not mapping:
         raise UserError(f"class map {path} must be a non-empty mapping of folder -> class name")
-    label_for = {}
+    names_as_written = {}
     for key, value in mapping.items():
         if not isinstance(value, str) or not value.strip():
             raise UserError(f"class map {path}: the class for {key!r} must be a non-empty string")
-        label_for[_normalise_relative(str(key))] = value.strip()
-    return label_for
+        names_as_written[_map_key(str(key))] = value.strip()
+    class_of = _class_names(set(names_as_written.values()), "class map values", console)
+    return {key: class_of[name] for key, name in names_as_written.items()}
 
 
-def _normalise_relative(path: str) -> str:
-    return path.strip().replace("\\", "/").strip("/")
+def _nfc(text: str) -> str:
+    """One spelling per name: macOS stores names decomposed (NFD), most other systems composed (NFC)."""
+    return unicodedata.normalize("NFC", text)
+
+
+def _map_key(text: str) -> str:
+    """A class-map key, or the folder path or manifest label looked up in the map: NFC, 'a/b/c'."""
+    return _nfc(text).strip().replace("\\", "/").strip("/")
+
+
+def _unprintable_characters(text: str) -> list[str]:
+    """Control, format, surrogate, private-use and unassigned characters (Unicode category C*) in `text`."""
+    return sorted({char for char in text if unicodedata.category(char).startswith("C")})
+
+
+def _class_names(names_as_written: set[str], what: str, console: Console) -> dict[str, str]:
+    """Map each class name as written to the name used everywhere (NFC), refusing ambiguous or unsafe names.
+
+    Names that differ only in Unicode normalisation become one class, with a warning. Names that differ
+    only in case are refused (a person must say whether they are one class), and so are names holding
+    control characters or path separators: class names end up in CSV headers, tracker keys and file names.
+    """
+    spellings: dict[str, set[str]] = defaultdict(set)
+    for name in sorted(names_as_written):
+        bad = _unprintable_characters(name) + [char for char in "/\\" if char in name]
+        if bad:
+            raise UserError(f"class name {name!r} contains {', '.join(map(repr, bad))}; rename it, or give it a "
+                            "clean name with --class-map (a YAML/JSON file mapping folders or labels to class names)")
+        spellings[_nfc(name)].add(name)
+    for name, forms in sorted(spellings.items()):
+        if len(forms) > 1:
+            console.print(f"[yellow]warning:[/] {what} {escape(' and '.join(map(ascii, sorted(forms))))} differ only "
+                          f"in Unicode normalisation; packed as one class {escape(repr(name))}")
+    by_case: dict[str, list[str]] = defaultdict(list)
+    for name in sorted(spellings):
+        by_case[name.casefold()].append(name)
+    for names in by_case.values():
+        if len(names) > 1:
+            raise UserError(f"class names {' and '.join(map(repr, names))} differ only in case; merge them into one "
+                            "class with --class-map (a YAML/JSON file mapping folders or labels to class names), "
+                            "or rename them")
+    return {name: _nfc(name) for name in names_as_written}
+
+
+def _normalise_class_names(inputs: _Inputs, what: str, console: Console) -> None:
+    """Replace the labels of inputs (images and rejected files) by their checked class names."""
+    class_of = _class_names({image.label for image in inputs.images} |
+                            {entry["label"] for entry in inputs.rejected if entry.get("label")}, what, console)
+    for image in inputs.images:
+        image.label = class_of[image.label]
+    for entry in inputs.rejected:
+        if entry.get("label"):
+            entry["label"] = class_of[entry["label"]]
 
 
 def _warn_unused_keys(label_for: dict[str, str], used_keys: set[str], what: str, console: Console) -> None:
@@ -282,7 +353,7 @@ def _scan_class_folders(src: Path, out_dir: Path, label_for: dict[str, str] | No
             label = folders[0] if folders else None
             missing_reason = "not inside a class folder"
         else:
-            prefixes = ("/".join(folders[:depth]) for depth in range(len(folders), 0, -1))
+            prefixes = (_map_key("/".join(folders[:depth])) for depth in range(len(folders), 0, -1))
             key = next((prefix for prefix in prefixes if prefix in label_for), None)
             label = label_for[key] if key else None
             used_keys.add(key or "")
@@ -327,78 +398,127 @@ def _walk_tree(src: Path, exclude_dir: Path, skipped: list[dict]) -> list[tuple[
             elif is_dir:
                 if os.path.realpath(entry.path) != str(exclude_dir):
                     visit(Path(entry.path), rel_path, ancestors | {real})
-            elif entry.is_file() or entry.is_symlink():  # a broken link is rejected as unreadable later
+            elif entry.is_file():  # links followed
                 files.append((rel_path, Path(entry.path)))
             else:
-                skipped.append({"path": rel_path, "reason": "not a regular file"})
+                try:
+                    kind = file_type(entry.stat().st_mode)  # never opened: a FIFO blocks, a device never ends
+                except OSError:  # a broken link: rejected as unreadable later, with its label
+                    files.append((rel_path, Path(entry.path)))
+                else:
+                    skipped.append({"path": rel_path, "reason": f"not a regular file: {kind}"})
 
     visit(src, "", frozenset())
     return files
 
 
 def _read_manifest(manifest: Path, src: Path, label_for: dict[str, str] | None, console: Console) -> _Inputs:
-    """Only manifest rows are inputs; with a class map, labels are renamed and unmapped ones skipped."""
+    """Only manifest rows are inputs; with a class map, labels are renamed and unmapped ones skipped.
+
+    Rows are untrusted: a path leading outside SRC is skipped and never read, and so is anything but a regular file.
+    """
     if not manifest.is_file():
         raise UserError(f"manifest {manifest} not found; pass a CSV with columns path,label[,patient_id]")
     inputs = _Inputs()
     used_keys: set[str] = set()
-    with manifest.open(newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheet exports add a BOM
-        reader = csv.DictReader(handle)
-        reader.fieldnames = [name.strip().lower() for name in reader.fieldnames or []]  # "Path, Label" works too
-        columns = set(reader.fieldnames)
-        missing_columns = [name for name in ("path", "label") if name not in columns]
-        if missing_columns:
-            raise UserError(
-                f"manifest {manifest} lacks column(s) {', '.join(missing_columns)}; "
-                "its first row must be a header with path,label[,patient_id]"
-            )
-        for row_number, raw_row in enumerate(reader, start=2):
-            row = {key: (value or "").strip() for key, value in raw_row.items() if key}
-            path, source = _manifest_path(row["path"], src, row_number)
-            label, patient_id = row["label"], row.get("patient_id") or None
-            if label_for is not None and label:
-                used_keys.add(label)
-                label = label_for.get(label, "")
-                if not label:
-                    inputs.skipped.append({"path": source, "reason": "no class mapping", "label": row["label"]})
-                    continue
-            image = _InputImage(path=path, source=source, label=label, patient_id=patient_id)
-            if not row["path"]:
-                inputs.rejected.append(image.entry("empty path in manifest", manifest_row=row_number))
-            elif not label:
-                inputs.rejected.append(image.entry("empty label in manifest", manifest_row=row_number))
-            elif not is_image_path(source):
-                inputs.skipped.append({"path": source, "reason": "not an image extension", "label": label})
-            elif not image.path.is_file():
-                inputs.rejected.append(image.entry("missing file"))
-            else:
+    for row_number, row in _manifest_rows(manifest):
+        source = _manifest_source(row["path"], src) if row["path"] else f"<manifest row {row_number}>"
+        label, patient_id = row["label"], _nfc(row.get("patient_id", "")) or None
+        if label_for is not None and label:
+            used_keys.add(_map_key(label))
+            label = label_for.get(_map_key(label), "")
+            if not label:
+                inputs.skipped.append({"path": source or row["path"], "reason": "no class mapping",
+                                       "label": row["label"]})
+                continue
+        if source is None:
+            inputs.skipped.append({"path": row["path"], "reason": "outside the source folder", "label": label})
+            continue
+        image = _InputImage(path=src / source, source=source, label=label, patient_id=patient_id)
+        if not row["path"]:
+            inputs.rejected.append(image.entry("empty path in manifest", manifest_row=row_number))
+        elif not label:
+            inputs.rejected.append(image.entry("empty label in manifest", manifest_row=row_number))
+        elif not is_image_path(source):
+            inputs.skipped.append({"path": source, "reason": "not an image extension", "label": label})
+        else:
+            try:
+                kind = file_type(os.stat(image.path).st_mode)  # links followed, nothing opened
+            except OSError as err:
+                missing = isinstance(err, (FileNotFoundError, NotADirectoryError))
+                inputs.rejected.append(image.entry("missing file" if missing else
+                                                   f"unreadable file: {err.strerror or err}"))
+                continue
+            if kind == "file":
                 inputs.images.append(image)
+            else:
+                inputs.skipped.append({"path": source, "reason": f"not a regular file: {kind}", "label": label})
     if label_for is not None:
         _warn_unused_keys(label_for, used_keys, "manifest label", console)
     return inputs
 
 
-def _manifest_path(cell: str, src: Path, row_number: int) -> tuple[Path, str]:
-    """(path to read, source as recorded): relative paths are under SRC; absolute ones are kept."""
-    if not cell:
-        return src, f"<manifest row {row_number}>"
-    as_written = Path(cell.replace("\\", "/"))
-    if not as_written.is_absolute():
-        return src / as_written, _normalise_relative(cell)
-    if as_written.is_relative_to(src):
-        return as_written, as_written.relative_to(src).as_posix()
-    return as_written, as_written.as_posix()
+def _manifest_rows(manifest: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, stripped cells by lower-case column name) of each data row of a UTF-8 CSV."""
+    try:
+        with manifest.open(newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheet exports add a BOM
+            reader = csv.DictReader(handle)
+            reader.fieldnames = [name.strip().lower() for name in reader.fieldnames or []]  # "Path, Label" works too
+            missing_columns = [name for name in ("path", "label") if name not in reader.fieldnames]
+            if missing_columns:
+                raise UserError(
+                    f"manifest {manifest} lacks column(s) {', '.join(missing_columns)}; "
+                    "its first row must be a header with path,label[,patient_id]"
+                )
+            for row_number, raw_row in enumerate(reader, start=2):
+                row = {key: (value or "").strip() for key, value in raw_row.items() if key}
+                _refuse_damaged_row(manifest, row_number, row)
+                yield row_number, row
+    except UnicodeDecodeError:
+        raise UserError(f"manifest {manifest} is not UTF-8 text; save it as UTF-8 ('CSV UTF-8')") from None
+    except csv.Error as err:
+        raise UserError(f"manifest {manifest} is not a readable CSV ({err}); save it again as CSV") from None
+
+
+def _refuse_damaged_row(manifest: Path, row_number: int, row: dict[str, str]) -> None:
+    """A NUL in a path or an unprintable character in a patient id means a damaged (or hostile) manifest: stop.
+
+    (A patient id is the unit the splits keep apart, so a garbled one must not silently become a new patient.)
+    """
+    if "\0" in row["path"]:
+        raise UserError(f"manifest {manifest} row {row_number}: the path {row['path']!r} contains a NUL character; "
+                        "fix that row")
+    bad = _unprintable_characters(row.get("patient_id", ""))
+    if bad:
+        raise UserError(f"manifest {manifest} row {row_number}: patient_id {row['patient_id']!r} contains "
+                        f"{', '.join(map(repr, bad))}; fix that row")
+
+
+def _manifest_source(cell: str, src: Path) -> str | None:
+    """The row's path relative to SRC with forward slashes, or None when it leads outside SRC.
+
+    '..' is resolved on the text ('a/../b.jpg' is 'b.jpg'), so it can never climb out of SRC through a folder
+    link. An absolute path counts when it lies under SRC as written or once its folder links are resolved.
+    """
+    path = posixpath.normpath(cell.replace("\\", "/"))
+    if not posixpath.isabs(path):
+        return None if path == ".." or path.startswith("../") else path
+    folder, name = posixpath.split(path)
+    for candidate in (Path(folder), Path(os.path.realpath(folder))):
+        if candidate.is_relative_to(src):
+            return (candidate.relative_to(src) / name).as_posix()
+    return None
 
 
 # ---------------------------------------------------------------- validation (worker processes)
-def _inspect_files(paths: list[Path], max_pixels: int) -> list[_Inspection]:
+def _inspect_files(paths: list[Path], max_pixels: int, max_file_bytes: int) -> list[_Inspection]:
     """Hash and fully decode each file (at the cheapest JPEG scale: the whole stream is still read)."""
     results = []
     for path in paths:
         try:
-            data = path.read_bytes()
-        except OSError as err:
-            results.append(_Inspection("", (0, 0), f"unreadable file: {err.strerror or err}"))
+            data = read_image_file(path, max_file_bytes)
+        except BadImage as err:
+            results.append(_Inspection("", (0, 0), err.reason))
             continue
         sha256 = hashlib.sha256(data).hexdigest()
         try:
@@ -414,12 +534,13 @@ def _inspect_files(paths: list[Path], max_pixels: int) -> list[_Inspection]:
     return results
 
 
-def _encode_files(jobs: list[tuple[Path, str]], short_side_px: int, quality: int, max_pixels: int) -> list[_Encoded]:
+def _encode_files(jobs: list[tuple[Path, str]], short_side_px: int, quality: int, max_pixels: int,
+                  max_file_bytes: int) -> list[_Encoded]:
     """Decode, shrink and re-encode each (path, expected sha256); a file edited since validation is rejected."""
     results = []
     for path, expected_sha256 in jobs:
         try:
-            data = path.read_bytes()
+            data = read_image_file(path, max_file_bytes)
             if hashlib.sha256(data).hexdigest() != expected_sha256:
                 raise BadImage("file changed during packing")
             img = load_rgb(data, max_pixels=max_pixels, min_short_side_px=short_side_px or None)
@@ -474,10 +595,10 @@ def _progress(console: Console) -> Progress:
                     console=console, transient=True, disable=not console.is_terminal)
 
 
-def _validate(inputs: _Inputs, workers: _Workers, console: Console) -> list[_InputImage]:
+def _validate(inputs: _Inputs, workers: _Workers, max_file_bytes: int, console: Console) -> list[_InputImage]:
     """Fill sha256/orig_size of the readable images; move the others to inputs.rejected."""
     valid = []
-    inspect = functools.partial(_inspect_files, max_pixels=DEFAULT_MAX_PIXELS)
+    inspect = functools.partial(_inspect_files, max_pixels=DEFAULT_MAX_PIXELS, max_file_bytes=max_file_bytes)
     with _progress(console) as progress:
         task = progress.add_task("validating", total=len(inputs.images))
         paths = [image.path for image in inputs.images]
@@ -676,7 +797,8 @@ def _write_shards(splits: dict[str, list[_InputImage]], classes: list[str], out_
         random.Random(f"{settings.seed}:{split}:order").shuffle(images)  # so every shard mixes classes
         ordered.extend((split, position, image) for position, image in enumerate(images))
     encode = functools.partial(_encode_files, short_side_px=settings.stored_short_side_px,
-                               quality=settings.quality, max_pixels=DEFAULT_MAX_PIXELS)
+                               quality=settings.quality, max_pixels=DEFAULT_MAX_PIXELS,
+                               max_file_bytes=settings.max_file_bytes)
     results = workers.map_in_order(encode, [(image.path, image.sha256) for _, _, image in ordered])
 
     samples_per_file: dict[str, Counter] = {split: Counter() for split in SPLITS}
