@@ -166,22 +166,27 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from gastro_dist.evaluation.evaluate import cam_files
-    from gastro_dist.evaluation.inference import load_trained_model, predict_files
+    from gastro_dist.evaluation.inference import check_output_folder, load_trained_model, predict_files
 
     trained = load_trained_model(args.run, args.checkpoint)
+    if args.cam:
+        check_output_folder(args.cam, args.inputs, "--cam")  # before the CSV is written
     counts = predict_files(trained, args.inputs, args.out, batch_size=args.batch_size, tta=args.tta)
     print(f"{counts['predicted']} images predicted, {counts['errors']} unreadable: {args.out}")
+    failed = []
     if args.cam:
         files = [p for p in args.inputs if Path(p).is_file() and Path(p).suffix != ".tar"]
-        cam_files(args.run, files, args.cam, checkpoint=args.checkpoint)
-    return 0
+        _, failed = cam_files(trained, files, args.cam)
+    return 1 if counts["errors"] or failed else 0
 
 
 def _cmd_cam(args: argparse.Namespace) -> int:
     from gastro_dist.evaluation.evaluate import cam_files
+    from gastro_dist.evaluation.inference import load_trained_model
 
-    cam_files(args.run, args.images, args.out, checkpoint=args.checkpoint, class_name=args.class_name)
-    return 0
+    trained = load_trained_model(args.run, args.checkpoint)
+    _, failed = cam_files(trained, args.images, args.out, class_name=args.class_name)
+    return 1 if failed else 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -213,7 +218,8 @@ def add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cancer-sensitivity", type=float, default=None, metavar="S",
                    help="choose the cancer threshold on the val split that reaches sensitivity S; report the split at it")
-    p.add_argument("--positive-class", default="gastric_cancer", help="class of the cancer-versus-rest view")
+    p.add_argument("--positive-class", default=None,
+                   help="class of the cancer-versus-rest view (default: gastric_cancer when the model has it)")
     p.add_argument("--cam-misclassified", type=int, default=0, metavar="N",
                    help="Grad-CAM overlays of the N most confident mistakes per class in the report")
     p.add_argument("--batch-size", type=int, default=64)
@@ -229,19 +235,25 @@ def add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides applied to every config")
     p.set_defaults(handler=_cmd_compare)
 
-    p = sub.add_parser("predict", help="predict image files, folders or shards into a CSV")
+    p = sub.add_parser("predict", help="predict image files, folders or shards into a CSV",
+                       description="Exit status 1 when some input could not be read (its CSV row carries the "
+                                   "error) or got no overlay; every other input is still predicted.")
     run_args(p)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, or .tar shards")
-    p.add_argument("--out", type=Path, required=True, help="CSV to write")
+    p.add_argument("--out", type=Path, required=True,
+                   help="CSV to write (not an input, nor an image name inside an input folder)")
     p.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cam", type=Path, default=None, metavar="DIR", help="also write Grad-CAM overlays of image files here")
     p.set_defaults(handler=_cmd_predict)
 
-    p = sub.add_parser("cam", help="Grad-CAM heatmap overlays as PNG")
+    p = sub.add_parser("cam", help="Grad-CAM heatmap overlays as PNG",
+                       description="Writes OUT/STEM_cam.png per image (inputs sharing a stem get a digest of their "
+                                   "path added). An unreadable image gets one error line and the rest go on; "
+                                   "exit status 1 if any image got no overlay.")
     run_args(p)
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="folder for the overlays")
     p.add_argument("--class", dest="class_name", default=None, help="explain this class instead of the predicted one")
     p.set_defaults(handler=_cmd_cam)
 

@@ -152,3 +152,18 @@ def write_sparse_member_tar(path: Path, name: str, size_bytes: int, extra: list[
 
 def _octal(value: int, width: int) -> bytes:
     return b"%0*o\0" % (width - 1, value)
+
+
+def set_images(members: list[Member], data: bytes) -> list[Member]:
+    """Every sample's image replaced by the same `data`: with the labels kept, the model must get some wrong."""
+    return [(name, data if name.endswith((".jpg", ".png")) else payload) for name, payload in members]
+
+
+def set_each_sample_json(members: list[Member], payloads: list[bytes]) -> list[Member]:
+    """The i-th sample's `.json` payload replaced by `payloads[i]`, for the first len(payloads) samples."""
+    out, remaining = [], iter(payloads)
+    for name, data in members:
+        if name.endswith(".json"):
+            data = next(remaining, data)
+        out.append((name, data))
+    return out

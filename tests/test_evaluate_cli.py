@@ -88,8 +88,9 @@ def test_predict_files_folders_shards_and_a_bad_file(trained_run, synthetic_sour
     grayscale = tmp_path / "gray.png"
     Image.new("L", (90, 70), 120).save(grayscale)
     out = tmp_path / "preds.csv"
+    # exit status 1: one input was unreadable; every other one is still predicted
     assert main(["predict", "--run", str(trained_run), str(bad), str(folder), str(shard), str(grayscale),
-                 "--out", str(out), "--tta", "--batch-size", "4"]) == 0
+                 "--out", str(out), "--tta", "--batch-size", "4"]) == 1
     with out.open() as f:
         rows = list(csv.DictReader(f))
     by_path = {r["path"]: r for r in rows}

@@ -81,3 +81,17 @@ def test_report_refuses_metrics_of_other_predictions(tmp_path):
     metrics = evaluate_predictions(y_true, probs, STUDY_CLASSES, num_bootstrap=0)
     with pytest.raises(ValueError, match="do not belong"):
         write_report(tmp_path, metrics, y_true[:40], probs[:40], STUDY_CLASSES, "mismatch")
+
+
+def test_markdown_shows_untrusted_names_literally(tmp_path):
+    classes = ["<img src=x onerror=alert(1)>", "two\nlines | pipe", "plain"]
+    y_true, probs = random_predictions(4, 60, 3)
+    metrics = evaluate_predictions(y_true, probs, classes, num_bootstrap=0)
+    Image.new("RGB", (32, 32)).save(tmp_path / "cam.png")
+    paths = write_report(tmp_path, metrics, y_true, probs, classes, "<script>alert(1)</script>",
+                         cam_images=[("cam.png", "key](http://evil.example) <b>")])
+    markdown = paths["markdown"].read_text()
+    assert "<img" not in markdown and "<script>" not in markdown and "<b>" not in markdown
+    assert "&lt;img src=x onerror=alert(1)&gt;" in markdown and "| two lines \\| pipe |" in markdown
+    assert "![key\\](http://evil.example) &lt;b&gt;](cam.png)" in markdown
+    assert "<script>" not in paths["html"].read_text()

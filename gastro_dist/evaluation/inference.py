@@ -1,7 +1,8 @@
 """Using a trained run: load its model, predict files/folders/shards, Grad-CAM overlays, export.
 
 A run's final model is RUN/model.safetensors + RUN/model.json (architecture, classes, input
-size, mean/std). `--checkpoint` picks it ('best', the default), the last epoch's weights of the
+size, mean/std), checked field by field before anything is built from it: a run folder may come
+from anywhere. `--checkpoint` picks it ('best', the default), the last epoch's weights of the
 final phase ('last'), or any weights file or checkpoint directory (a PATH). Weights are read
 with safetensors, so loading never runs code from a file.
 
@@ -11,14 +12,14 @@ Preprocessing is `pipeline.eval_transform`, the very transform validation uses d
 from __future__ import annotations
 
 import csv
-import io
 import json
+import math
+import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -26,6 +27,7 @@ from gastro_dist import UserError
 from gastro_dist.config import DataConfig, ModelConfig
 from gastro_dist.data import pipeline
 from gastro_dist.data.images import BadImage, is_image_path, load_rgb
+from gastro_dist.files import csv_text
 from gastro_dist.models.backbones import build_model, model_logits
 from gastro_dist.training import checkpoint as ckpt
 
@@ -50,9 +52,13 @@ class TrainedModel:
 
     def data_config(self, batch_size: int = 32, num_workers: int = 0) -> DataConfig:
         """The evaluation preprocessing this model was validated with."""
-        return DataConfig(image_size=self.image_size, eval_crop_ratio=float(self.meta["eval_crop_ratio"]),
-                          mean=tuple(self.meta["mean"]), std=tuple(self.meta["std"]),
-                          batch_size=batch_size, eval_batch_size=batch_size, num_workers=num_workers)
+        return _evaluation_data_config(self.meta, batch_size, num_workers)
+
+
+def _evaluation_data_config(meta: dict, batch_size: int = 32, num_workers: int = 0) -> DataConfig:
+    return DataConfig(image_size=int(meta["image_size"]), eval_crop_ratio=float(meta["eval_crop_ratio"]),
+                      mean=tuple(meta["mean"]), std=tuple(meta["std"]),
+                      batch_size=batch_size, eval_batch_size=batch_size, num_workers=num_workers)
 
 
 def load_trained_model(run_dir: str | Path, checkpoint: str = "best") -> TrainedModel:
@@ -61,7 +67,7 @@ def load_trained_model(run_dir: str | Path, checkpoint: str = "best") -> Trained
     if not meta_path.is_file():
         raise UserError(f"{run_dir} has no model.json: it is not a finished training run "
                         "(run `gastro-dist train ... --out RUN` to completion, or re-run it to resume)")
-    meta = json.loads(meta_path.read_text())
+    meta = read_model_json(meta_path)
     if checkpoint == "best":
         weights = run_dir / "model.safetensors"
     elif checkpoint == "last":
@@ -73,7 +79,10 @@ def load_trained_model(run_dir: str | Path, checkpoint: str = "best") -> Trained
             raise UserError(f"--checkpoint {weights} not found; use best, last, or a .safetensors file / checkpoint folder")
     model_config = ModelConfig(name=meta["architecture"], pretrained=meta.get("pretrained", "none"),
                                dropout=float(meta.get("dropout", 0.0)))
-    model, _ = build_model(model_config, num_classes=len(meta["classes"]), load_pretrained=False)
+    try:
+        model, _ = build_model(model_config, num_classes=len(meta["classes"]), load_pretrained=False)
+    except UserError as err:  # an architecture this torchvision does not have
+        raise UserError(f"{meta_path}: {err}") from None
     state = ckpt.load_weights(weights)
     try:
         model.load_state_dict(state)
@@ -82,6 +91,61 @@ def load_trained_model(run_dir: str | Path, checkpoint: str = "best") -> Trained
                         f"{str(err).splitlines()[0]}") from None
     model.eval()
     return TrainedModel(model=model, meta=meta, checkpoint=str(weights))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _are_rgb_numbers(value) -> bool:
+    return isinstance(value, list) and len(value) == 3 and all(map(_is_number, value))
+
+
+def _are_class_names(value) -> bool:
+    """Class names end up in error lines, CSV headers and reports: distinct printable one-line text."""
+    return (isinstance(value, list) and len(value) >= 2 and len(set(value)) == len(value)
+            and all(isinstance(name, str) and name.strip() and name.isprintable() for name in value))
+
+
+# What each model.json field must be before a model or a transform is built from it.
+_MODEL_JSON_FIELDS = {
+    "architecture": (lambda v: isinstance(v, str) and bool(v), "a torchvision model name"),
+    "classes": (_are_class_names, "a list of at least 2 distinct printable class names"),
+    "image_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                   "a positive whole number of pixels"),
+    "eval_crop_ratio": (_is_number, "a number"),
+    "mean": (_are_rgb_numbers, "3 numbers (R, G, B)"),
+    "std": (lambda v: _are_rgb_numbers(v) and min(v) > 0, "3 positive numbers (R, G, B)"),
+}
+_OPTIONAL_MODEL_JSON_FIELDS = {
+    "dropout": (_is_number, "a number"),
+    "pretrained": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def read_model_json(path: Path) -> dict:
+    """A run's model.json, checked: a run folder may come from anywhere, and a wrong field would
+    otherwise surface as a traceback deep in model building or preprocessing."""
+    fix = "restore the run's model.json, or re-run `gastro-dist train` with the same --out to write it again"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}); {fix}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} is not a JSON object; {fix}")
+    missing = [key for key in _MODEL_JSON_FIELDS if key not in meta]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; {fix}")
+    fields = {**_MODEL_JSON_FIELDS, **{k: v for k, v in _OPTIONAL_MODEL_JSON_FIELDS.items() if k in meta}}
+    for key, (valid, expected) in fields.items():
+        if not valid(meta[key]):
+            raise UserError(f"{path}: {key} must be {expected}, not {meta[key]!r:.80}; {fix}")
+    try:  # the ranges the configs check (e.g. image_size >= 32, dropout in [0, 1))
+        _evaluation_data_config(meta)
+        ModelConfig(name=meta["architecture"], dropout=float(meta.get("dropout", 0.0)))
+    except UserError as err:
+        raise UserError(f"{path}: {err}; {fix}") from None
+    return meta
 
 
 def default_device() -> torch.device:
@@ -131,6 +195,38 @@ def _shard_images(path: Path) -> Iterator[InputImage]:
         yield InputImage(str(path), error=f"unreadable shard: {err}")
 
 
+def check_output_file(out: Path, inputs: list[str | Path], option: str = "--out") -> None:
+    """Refuse an output file that would destroy an input before it is read, or be read as one."""
+    if out.is_dir():
+        raise UserError(f"{option} {out} is a folder; give the file to write, e.g. {out / 'predictions.csv'}")
+    if file_identities([out]) & file_identities(inputs):
+        raise UserError(f"{option} {out} is one of the inputs: writing it would destroy it before it is read; "
+                        "choose another file")
+    for item in map(Path, inputs):
+        if item.is_dir() and is_image_path(out) and out.resolve().is_relative_to(item.resolve()):
+            raise UserError(f"{option} {out} has an image extension inside the input folder {item}, so it would be "
+                            "read as an input; write a .csv, or outside that folder")
+
+
+def check_output_folder(out: Path, inputs: list[str | Path], option: str = "--out") -> None:
+    """Refuse an overlay folder that is an existing file (an input given in the wrong place, say)."""
+    if out.exists() and not out.is_dir():
+        what = "one of the inputs" if file_identities([out]) & file_identities(inputs) else "a file"
+        raise UserError(f"{option} {out} is {what}, not a folder; give a folder for the overlays")
+
+
+def file_identities(paths: list[str | Path]) -> set[tuple[int, int]]:
+    """(device, inode) of each path that exists: one file however it is spelt, linked or symlinked."""
+    identities = set()
+    for path in paths:
+        try:
+            status = os.stat(path)
+        except OSError:  # absent or unreadable: nothing to protect
+            continue
+        identities.add((status.st_dev, status.st_ino))
+    return identities
+
+
 def tta_views(images: torch.Tensor) -> list[torch.Tensor]:
     """Test-time augmentation: identity and the flips used in training."""
     return [images, images.flip(-1), images.flip(-2), images.flip(-1).flip(-2)]
@@ -145,12 +241,16 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, tta: bool = Fa
 
 def predict_files(trained: TrainedModel, inputs: list[str | Path], out_csv: str | Path, batch_size: int = 32,
                   tta: bool = False, device: torch.device | None = None) -> dict:
-    """Write one CSV row per input image; unreadable images get a row with `error` filled."""
+    """Write one CSV row per input image; unreadable images get a row with `error` filled.
+
+    Paths and class names are untrusted text: their cells are written with `csv_text`.
+    """
+    out_csv = Path(out_csv)
+    check_output_file(out_csv, inputs)
     device = device or default_device()
     model = trained.model.to(device).eval()
     transform = pipeline.eval_transform(trained.data_config())
     classes = trained.classes
-    out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     counts = {"predicted": 0, "errors": 0}
     with out_csv.open("w", newline="") as f:
@@ -164,7 +264,7 @@ def predict_files(trained: TrainedModel, inputs: list[str | Path], out_csv: str 
             probs = predict_probabilities(model, images, tta=tta).cpu().numpy()
             for (path, _), p in zip(batch, probs):
                 k = int(p.argmax())
-                writer.writerow([path, classes[k], f"{p[k]:.6f}", *[f"{v:.6f}" for v in p], ""])
+                writer.writerow([csv_text(path), csv_text(classes[k]), f"{p[k]:.6f}", *[f"{v:.6f}" for v in p], ""])
             counts["predicted"] += len(batch)
             batch.clear()
 
@@ -177,7 +277,7 @@ def predict_files(trained: TrainedModel, inputs: list[str | Path], out_csv: str 
                 except BadImage as bad:
                     error = bad.reason
             if error is not None:
-                writer.writerow([item.path, "", "", *[""] * len(classes), error])
+                writer.writerow([csv_text(item.path), "", "", *[""] * len(classes), error])
                 counts["errors"] += 1
             if len(pending) >= batch_size:
                 flush(pending)

@@ -44,14 +44,15 @@ def evaluate_predictions(
     groups: np.ndarray | None = None,
     num_bootstrap: int = 1000,
     seed: int = 0,
-    positive_class: str = "gastric_cancer",
+    positive_class: str | None = "gastric_cancer",
     ci_level: float = 0.95,
 ) -> dict:
     """All metrics of one set of predictions as a JSON-serialisable dict (undefined values are None).
 
     ``y_true`` holds class indices into ``classes``; ``probs`` is N x len(classes) softmax output;
     ``groups`` (patient ids, any dtype) makes the bootstrap resample patients instead of images.
-    ``num_bootstrap=0`` skips the confidence intervals (``ci`` is then None).
+    ``num_bootstrap=0`` skips the confidence intervals (``ci`` is then None); ``positive_class``
+    None (or a class not in ``classes``) leaves out the cancer-vs-benign view.
 
     Keys: num_samples, num_groups, classes, accuracy, balanced_accuracy, per_class_accuracy,
     confusion_matrix, per_class, macro_f1, macro_auc, mcc, ece, calibration, cancer_vs_benign
@@ -147,7 +148,7 @@ def dummy_baselines(
     seed: int = 0,
     train_labels: np.ndarray | None = None,
     num_bootstrap: int = 0,
-    positive_class: str = "gastric_cancer",
+    positive_class: str | None = "gastric_cancer",
     ci_level: float = 0.95,
 ) -> dict[str, dict]:
     """Metrics of two classifiers that never look at the image, as floors for the real one.

@@ -239,18 +239,25 @@ def _to_markdown(blocks: list) -> str:
     lines: list[str] = []
     for block in blocks:
         if isinstance(block, _Heading):
-            lines += ["#" * block.level + " " + block.text, ""]
+            lines += ["#" * block.level + " " + _markdown_line(block.text), ""]
         elif isinstance(block, _Paragraph):
-            lines += [block.text, ""]
+            lines += [_markdown_line(block.text), ""]
         elif isinstance(block, _Table):
             def row(cells):
-                return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+                return "| " + " | ".join(_markdown_line(cell).replace("|", "\\|") for cell in cells) + " |"
             lines += [row(block.header), "|" + "---|" * len(block.header)]
             lines += [row(cells) for cells in block.rows] + [""]
         elif isinstance(block, _Images):
             for path, caption in block.items:
+                caption = re.sub(r"([\\\[\]*])", r"\\\1", _markdown_line(caption))  # stays alt text
                 lines += [f"![{caption}]({path})", f"*{caption}*", ""]
     return "\n".join(lines)
+
+
+def _markdown_line(text: str) -> str:
+    """Text as one line of Markdown that shows it literally: class names, sample keys and paths come
+    from shards and model.json, and Markdown viewers render raw HTML and line structure."""
+    return " ".join(html.escape(text, quote=False).splitlines())
 
 
 _CSS = """

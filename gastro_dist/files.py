@@ -1,0 +1,67 @@
+"""File-system names and CSV cells derived from untrusted input.
+
+Shard keys, the classes in model.json and the paths given to `predict`/`cam` come from whoever
+made them. A name built from such text must stay one file inside its output folder ('../x' or
+'/etc/x' as a key must not write elsewhere), and text written into a CSV must not become a
+formula when a clinician opens the file in a spreadsheet (OWASP "CSV injection").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from collections.abc import Sequence
+
+MAX_NAME_CHARS = 100  # leaves room for suffixes within the usual 255-byte file name limit
+DIGEST_CHARS = 16  # 64 bits of sha256: distinct texts do not meet by chance
+_UNSAFE_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]")
+_DIGEST_SUFFIX = re.compile(rf"-[0-9a-f]{{{DIGEST_CHARS}}}$")
+# Names Windows maps to devices whatever their extension (CON.png is the console).
+_RESERVED_STEMS = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+                             *(f"LPT{i}" for i in range(1, 10))})
+# A cell starting with one of these is read as a formula by Excel, LibreOffice or Google Sheets.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def digest(text: str) -> str:
+    """A short, stable fingerprint of `text` for telling names apart."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:DIGEST_CHARS]
+
+
+def safe_name(text: str) -> str:
+    """`text` as one path component that stays inside its folder on any OS.
+
+    Characters other than [A-Za-z0-9._-] become '_', leading dots and dashes and trailing dots go
+    (no '..', no hidden files, no names read as options), a Windows device name (CON, NUL.txt)
+    gets a leading '_', the length is capped. When anything was changed, or the result is empty
+    or itself ends like a digest, the digest of the original text is appended: only names made
+    here end in a digest, so distinct texts give distinct names.
+    """
+    name = _UNSAFE_CHARACTERS.sub("_", text).lstrip(".-").rstrip(".")[:MAX_NAME_CHARS]
+    if name.split(".")[0].upper() in _RESERVED_STEMS:
+        name = "_" + name
+    if name != text or not name or _DIGEST_SUFFIX.search(name):
+        return f"{name or 'unnamed'}-{digest(text)}"
+    return name
+
+
+def distinct_names(names: Sequence[str], sources: Sequence[str]) -> list[str]:
+    """`names` (already safe), with `-digest(source)` added to every name another one shares.
+
+    Names are compared case-insensitively, as macOS and Windows file systems do; e.g. the overlays
+    of a/x.jpg and b/x.jpg become x-<digest of a/x.jpg> and x-<digest of b/x.jpg>.
+    """
+    uses = Counter(name.casefold() for name in names)
+    return [name if uses[name.casefold()] == 1 else f"{name}-{digest(source)}"
+            for name, source in zip(names, sources, strict=True)]
+
+
+def csv_text(text: str) -> str:
+    """A CSV cell for text that came from input (a path, key, label, patient id).
+
+    A leading single quote, as OWASP recommends, keeps a spreadsheet from running '=HYPERLINK(...)'
+    or '@SUM(...)'. Only text cells go through here: numbers we format ourselves are never
+    prefixed, so a probability or a negative score stays a number.
+    """
+    return f"'{text}" if text.startswith(_FORMULA_STARTS) else text
