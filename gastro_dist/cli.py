@@ -295,6 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gastro-dist {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """A clean exit for each process of `accelerate launch`: torch warns about a process group left alive."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ study's "pre-training") and `finetune` (unfreeze and train at a lower backbone L
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -78,6 +79,9 @@ class DataConfig:
     """Evaluation resizes the short side to image_size / ratio, then center-crops image_size."""
     strict: bool = False
     """Stop at the first unreadable shard or sample instead of skipping and reporting it."""
+    max_member_mb: int = 64
+    """Largest shard member read, in MB: a sample with a larger member is skipped (a few-KB tar can
+    declare a multi-GB sparse member). Far above any stored frame."""
     decode_on: str = "workers"
     """Where training JPEGs are decoded and cropped: "workers" (DataLoader processes, CPU) or "device"
     (the training device, nvJPEG on a GPU; workers only read the shards: for nodes with few cores per GPU)."""
@@ -89,6 +93,7 @@ class DataConfig:
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.eval_batch_size >= 1, "eval_batch_size must be >= 1")
         _check(self.num_workers >= 0, "num_workers must be >= 0")
+        _check(self.max_member_mb >= 1, "max_member_mb must be >= 1")
         _check(self.shuffle_buffer >= 1, "shuffle_buffer must be >= 1")
         _check(0.05 <= self.crop_scale_min <= 1.0, "crop_scale_min must be in [0.05, 1]")
         _check(0.5 <= self.eval_crop_ratio <= 1.0, "eval_crop_ratio must be in [0.5, 1]")
@@ -185,6 +190,10 @@ class TrainConfig:
         _check(0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)")
         _check(self.class_weights in ("none", "balanced") or isinstance(self.class_weights, list),
                "class_weights must be 'none', 'balanced' or a list of numbers, one per class")
+        if isinstance(self.class_weights, list):
+            self.class_weights = [_coerce(float, w, "class_weights") for w in self.class_weights]
+            _check(all(w >= 0 for w in self.class_weights) and any(w > 0 for w in self.class_weights),
+                   f"class_weights must be numbers >= 0, at least one above 0, got {self.class_weights}")
         _check(self.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
         _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1")
@@ -244,13 +253,17 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return value
         raise UserError(f"config key '{key}' needs true or false, got {value!r}")
     if hint is int:
+        if isinstance(value, str):  # a quoted "8", or YAML 1.1 leaving a spelling it does not know as text
+            value = _parse_number(value, int)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise UserError(f"config key '{key}' needs a whole number, got {value!r}")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text: accept every spelling Python does
+            value = _parse_number(value, float)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
-        raise UserError(f"config key '{key}' needs a number, got {value!r}")
+        raise UserError(f"config key '{key}' needs a finite number, got {value!r}")
     if hint is str:
         if isinstance(value, bool):
             # YAML 1.1 reads an unquoted no/yes as a boolean (`mixed_precision: no`): take the word back.
@@ -259,6 +272,14 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return str(value)
         raise UserError(f"config key '{key}' needs a string, got {value!r}")
     return value
+
+
+def _parse_number(text: str, kind: type) -> Any:
+    """`kind(text)` when Python reads it as one, else the text unchanged (the caller's error names it)."""
+    try:
+        return kind(text.strip())
+    except ValueError:
+        return text
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -303,7 +324,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise UserError(f"config file {path} not found; pass one of the files in configs/ or a path to your own YAML")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise UserError(f"config file {path} is not UTF-8 text; save it as UTF-8") from None
         except yaml.YAMLError as err:
             raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     apply_overrides(data, overrides or [])

@@ -84,8 +84,10 @@ class RunLog:
             self.accelerator.log(flat, step=step)
 
     def close(self) -> None:
-        if self.use_wandb:
-            self.accelerator.end_training()
+        """Finish the trackers. Not accelerate's `end_training()`: it also destroys the process group,
+        which the ranks still need after this (their final barrier, evaluation in `compare`)."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

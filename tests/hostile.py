@@ -127,9 +127,23 @@ def jpeg_bytes(size: tuple[int, int] = (64, 56), color: tuple[int, int, int] = (
     return buffer.getvalue()
 
 
-def write_sparse_member_tar(path: Path, name: str, size_bytes: int, extra: list[Member] = ()) -> Path:
-    """A tar of a few KB whose member `name` reads as `size_bytes` zeros: a GNU sparse member with no
-    data blocks (tarfile reads such members but cannot write them, so the header is built here)."""
+def write_sparse_member_tar(path: Path, members: list[Member], sparse_name: str, size_bytes: int) -> Path:
+    """A tar of `members` in which `sparse_name` is replaced by a member that reads as `size_bytes`
+    zeros but takes no room: a GNU sparse member with no data blocks (tarfile reads such members but
+    cannot write them, so the header is built here)."""
+    with path.open("wb") as f:
+        for name, data in members:
+            if name == sparse_name:
+                f.write(_sparse_header(name, size_bytes))
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            f.write(info.tobuf(format=tarfile.GNU_FORMAT) + data + bytes(-len(data) % 512))
+        f.write(bytes(1024))  # end-of-archive
+    return path
+
+
+def _sparse_header(name: str, size_bytes: int) -> bytes:
     info = tarfile.TarInfo(name)
     info.size = 0  # data blocks stored: none
     header = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
@@ -138,16 +152,8 @@ def write_sparse_member_tar(path: Path, name: str, size_bytes: int, extra: list[
     header[482:483] = b"\0"  # no extended sparse headers
     header[483:495] = _octal(size_bytes, 12)  # the size a reader sees
     header[148:156] = b"        "
-    checksum = sum(header[:512])
-    header[148:156] = b"%06o\0 " % checksum
-    with path.open("wb") as f:
-        for member_name, data in extra:
-            extra_info = tarfile.TarInfo(member_name)
-            extra_info.size = len(data)
-            f.write(extra_info.tobuf(format=tarfile.GNU_FORMAT) + data + bytes(-len(data) % 512))
-        f.write(bytes(header[:512]))
-        f.write(bytes(1024))  # end-of-archive
-    return path
+    header[148:156] = b"%06o\0 " % sum(header[:512])
+    return bytes(header[:512])
 
 
 def _octal(value: int, width: int) -> bytes:

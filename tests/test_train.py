@@ -90,14 +90,25 @@ def test_head_phase_changes_only_the_head(synthetic_shards, tmp_path):
     assert not torch.allclose(initial.fc[1].weight, trained["fc.1.weight"]), "the head did not learn"
 
 
-def test_two_processes_under_accelerate_launch(synthetic_shards, tmp_path):
+@pytest.mark.parametrize("tracker", ["none", "wandb"])
+def test_two_processes_under_accelerate_launch(synthetic_shards, tmp_path, tracker):
+    """The paper configs' tracker (W&B) included: every process must exit 0 after the trackers close."""
+    if tracker == "wandb":
+        pytest.importorskip("wandb")
     run = tmp_path / "run"
     accelerate = Path(sys.executable).parent / "accelerate"
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gastro_dist",
-           *_train_args(synthetic_shards, run, "data.batch_size=4")]
-    result = subprocess.run(cmd, env=_subprocess_env(), capture_output=True, text=True, timeout=600)
+           *_train_args(synthetic_shards, run, "data.batch_size=4", f"tracking.tracker={tracker}",
+                        "tracking.project=two-processes")]
+    env = _subprocess_env(WANDB_MODE="offline", WANDB_SILENT="true")
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    if tracker == "wandb":  # one W&B run for the job, written by the main process only
+        offline_runs = list((run / "wandb").glob("offline-run-*"))
+        assert len(offline_runs) == 1
+        assert offline_runs[0].name.endswith(json.loads((run / "tracking.json").read_text())["wandb_run_id"])
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "completed"
     checksums = summary["rank_param_checksums"]

@@ -25,11 +25,11 @@ is planned from index.json's per-shard counts:
 from __future__ import annotations
 
 import io
-import json
+import itertools
 import math
 import random
+import struct
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -41,50 +41,11 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
 
-from gastro_dist import UserError
+from gastro_dist import RunFailure, UserError
 from gastro_dist.config import DataConfig
-
-
-# ---------------------------------------------------------------- shard index
-@dataclass(frozen=True)
-class ShardFile:
-    path: Path
-    count: int
-
-
-@dataclass(frozen=True)
-class ShardIndex:
-    root: Path
-    classes: list[str]
-    splits: dict[str, dict]
-    stored_short_side: int = 0  # pack's --resize-short: no stored image has a longer short side (0: originals kept)
-
-    def shards(self, split: str) -> list[ShardFile]:
-        if split not in self.splits:
-            have = ", ".join(sorted(self.splits)) or "none"
-            raise UserError(f"split {split!r} is not in {self.root}/index.json (it has: {have}); re-pack with a {split} split")
-        return [ShardFile(self.root / s["file"], int(s["count"])) for s in self.splits[split]["shards"]]
-
-    def count(self, split: str) -> int:
-        return sum(s.count for s in self.shards(split))
-
-    def per_class(self, split: str) -> dict[str, int]:
-        return dict(self.splits[split]["per_class"])
-
-
-def load_shard_index(shard_dir: str | Path) -> ShardIndex:
-    root = Path(shard_dir)
-    if not root.is_dir():
-        raise UserError(f"shard directory {root} not found; create it with `gastro-dist pack SRC --out {root}`")
-    path = root / "index.json"
-    if not path.is_file():
-        raise UserError(f"{root} has no index.json (not a finished pack); run `gastro-dist pack SRC --out {root}`")
-    try:
-        index = json.loads(path.read_text())
-        return ShardIndex(root=root, classes=list(index["classes"]), splits=dict(index["splits"]),
-                          stored_short_side=int(index.get("settings", {}).get("resize_short") or 0))
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise UserError(f"{path} is not a gastro-dist shard index ({err}); re-pack the data") from None
+from gastro_dist.data.images import DEFAULT_MAX_PIXELS
+from gastro_dist.data.shards import (ShardFile, ShardIndex, ShardReadError, TarSample, iter_shard_samples,  # noqa: F401
+                                     load_shard_index)  # load_shard_index: still imported from here by evaluation/ and benchmark
 
 
 # ---------------------------------------------------------------- epoch plan
@@ -401,6 +362,44 @@ def eval_transform(cfg: DataConfig) -> v2.Compose:
     ])
 
 
+_JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0..SOF15 (not DHT, JPG, DAC)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def stored_image_header(data: bytes) -> tuple[int, int, str]:
+    """(width, height, format) of a stored image from its header, refusing decompression bombs.
+
+    JPEG and PNG headers are parsed here (a few microseconds: the frame marker is in the first few
+    hundred bytes) instead of with PIL's `Image.open`, which costs a twentieth of a decode; torchvision's
+    decoder has no pixel limit of its own, so this check is what keeps a 60,000-pixel-wide frame in a
+    hostile shard from allocating gigabytes.
+    """
+    width = height = 0
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", data[16:24])
+        image_format = "PNG"
+    elif data[:2] == b"\xff\xd8":
+        image_format = "JPEG"
+        offset = 2
+        while offset + 9 <= len(data) and data[offset] == 0xFF:
+            marker = data[offset + 1]
+            if marker in _JPEG_FRAME_MARKERS:
+                height, width = struct.unpack(">HH", data[offset + 5:offset + 9])
+                break
+            if marker == 0xFF:  # fill byte
+                offset += 1
+                continue
+            offset += 2 + struct.unpack(">H", data[offset + 2:offset + 4])[0]
+    else:
+        header = Image.open(io.BytesIO(data))  # other formats: PIL's own bomb check applies
+        (width, height), image_format = header.size, header.format
+    if width < 1 or height < 1:
+        raise ValueError(f"{image_format or 'image'} header gives no valid size")
+    if width * height > DEFAULT_MAX_PIXELS:
+        raise ValueError(f"decompression bomb: {width}x{height} pixels exceeds the limit of {DEFAULT_MAX_PIXELS:,}")
+    return width, height, image_format
+
+
 def decode_stored(data: bytes, min_short_side: int, stored_short_side: int = 0) -> torch.Tensor:
     """Decode a shard's stored JPEG/PNG bytes to a CHW uint8 RGB tensor.
 
@@ -408,114 +407,122 @@ def decode_stored(data: bytes, min_short_side: int, stored_short_side: int = 0) 
     >= `min_short_side`; everything else goes through torchvision's decoder, about a third faster
     than PIL's on the small JPEGs pack stores, and already in the channels-last memory layout the
     resize kernel wants. `stored_short_side` (the index's; 0: unknown) tells when no stored image
-    can be that large, so that the header is not parsed twice.
+    can be that large, so that the header is not parsed by PIL as well.
     """
-    if stored_short_side == 0 or stored_short_side >= 2 * min_short_side:
+    width, height, image_format = stored_image_header(data)
+    scale = min(width, height) / max(min_short_side, 1)
+    if (stored_short_side == 0 or stored_short_side >= 2 * min_short_side) and image_format == "JPEG" and scale >= 2:
         image = Image.open(io.BytesIO(data))
-        w, h = image.size
-        scale = min(w, h) / max(min_short_side, 1)
-        if image.format == "JPEG" and scale >= 2:
-            image.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
-            rgb = image.convert("RGB") if image.mode != "RGB" else image
-            return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
+        image.draft("RGB", (max(1, int(width / scale)), max(1, int(height / scale))))
+        rgb = image.convert("RGB") if image.mode != "RGB" else image
+        return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
     # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they are kept while
     # the pinned torch range ships them (pyproject.toml), PIL being the slower alternative.
     return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
 # ---------------------------------------------------------------- datasets
-class CorruptSample(UserError):
-    """A shard member that cannot be read or decoded, in `data.strict` mode."""
+class CorruptSample(RunFailure):
+    """Shard data that cannot be used: in `data.strict` mode any broken sample, otherwise a worker
+    that finds no usable sample at all (it must stop, never spin)."""
 
 
-SHARD_MEMBERS = frozenset({"jpg", "png", "cls", "json"})
-
-
-def _is_our_member(name: str) -> bool:
-    """Only the members pack writes are read: anything else (a .pyd or .pth someone slipped into a
-    shard) is never extracted, let alone unpickled."""
-    return name.rpartition(".")[2] in SHARD_MEMBERS
+def parse_label(cls_member: bytes, num_classes: int) -> int:
+    """A sample's class index from its `.cls` member, which must be a whole number in [0, num_classes):
+    -100 would be silently ignored by the loss (PyTorch's ignore_index), a larger one crash it."""
+    text = cls_member.decode("ascii").strip()
+    if not text.isdigit() or int(text) >= num_classes:
+        raise ValueError(f"label {text[:20]!r} is not a class index in 0..{num_classes - 1}")
+    return int(text)
 
 
 class ShardSamples(IterableDataset):
     """One rank's samples for one epoch; each DataLoader worker reads its own chunks.
 
     `worker_chunks[w]` are worker w's shard chunks. Yields dicts with `image`, `label`, (training:
-    `augment`, see `TrainAugmentation`), `key`,
-    `worker`, `position` (the sample's index in the worker's raw stream, what resume skips to) and
-    `skipped` (JSON list of the broken samples passed over since the previous item, or "").
-    A broken sample (unreadable tar data, undecodable image, missing member) is skipped and
-    reported, or raises `CorruptSample` when `strict`. In training (`planned_per_worker` given)
-    a worker that lost samples refills from a further pass over its own chunks, so that every
-    rank still yields exactly its planned number of batches and DDP stays in step.
+    `augment`, see `TrainAugmentation`), `key`, `worker`, `position` (the sample's index in the
+    worker's raw stream, what resume skips to) and `skipped` (the broken samples passed over since
+    the previous item, as a list of reasons).
+    A broken sample (unreadable tar data, undecodable image, missing member, a label outside the
+    classes, a key that is not a plain name, an oversized member) is skipped and reported, or raises
+    `CorruptSample` when `strict`. In training (`planned_per_worker` given) a worker that lost samples
+    refills from further passes over `refill_chunks` (the whole split), so that every rank still
+    yields exactly its planned number of batches and DDP stays in step; a refill pass that yields
+    nothing means nothing in the split is usable, and stops the run. Problems are reported from the
+    first pass only: refill passes meet the same ones again.
     """
 
-    def __init__(self, worker_chunks: list[list[Chunk]], transform, *, decode_short_side: int, stored_short_side: int = 0,
-                 shuffle_buffer: int = 0, seed: int = 0, epoch: int = 0, rank: int = 0,
-                 planned_per_worker: list[int] | None = None, skip_positions: list[int] | None = None,
+    def __init__(self, worker_chunks: list[list[Chunk]], transform, *, num_classes: int, max_member_bytes: int,
+                 decode_short_side: int, stored_short_side: int = 0, shuffle_buffer: int = 0, seed: int = 0,
+                 epoch: int = 0, rank: int = 0, planned_per_worker: list[int] | None = None,
+                 refill_chunks: list[Chunk] | None = None, skip_positions: list[int] | None = None,
                  with_meta: bool = False, strict: bool = False, first_slot: int = 0, decode_on_device: bool = False):
         self.worker_chunks = worker_chunks
         self.transform = transform
+        self.num_classes, self.max_member_bytes = num_classes, max_member_bytes
         self.decode_short_side, self.stored_short_side = decode_short_side, stored_short_side
         self.shuffle_buffer = shuffle_buffer
         self.seed, self.epoch, self.rank = seed, epoch, rank
         self.planned_per_worker = planned_per_worker
+        self.refill_chunks = refill_chunks or [c for chunks in worker_chunks for c in chunks]
         self.skip_positions = skip_positions or [0] * len(worker_chunks)
         self.with_meta = with_meta
         self.strict = strict
         self.first_slot = first_slot
         self.decode_on_device = decode_on_device
 
-    def _raw_samples(self, chunks: list[Chunk], problems: list[str]) -> Iterator[dict]:
+    def _report(self, reason: str, problems: _Problems | None) -> None:
+        if self.strict:
+            raise CorruptSample(f"{reason} (data.strict=true; set data.strict=false to skip broken samples)")
+        if problems is not None:
+            problems.add(reason)
+
+    def _raw_samples(self, chunks: list[Chunk], problems: _Problems | None) -> Iterator[tuple[str, TarSample]]:
+        """(shard name, sample) of each chunk in order; problems go to `problems` (None: not reported)."""
         for chunk in chunks:
-            def unreadable(error: Exception, shard: Path = chunk.shard.path) -> bool:
-                reason = f"{shard.name}: unreadable shard data: {error}"
-                if self.strict:
-                    raise CorruptSample(f"{reason} (data.strict=true; re-pack or remove the shard, or set data.strict=false)")
-                problems.append(reason)
-                return True  # go on with the next shard
-            samples = wds.tarfile_to_samples(handler=unreadable, select_files=_is_our_member)(
-                [{"url": str(chunk.shard.path)}])
-            for position, sample in enumerate(samples):
-                if position >= chunk.stop:
-                    break
-                if position >= chunk.start:
-                    yield sample
+            name, num_read = chunk.shard.path.name, 0
+            try:
+                for sample in iter_shard_samples(chunk.shard.path, self.max_member_bytes):
+                    if num_read >= chunk.stop:
+                        break
+                    if num_read >= chunk.start:
+                        yield name, sample
+                    num_read += 1
+            except ShardReadError as error:
+                self._report(f"{name}: {error}", problems)
+            if num_read < chunk.stop:
+                self._report(f"{name}: ended after {num_read} samples, index.json lists {chunk.shard.count}", problems)
 
-    def _passes(self, worker: int, problems: list[str]) -> Iterator[tuple[int, dict]]:
-        """(pass, raw sample) of the worker's chunks, shuffled; in training further passes follow
-        (only needed when broken samples were skipped) until the plan is met."""
-        pass_index = 0
-        while True:
-            stream = self._raw_samples(self.worker_chunks[worker], problems)
-            if self.shuffle_buffer > 1:
-                stream = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                                     seed=f"{self.seed}:samples:{self.epoch}:{self.rank}:{worker}:{pass_index}")(stream)
-            for sample in stream:
-                yield pass_index, sample
-            if self.planned_per_worker is None:
-                return
-            pass_index += 1
+    def _shuffled(self, chunks: list[Chunk], worker: int, pass_index: int,
+                  problems: _Problems | None) -> Iterator[tuple[str, TarSample]]:
+        stream = self._raw_samples(chunks, problems)
+        if self.shuffle_buffer > 1:
+            stream = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                                 seed=f"{self.seed}:samples:{self.epoch}:{self.rank}:{worker}:{pass_index}")(stream)
+        return stream
 
-    def _decode(self, sample: dict) -> dict:
+    def _decode(self, sample: TarSample) -> dict:
         """`image` and `label`, and for training the `augment` params the device half needs."""
-        image_bytes = sample.get("jpg") or sample.get("png")
-        if image_bytes is None or "cls" not in sample:
+        if sample.problem:
+            raise ValueError(sample.problem)
+        image_bytes = sample.members.get("jpg") or sample.members.get("png")
+        if image_bytes is None or "cls" not in sample.members:
             raise ValueError("sample has no image or no cls member")
+        label = parse_label(sample.members["cls"], self.num_classes)
         if self.decode_on_device:
-            return {**self._undecoded(image_bytes), "label": int(sample["cls"])}
+            return {**self._undecoded(image_bytes), "label": label}
         transformed = self.transform(decode_stored(image_bytes, self.decode_short_side, self.stored_short_side))
         if isinstance(self.transform, TrainAugmentation):
             image, augment = transformed
-            return {"image": image, "augment": augment, "label": int(sample["cls"])}
-        return {"image": transformed, "label": int(sample["cls"])}
+            return {"image": image, "augment": augment, "label": label}
+        return {"image": transformed, "label": label}
 
     def _undecoded(self, image_bytes: bytes) -> dict:
         """`data.decode_on=device`: only the JPEG header is read here, for the size the crop is drawn for."""
-        header = Image.open(io.BytesIO(image_bytes))
-        if header.format != "JPEG":
-            raise ValueError(f"a {header.format} member: data.decode_on=device decodes JPEGs only; use data.decode_on=workers")
-        box, params, _ = self.transform.draw(*header.size)
+        width, height, image_format = stored_image_header(image_bytes)
+        if image_format != "JPEG":
+            raise ValueError(f"a {image_format} member: data.decode_on=device decodes JPEGs only; use data.decode_on=workers")
+        box, params, _ = self.transform.draw(width, height)
         return {"jpeg": torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8),
                 "crop_box": torch.tensor(box), "augment": params}
 
@@ -530,35 +537,55 @@ class ShardSamples(IterableDataset):
         planned = None if self.planned_per_worker is None else self.planned_per_worker[worker]
         if planned == 0:
             return
-        problems: list[str] = []
-        yielded, yielded_before_pass, current_pass = 0, 0, 0
-        for position, (pass_index, sample) in enumerate(self._passes(worker, problems)):
-            if pass_index != current_pass:
-                if yielded == yielded_before_pass:
-                    shards = sorted({c.shard.path.name for c in self.worker_chunks[worker]})
-                    raise CorruptSample(f"no readable sample at all in {', '.join(shards)}; last problem: "
-                                        f"{problems[-1] if problems else 'none'}; re-pack the data")
-                current_pass, yielded_before_pass = pass_index, yielded
-            if position < self.skip_positions[worker]:
-                continue
-            try:
-                with _augmentation_seed(hash((self.seed, self.epoch, self.rank, worker, position)), info is None):
-                    item = self._decode(sample)
-            except Exception as error:  # any broken sample: PIL, missing member, bad label
-                reason = f"{Path(sample.get('__url__', '?')).name}#{sample.get('__key__', '?')}: {type(error).__name__}: {error}"
-                if self.strict:
-                    raise CorruptSample(f"{reason} (data.strict=true; set data.strict=false to skip broken samples)") from None
-                problems.append(reason)
-                continue
-            item.update(key=sample["__key__"], worker=worker, position=position,
-                        skipped=json.dumps(problems) if problems else "")
-            if self.with_meta:
-                item["meta"] = sample["json"].decode("utf-8") if "json" in sample else "{}"
-            problems = []
-            yield item
-            yielded += 1
-            if planned is not None and yielded >= planned:
+        problems = _Problems()
+        yielded, position = 0, 0
+        for pass_index in itertools.count():
+            chunks = self.worker_chunks[worker] if pass_index == 0 else self.refill_chunks
+            reported = problems if pass_index == 0 else None
+            yielded_in_pass = resumed_in_pass = 0
+            for shard_name, sample in self._shuffled(chunks, worker, pass_index, reported):
+                position += 1
+                if position <= self.skip_positions[worker]:  # consumed before the checkpoint
+                    resumed_in_pass += 1
+                    continue
+                try:
+                    with _augmentation_seed(hash((self.seed, self.epoch, self.rank, worker, position - 1)), info is None):
+                        item = self._decode(sample)
+                except Exception as error:  # any broken sample: PIL, missing member, bad label
+                    self._report(f"{shard_name}#{sample.key}: {type(error).__name__}: {error}", reported)
+                    continue
+                item.update(key=sample.key, worker=worker, position=position - 1, skipped=problems.take())
+                if self.with_meta:
+                    item["meta"] = sample.members.get("json", b"{}").decode("utf-8", errors="replace")
+                yield item
+                yielded += 1
+                yielded_in_pass += 1
+                if planned is not None and yielded >= planned:
+                    return
+            if planned is None:
                 return
+            if pass_index > 0 and yielded_in_pass == resumed_in_pass == 0:
+                shards = sorted({c.shard.path.name for c in self.refill_chunks})
+                raise CorruptSample(f"no usable training sample in {', '.join(shards)} (first problem: "
+                                    f"{problems.first or 'none recorded'}); run `gastro-dist verify` on the shard "
+                                    "folder and re-pack the data")
+
+
+class _Problems:
+    """Reasons for skipped samples: `pending` until the next yielded item carries them away, and the
+    `first` one, for the error of a worker that finds nothing usable."""
+
+    def __init__(self):
+        self.pending: list[str] = []
+        self.first: str | None = None
+
+    def add(self, reason: str) -> None:
+        self.pending.append(reason)
+        self.first = self.first or reason
+
+    def take(self) -> list[str]:
+        taken, self.pending = self.pending, []
+        return taken
 
 
 class _augmentation_seed:
@@ -583,13 +610,15 @@ class _augmentation_seed:
 
 
 def collate_samples(items: list[dict]) -> dict:
-    """torch's default collation, except that JPEG bytes of different lengths (`data.decode_on=device`)
-    become one byte tensor and their lengths: one shared-memory block per batch, not one per image."""
-    if "jpeg" not in items[0]:
-        return default_collate(items)
-    jpegs = [item.pop("jpeg") for item in items]
+    """torch's default collation, except that the skip reasons of all items become one flat list, and
+    JPEG bytes of different lengths (`data.decode_on=device`) become one byte tensor and their
+    lengths: one shared-memory block per batch, not one per image."""
+    skipped = [reason for item in items for reason in item.pop("skipped", [])]
+    jpegs = [item.pop("jpeg") for item in items] if "jpeg" in items[0] else None
     batch = default_collate(items)
-    batch["jpeg"], batch["jpeg_lengths"] = torch.cat(jpegs), torch.tensor([len(j) for j in jpegs])
+    batch["skipped"] = skipped
+    if jpegs is not None:
+        batch["jpeg"], batch["jpeg_lengths"] = torch.cat(jpegs), torch.tensor([len(j) for j in jpegs])
     return batch
 
 
@@ -618,11 +647,14 @@ def train_loader(index: ShardIndex, cfg: DataConfig, *, seed: int, epoch: int, r
     if len(positions) != num_slots:
         raise UserError(f"the checkpoint was written with {len(positions)} data workers per process and this run has "
                         f"{num_slots}; resume with data.num_workers={len(positions)}")
-    dataset = ShardSamples(chunks, train_transform(cfg), decode_short_side=cfg.image_size,
+    whole_split = [Chunk(shard, 0, shard.count) for shard in _ordered_shards(index.shards("train"), seed, epoch, True)]
+    dataset = ShardSamples(chunks, train_transform(cfg), num_classes=len(index.classes),
+                           max_member_bytes=cfg.max_member_mb << 20, decode_short_side=cfg.image_size,
                            stored_short_side=index.stored_short_side,
                            shuffle_buffer=cfg.shuffle_buffer, seed=seed, epoch=epoch, rank=rank,
-                           planned_per_worker=remaining, skip_positions=positions, strict=cfg.strict,
-                           first_slot=resume_batches % num_slots, decode_on_device=cfg.decode_on == "device")
+                           planned_per_worker=remaining, refill_chunks=whole_split, skip_positions=positions,
+                           strict=cfg.strict, first_slot=resume_batches % num_slots,
+                           decode_on_device=cfg.decode_on == "device")
     return _loader(dataset, cfg.batch_size, cfg.num_workers, pin_memory)
 
 
@@ -631,7 +663,8 @@ def eval_loader(index: ShardIndex, cfg: DataConfig, split: str, *, rank: int, wo
     """Every sample of `split` exactly once across ranks, in a fixed order, with eval preprocessing."""
     num_slots = max(cfg.num_workers, 1)
     chunks = eval_worker_chunks(index.shards(split), rank=rank, world_size=world_size, num_workers=num_slots)
-    dataset = ShardSamples(chunks, eval_transform(cfg), decode_short_side=round(cfg.image_size / cfg.eval_crop_ratio),
-                           stored_short_side=index.stored_short_side,
-                           with_meta=with_meta, strict=cfg.strict)
+    dataset = ShardSamples(chunks, eval_transform(cfg), num_classes=len(index.classes),
+                           max_member_bytes=cfg.max_member_mb << 20,
+                           decode_short_side=round(cfg.image_size / cfg.eval_crop_ratio),
+                           stored_short_side=index.stored_short_side, with_meta=with_meta, strict=cfg.strict)
     return _loader(dataset, cfg.eval_batch_size, cfg.num_workers, pin_memory)

@@ -1,17 +1,18 @@
 """Re-reading a finished pack and checking every shard and sample against its index.json.
 
-Owns the rules a pack must satisfy (shards/README.md): every listed shard exists with the recorded
-sha256 and sample count, every sample has jpg/cls/json, the jpg decodes at its recorded size, cls
-equals the index of the json label, per-class counts match, keys are unique, no patient id or
-image sha256 appears in two splits, and there are no unlisted .tar files. Shards are read with
-`tarfile` so that damage is reported as a problem, never as a traceback.
+Owns the rules a pack must satisfy (shards/README.md): index.json is well formed (see
+`shards.load_shard_index`), every listed shard is a regular file with the recorded sha256 and sample
+count, every sample key is a plain name and every member below the size limit, every sample has
+jpg/cls/json, the jpg decodes at its recorded size, cls equals the index of the json label,
+per-class counts match, keys are unique, no patient id or image sha256 appears in two splits, and
+there are no unlisted .tar files. Shards are read with the same reader as training, so that damage
+is reported as a problem, never as a traceback.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from gastro_dist import UserError
 from gastro_dist.data.images import BadImage, decode_rgb, open_image
-from gastro_dist.data.pack import INDEX_FILE, file_sha256
+from gastro_dist.data.shards import (DEFAULT_MAX_MEMBER_MB, INDEX_FILE, BadIndex, ShardFile, ShardReadError,
+                                     iter_shard_samples, load_shard_index, scan_shard)
 
 SAMPLE_MEMBERS = ("cls", "jpg", "json")
 SAMPLE_JSON_FIELDS = ("label", "patient_id", "source", "sha256", "orig_size", "stored_size")
@@ -36,94 +38,71 @@ class _Seen:
     split_of_sha256: dict[str, str] = field(default_factory=dict)
 
 
-def verify_shards(shard_dir: str | Path) -> list[str]:
+def verify_shards(shard_dir: str | Path, max_member_mb: int = DEFAULT_MAX_MEMBER_MB) -> list[str]:
     """Check a pack folder; returns the problems found (empty: all good) and prints a one-line verdict."""
     shard_dir = Path(shard_dir)
-    index_path = shard_dir / INDEX_FILE
-    if not index_path.is_file():
-        raise UserError(f"{index_path} not found: not a finished pack; pass the --out folder of a completed `pack`")
+    if not (shard_dir / INDEX_FILE).is_file():
+        raise UserError(f"{shard_dir / INDEX_FILE} not found: not a finished pack; pass the --out folder of a completed `pack`")
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        classes = list(index["classes"])
-        splits = dict(index["splits"])
-        num_listed_samples = sum(shard["count"] for info in splits.values() for shard in info["shards"])
-    except (ValueError, KeyError, TypeError) as err:
-        problems = [f"{INDEX_FILE} is malformed ({type(err).__name__}: {err})"]
+        index = load_shard_index(shard_dir)
+        raw = json.loads((shard_dir / INDEX_FILE).read_text(encoding="utf-8"))
+        totals, splits_json = raw.get("totals") or {}, raw["splits"]
+    except BadIndex as err:
+        problems = [str(err)]
         _report(problems, 0, 0)
         return problems
 
     problems: list[str] = []
     seen = _Seen()
     num_samples = num_shards = 0
+    num_listed_samples = sum(index.count(split) for split in index.splits)
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("verifying", total=num_listed_samples)
-        for split, info in splits.items():
+        for split in index.splits:
             per_class: Counter = Counter()
-            for shard in info["shards"]:
-                num_shard_samples = _check_shard(shard_dir, shard, split, classes, per_class, seen, problems)
+            for shard in index.shards(split):
+                num_shard_samples = _check_shard(shard, split, index.classes, per_class, seen, problems,
+                                                 max_member_mb << 20)
                 progress.advance(task, num_shard_samples)
                 num_samples += num_shard_samples
                 num_shards += 1
-            num_split_samples = sum(per_class.values())
-            if num_split_samples != info["count"]:
-                problems.append(f"{split}: index.json says {info['count']} samples, shards hold {num_split_samples}")
-            listed_per_class = {cls: n for cls, n in info["per_class"].items() if n}
+            listed_count = splits_json.get(split, {}).get("count") if isinstance(splits_json.get(split), dict) else None
+            if listed_count is not None and listed_count != index.count(split):
+                problems.append(f"{split}: index.json says {listed_count} samples, its shard list says {index.count(split)}")
+            listed_per_class = {cls: n for cls, n in index.per_class(split).items() if n}
             if dict(per_class) != listed_per_class:
                 problems.append(f"{split}: per-class counts {dict(sorted(per_class.items()))} differ from index.json "
                                 f"{listed_per_class}")
-    listed_files = {shard["file"] for info in splits.values() for shard in info["shards"]}
+    listed_files = {shard.path.name for split in index.splits for shard in index.shards(split)}
     for stray in sorted(path.name for path in shard_dir.glob("*.tar") if path.name not in listed_files):
         problems.append(f"{stray}: not listed in index.json")
-    packed = index.get("totals", {}).get("packed")
+    packed = totals.get("packed") if isinstance(totals, dict) else None
     if packed is not None and packed != num_listed_samples:
         problems.append(f"index.json totals say {packed} packed, its shard list says {num_listed_samples}")
     _report(problems, num_samples, num_shards)
     return problems
 
 
-def _check_shard(shard_dir: Path, shard: dict, split: str, classes: list[str], per_class: Counter,
-                 seen: _Seen, problems: list[str]) -> int:
-    """Append this shard's problems; returns how many complete samples it yielded."""
-    name = shard["file"]
-    path = shard_dir / name
-    if not path.is_file():
-        problems.append(f"{name}: missing")
+def _check_shard(shard: ShardFile, split: str, classes: list[str], per_class: Counter, seen: _Seen,
+                 problems: list[str], max_member_bytes: int) -> int:
+    """Append this shard's problems; returns how many samples it holds."""
+    name = shard.path.name
+    scan = scan_shard(shard, max_member_bytes)  # count and sha256 in one read, as the trainer does
+    problems.extend(scan.problems())
+    if scan.num_samples == 0:
         return 0
-    if file_sha256(path) != shard["sha256"]:
-        problems.append(f"{name}: sha256 differs from index.json (file changed or truncated)")
-    num_samples = 0
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            for key, members in _samples(tar):
-                sample_problems = _check_sample(key, members, split, classes, per_class, seen)
-                problems.extend(f"{name}: {problem}" for problem in sample_problems)
-                num_samples += 1
-    except (tarfile.TarError, OSError, EOFError) as err:
-        problems.append(f"{name}: unreadable tar after {num_samples} samples ({type(err).__name__}: {err})")
-    if num_samples != shard["count"]:
-        problems.append(f"{name}: index.json says {shard['count']} samples, the tar holds {num_samples}")
-    return num_samples
-
-
-def _samples(tar: tarfile.TarFile):
-    """(key, {extension: bytes}) per sample, grouping consecutive members the way webdataset does:
-    the key is the member name up to the first dot of its file name."""
-    key, members = None, {}
-    for member in tar:
-        if not member.isfile():
-            continue
-        folder, _, file_name = member.name.rpartition("/")
-        stem, _, extension = file_name.partition(".")
-        member_key = f"{folder}/{stem}" if folder else stem
-        if member_key != key and key is not None:
-            yield key, members
-            members = {}
-        key = member_key
-        members[extension] = tar.extractfile(member).read()
-    if key is not None:
-        yield key, members
+        for sample in iter_shard_samples(shard.path, max_member_bytes):
+            if sample.problem:
+                problems.append(f"{name}: {sample.key!r}: {sample.problem}")
+                continue
+            sample_problems = _check_sample(sample.key, sample.members, split, classes, per_class, seen)
+            problems.extend(f"{name}: {problem}" for problem in sample_problems)
+    except ShardReadError:
+        pass  # the scan reported it
+    return scan.num_samples
 
 
 def _check_sample(key: str, members: dict[str, bytes], split: str, classes: list[str], per_class: Counter,
@@ -163,9 +142,12 @@ def _check_sample(key: str, members: dict[str, bytes], split: str, classes: list
     return problems
 
 
-def _report(problems: list[str], num_samples: int, num_shards: int) -> None:
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        print(f"PROBLEM: {problems[0]}{more}", file=sys.stderr)
-    else:
+def _report(problems: list[str], num_samples: int, num_shards: int, max_listed: int = 20) -> None:
+    """Each problem on a line of its own (the first `max_listed`), then the verdict."""
+    if not problems:
         print(f"OK: {num_samples} samples in {num_shards} shards")
+        return
+    for problem in problems[:max_listed]:
+        print(f"PROBLEM: {problem}", file=sys.stderr)
+    more = f" ({len(problems) - max_listed} more not shown)" if len(problems) > max_listed else ""
+    print(f"{len(problems)} problem(s) found in {num_samples} samples of {num_shards} shards{more}", file=sys.stderr)

@@ -84,7 +84,11 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """Read a plain tensor state dict without executing code from the file."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors' own error type: not a safetensors file, or a truncated one
+            raise UserError(f"model.pretrained file {path} is not a readable .safetensors file "
+                            f"({str(err).strip().splitlines()[-1][:160]}); download or convert it again") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle.UnpicklingError and friends: the file needs code execution or is broken

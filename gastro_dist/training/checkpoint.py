@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from gastro_dist import UserError
+from gastro_dist import RunFailure, UserError
 
 COMPLETE_MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -138,21 +140,48 @@ def _allowed_pickle_globals() -> list:
     return allowed
 
 
-def refuse_code_in_state(path: Path) -> None:
-    """Every pickle-based file of a training state must load with `weights_only=True`.
-
-    accelerate and DeepSpeed read some of these files with `weights_only=False`; checking them
-    first means a file that would run code when unpickled is refused instead of loaded.
+def state_damage(path: Path) -> str | None:
+    """Why a committed training state cannot be loaded (a file truncated or damaged after it was
+    written), or None when every file is intact. Every pickle-based file must load with
+    `weights_only=True`: accelerate and DeepSpeed read some of them with `weights_only=False`, so
+    a file that would run code when unpickled is refused here (an attack, not damage: no fallback).
     """
     allowed = _allowed_pickle_globals()
-    for file in sorted(p for p in path.rglob("*") if p.suffix in (".pt", ".pth", ".bin", ".pkl") and p.is_file()):
-        try:
-            with torch.serialization.safe_globals(allowed):
-                torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as err:
-            first_line = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-            raise UserError(f"refusing to load checkpoint {path}: {file.name} needs pickle code execution "
-                            f"({first_line[:200]}); delete that checkpoint folder to resume from an older one") from None
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), framework="pt"):  # validates the header and the file's length
+                    pass
+            except Exception as err:
+                return f"{file.name}: {str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__}"
+        elif file.suffix in (".pt", ".pth", ".bin", ".pkl"):
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    torch.load(file, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as err:
+                if "weights only load failed" not in str(err).lower():
+                    return f"{file.name}: {str(err).strip()[:200]}"
+                last_line = str(err).strip().splitlines()[-1]
+                raise UserError(f"refusing to load checkpoint {path}: {file.name} needs pickle code execution "
+                                f"({last_line[:200]}); delete that checkpoint folder to resume from an older one") from None
+            except Exception as err:  # truncated zip, EOF, ...
+                return f"{file.name}: {type(err).__name__}: {str(err).strip()[:200]}"
+    return None
+
+
+def latest_usable_state(run_dir: Path, warn) -> tuple[TrainerState, Path] | None:
+    """The newest committed state whose files are intact; damaged newer ones are reported through
+    `warn` and passed over. If there are committed states but none is intact, the run stops."""
+    states = complete_states(run_dir)
+    for state, path in reversed(states):
+        damage = state_damage(path)
+        if damage is None:
+            return state, path
+        warn(f"checkpoint {path.name} is damaged ({damage}); trying the previous complete one")
+    if states:
+        raise RunFailure(f"every checkpoint in {checkpoint_root(run_dir)} is damaged; delete that folder to "
+                         "train from the start, or restore it from a backup")
+    return None
 
 
 # ---------------------------------------------------------------- plain weights
@@ -184,5 +213,6 @@ def load_weights(directory_or_file: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as err:  # safetensors raises its own error type for anything that is not safetensors
-        raise UserError(f"{path} is not a safetensors weights file ({type(err).__name__}); give a model.safetensors "
-                        "written by gastro-dist (other formats are refused: loading them could run code)") from None
+        detail = str(err).strip().splitlines()[-1][:160] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path} is not a readable safetensors weights file ({detail}); give a model.safetensors "
+                         "written by gastro-dist (other formats are refused: loading them could run code)") from None

@@ -30,9 +30,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import nn
 
-from gastro_dist import UserError
+from gastro_dist import RunFailure, UserError
 from gastro_dist.config import DataConfig, PhaseConfig, TrainConfig, save_config
 from gastro_dist.data import pipeline
+from gastro_dist.data.shards import ShardFile, ShardIndex, ShardScan, checked_index, scan_shard
 from gastro_dist.models.backbones import build_model, head_parameter_names, model_logits
 from gastro_dist.models.freezing import keep_frozen_batchnorm_in_eval, set_trainable
 from gastro_dist.tracking import RunLog, write_json_atomic
@@ -118,14 +119,29 @@ def class_weights_tensor(config: TrainConfig, index: pipeline.ShardIndex) -> tor
     return torch.tensor([float(w) for w in config.class_weights], dtype=torch.float32)
 
 
-def check_run_dir(run_dir: Path, classes: list[str]) -> None:
-    """A run directory being resumed must hold the same classes as the shards."""
-    model_json = run_dir / "run.json"
-    if model_json.is_file():
-        previous = json.loads(model_json.read_text()).get("classes")
-        if previous is not None and previous != classes:
-            raise UserError(f"{run_dir} was trained on classes {previous} but the shards have {classes}; "
-                            "use a new --out directory for this data")
+def check_run_dir(run_dir: Path, config: TrainConfig, index: ShardIndex) -> None:
+    """A run folder that already holds a run (finished or not) continues only with the same model,
+    classes, input size and shard set: anything else would mix two runs' weights and files. Checked
+    before anything in the folder is written."""
+    run_json = run_dir / "run.json"
+    if not run_json.is_file():
+        return
+    try:
+        previous = json.loads(run_json.read_text(encoding="utf-8"))
+        previous = previous if isinstance(previous, dict) else {}
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{run_json} is damaged; use a new --out directory") from None
+    now = {"model": config.model.name, "classes": index.classes, "image_size": config.data.image_size,
+           "shards_index_sha256": index.index_sha256}
+    changed = [key for key, value in now.items() if key in previous and previous[key] != value]
+    if changed:
+        details = "; ".join(f"{key} was {previous[key]!r}, now {now[key]!r}" for key in changed
+                            if key != "shards_index_sha256")
+        if "shards_index_sha256" in changed:
+            details = "; ".join(filter(None, [details, f"the shards' index.json differs from the one it was trained "
+                                                       f"on ({previous.get('shards')})"]))
+        raise UserError(f"{run_dir} holds a run with other settings ({details}); use a new --out directory, "
+                        "or the same model and shards to resume it")
 
 
 # ---------------------------------------------------------------- optimiser and schedule
@@ -226,7 +242,7 @@ def predict_split(accelerator: Accelerator, model: nn.Module, index: pipeline.Sh
         probs = torch.softmax(logits.float(), dim=1).cpu().numpy().tolist()
         metas = batch["meta"] if with_meta else [None] * len(probs)
         rows.extend(zip(batch["key"], batch["label"].tolist(), probs, metas))
-        skipped.extend(r for text in batch["skipped"] if text for r in json.loads(text))
+        skipped.extend(batch["skipped"])
     for _ in batches:  # drain: a worker's trailing broken samples are only counted as missing
         pass
     if accelerator.num_processes > 1:
@@ -259,7 +275,7 @@ def accuracy_summary(labels: np.ndarray, probs: np.ndarray, classes: list[str]) 
 
 
 # ---------------------------------------------------------------- the run
-class Diverged(UserError):
+class Diverged(RunFailure):
     """Too many consecutive optimizer steps had a non-finite loss or gradient."""
 
 
@@ -276,17 +292,19 @@ class Trainer:
         self.shards_dir = Path(shards_dir)
         self.run_dir = Path(run_dir)
         # Everything a user can get wrong is checked before the accelerator touches a device.
-        self.index = pipeline.load_shard_index(shards_dir)
+        listed = pipeline.load_shard_index(shards_dir)
         for split in ("train", "val"):
-            if split not in self.index.splits or self.index.count(split) == 0:
+            if split not in listed.splits or listed.count(split) == 0:
                 raise UserError(f"the {split} split in {shards_dir} is empty; re-pack with more images or a larger --val-fraction")
-        self.classes = self.index.classes
-        check_run_dir(self.run_dir, self.classes)
+        self.classes = listed.classes
+        check_run_dir(self.run_dir, config, listed)
         resolve_weights_path_or_fail(config)
-        self.loss_weights = class_weights_tensor(config, self.index)
+        self.loss_weights = class_weights_tensor(config, listed)
 
         self.accelerator = make_accelerator(config)
         self.world_size = self.accelerator.num_processes
+        self.console = Console(soft_wrap=True)  # whole lines: log files and grep see each message once
+        self.index, self.shard_problems = self._check_shard_files(listed)
         self.micro_steps = pipeline.train_steps_per_epoch(self.index.count("train"), self.world_size, config.data.batch_size)
         if config.max_steps_per_epoch:
             self.micro_steps = min(self.micro_steps, config.max_steps_per_epoch)
@@ -301,16 +319,43 @@ class Trainer:
             weight=self.loss_weights.to(self.accelerator.device) if self.loss_weights is not None else None,
             label_smoothing=config.label_smoothing)
         self.augment = pipeline.DeviceAugmentation(config.data)
-        self.console = Console()
         self.skipped_local: list[str] = []
 
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
+    def _warn(self, message: str) -> None:
+        if self.is_main:
+            self.console.print(f"[yellow]warning:[/] {message}")
+
+    def _check_shard_files(self, listed: ShardIndex) -> tuple[ShardIndex, list[str]]:
+        """Every train and val shard read once (each process a share): sample counts and sha256 against
+        index.json. The epoch is planned on what the files hold; what differs is reported, or stops
+        the run under data.strict."""
+        rank, world = self.accelerator.process_index, self.world_size
+        max_member_bytes = self.config.data.max_member_mb << 20
+
+        def scan_all(shards: list[ShardFile]) -> list[ShardScan]:
+            mine = [scan_shard(shard, max_member_bytes) for shard in shards[rank::world]]
+            per_rank = gather_object([mine]) if world > 1 else [mine]
+            return [per_rank[i % world][i // world] for i in range(len(shards))]
+
+        index, problems = checked_index(listed, ["train", "val"], max_member_bytes, scan_all)
+        if problems and self.config.data.strict:
+            raise pipeline.CorruptSample(f"{problems[0]} (data.strict=true; re-pack, or set data.strict=false to "
+                                         "train on the readable samples)")
+        for problem in problems[:10]:
+            self._warn(problem)
+        for split in ("train", "val"):
+            if index.count(split) == 0:
+                raise pipeline.CorruptSample(f"no readable sample in the {split} split of {self.shards_dir} "
+                                             f"({problems[0] if problems else 'empty shards'}); re-pack the data")
+        return index, problems
+
     # ------------------------------------------------------------ whole run
     def run(self) -> dict:
-        resume = ckpt.latest_state(self.run_dir)
+        resume = ckpt.latest_usable_state(self.run_dir, warn=self._warn)
         if self._already_complete(resume):
             if self.is_main:
                 self.console.print(f"{self.run_dir} is already fully trained; nothing to do")
@@ -359,6 +404,7 @@ class Trainer:
             save_config(self.config, self.run_dir / "config.yaml")
             write_json_atomic(self.run_dir / "run.json", {
                 "classes": self.classes, "shards": str(self.shards_dir.resolve()),
+                "shards_index_sha256": self.index.index_sha256,
                 "model": self.config.model.name, "image_size": self.config.data.image_size})
         self.accelerator.wait_for_everyone()
 
@@ -373,6 +419,7 @@ class Trainer:
         summary.setdefault("phases", {})
         summary.setdefault("resumes", [])
         summary.setdefault("skipped_samples", {"count": 0, "reasons": []})
+        summary["shard_problems"] = self.shard_problems
         if resume is not None:
             state, path = resume
             summary["resumes"].append({"phase": state.phase, "epoch": state.epoch, "step": state.micro_step,
@@ -456,7 +503,6 @@ class Trainer:
 
     def _load_state(self, resume: tuple[TrainerState, Path], scheduler) -> TrainerState:
         state, path = resume
-        ckpt.refuse_code_in_state(path)
         self.accelerator.load_state(str(path))
         scheduler.load_state_dict(state.scheduler)
         if self.is_main:
@@ -510,7 +556,7 @@ class Trainer:
                 accelerator.backward(loss / accum)
             state.micro_step += 1
             positions[int(batch["worker"][0])] = int(batch["position"].max()) + 1
-            self.skipped_local.extend(r for text in batch["skipped"] if text for r in json.loads(text))
+            self.skipped_local.extend(batch["skipped"])
             loss_sum += loss.detach().float()
             loss_count += 1
             window_images += images.shape[0] * self.world_size
@@ -583,6 +629,9 @@ class Trainer:
             raise
         if self.is_main:
             self.skipped_local.extend(val["skipped"])
+        if len(val["labels"]) == 0:
+            raise pipeline.CorruptSample(f"no sample of the val split could be read ({val['skipped'][0] if val['skipped'] else 'no reason recorded'}); "
+                                         f"run `gastro-dist verify {self.shards_dir}` and re-pack the data")
         scores = accuracy_summary(val["labels"], val["probs"], self.classes)
         state.epoch += 1
         state.micro_step = 0
