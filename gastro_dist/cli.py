@@ -63,7 +63,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from gastro_dist.data.verify import verify_shards
 
-    problems = verify_shards(args.dir)
+    problems = verify_shards(args.dir) if args.max_member_mb is None else verify_shards(args.dir, args.max_member_mb)
     return 1 if problems else 0
 
 
@@ -102,6 +102,8 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("verify", help="re-read every shard and check it against index.json")
     p.add_argument("dir", type=Path)
+    p.add_argument("--max-member-mb", type=int, default=None,
+                   help="largest shard member read (default: the training default, data.max_member_mb)")
     p.set_defaults(handler=_cmd_verify)
 
 

@@ -81,7 +81,7 @@ class DataConfig:
     """Stop at the first unreadable shard or sample instead of skipping and reporting it."""
     max_member_mb: int = 64
     """Largest shard member read, in MB: a sample with a larger member is skipped (a few-KB tar can
-    declare a multi-GB sparse member). Far above any stored frame."""
+    declare a multi-GB sparse member). A 100-megapixel JPEG is ~40 MB; pack stores far smaller ones."""
     decode_on: str = "workers"
     """Where training JPEGs are decoded and cropped: "workers" (DataLoader processes, CPU) or "device"
     (the training device, nvJPEG on a GPU; workers only read the shards: for nodes with few cores per GPU)."""

@@ -1,4 +1,4 @@
-"""File-system names and CSV cells derived from untrusted input.
+"""File-system names, files and CSV cells derived from untrusted input.
 
 Shard keys, the classes in model.json and the paths given to `predict`/`cam` come from whoever
 made them. A name built from such text must stay one file inside its output folder ('../x' or
@@ -9,9 +9,13 @@ formula when a clinician opens the file in a spreadsheet (OWASP "CSV injection")
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO
 
 MAX_NAME_CHARS = 100  # leaves room for suffixes within the usual 255-byte file name limit
 DIGEST_CHARS = 16  # 64 bits of sha256: distinct texts do not meet by chance
@@ -65,3 +69,29 @@ def csv_text(text: str) -> str:
     prefixed, so a probability or a negative score stays a number.
     """
     return f"'{text}" if text.startswith(_FORMULA_STARTS) else text
+
+
+class NotRegularFile(OSError):
+    """A path that names a FIFO, a device, a folder or a socket where a file was expected."""
+
+
+def file_type(mode: int) -> str:
+    """What a stat mode is, in words: 'file' for a regular file, else 'folder', 'FIFO', 'character device' ..."""
+    if stat.S_ISREG(mode):
+        return "file"
+    kinds = ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+    return next((name for is_kind, name in kinds if is_kind(mode)), "special file")
+
+
+def open_regular_file(path: str | Path) -> BinaryIO:
+    """Open for reading (unbuffered) only if it is a regular file, links followed: a FIFO would block
+    until a writer comes and a device (a link to /dev/zero) never end. O_NONBLOCK makes opening a
+    FIFO return at once; the check is on what was opened, not on what the path named a moment ago.
+    Raises `NotRegularFile` (its strerror names the kind) or the OSError of the open."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    kind = file_type(os.fstat(fd).st_mode)
+    if kind != "file":
+        os.close(fd)
+        raise NotRegularFile(0, f"not a regular file: {kind}", str(path))
+    return open(fd, "rb", buffering=0)

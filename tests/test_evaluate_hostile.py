@@ -72,7 +72,19 @@ def read_past_the_reader(monkeypatch, shards: Path, edit=lambda predictions: Non
                        "skipped": [], "missing": 0}
         edit(predictions)
         return predictions
+
+    def read_shard_images(index, split, keys, max_member_bytes):  # the shard reader would refuse hostile keys
+        found = {}
+        for entry in read_index(shards)["splits"][split]["shards"]:
+            for name, data in read_members(shards / entry["file"]):
+                folder, _, file_name = name.rpartition("/")
+                stem, _, extension = file_name.partition(".")
+                key = f"{folder}/{stem}" if folder else stem
+                if key in keys and extension == "jpg":
+                    found[key] = data
+        return found
     monkeypatch.setattr(evaluate, "predict_split", predict_split)
+    monkeypatch.setattr(evaluate, "read_shard_images", read_shard_images)
 
 
 def run_with_model_json(trained_run: Path, folder: Path, content: bytes) -> Path:

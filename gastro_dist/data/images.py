@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from gastro_dist.files import NotRegularFile, open_regular_file
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 
@@ -46,38 +47,18 @@ def is_image_path(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def file_type(mode: int) -> str:
-    """What a stat mode is, in words: 'file' for a regular file, else 'folder', 'FIFO', 'character device' ..."""
-    if stat.S_ISREG(mode):
-        return "file"
-    kinds = ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
-             (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
-    return next((name for is_kind, name in kinds if is_kind(mode)), "special file")
-
-
-def _check_readable(info: os.stat_result, max_bytes: int) -> None:
-    """Raise `BadImage` unless `info` describes a regular file within the size cap."""
-    kind = file_type(info.st_mode)
-    if kind != "file":
-        raise BadImage(f"not a regular file: {kind}")
-    if info.st_size > max_bytes:
-        raise BadImage(f"file too large: {info.st_size} bytes, the limit is {max_bytes}")
-
-
 def read_image_file(path: str | Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
     """The bytes of a regular file (links followed) of at most `max_bytes`, or `BadImage` saying why not.
 
-    A device is never opened (a link to /dev/zero would be read until memory runs out) nor a FIFO (opening
-    one blocks until a writer comes). The size is checked before reading and at most max_bytes + 1 bytes
-    are read, so a file that grows meanwhile is still bounded.
+    A device or a FIFO is never read (`files.open_regular_file`). The size is checked before reading
+    and at most max_bytes + 1 bytes are read, so a file that grows meanwhile is still bounded.
     """
     try:
-        _check_readable(os.stat(path), max_bytes)
-        # O_NONBLOCK: should the path have been swapped for a FIFO since the stat, open still returns at once
-        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb", buffering=0) as handle:
-            info = os.fstat(handle.fileno())
-            _check_readable(info, max_bytes)  # what was opened, not what the path named a moment ago
-            chunks, num_bytes, request = [], 0, info.st_size + 1  # one read for the file, one to see its end
+        with open_regular_file(path) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > max_bytes:
+                raise BadImage(f"file too large: {size} bytes, the limit is {max_bytes}")
+            chunks, num_bytes, request = [], 0, size + 1  # one read for the file, one to see its end
             while num_bytes <= max_bytes:
                 chunk = handle.read(min(request, max_bytes + 1 - num_bytes))
                 if not chunk:
@@ -86,7 +67,8 @@ def read_image_file(path: str | Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -
                 num_bytes += len(chunk)
                 request = _READ_CHUNK_BYTES
     except OSError as err:
-        raise BadImage(f"unreadable file: {err.strerror or err}") from None
+        reason = err.strerror if isinstance(err, NotRegularFile) else f"unreadable file: {err.strerror or err}"
+        raise BadImage(reason) from None
     if num_bytes > max_bytes:
         raise BadImage(f"file too large: grew past the limit of {max_bytes} bytes while being read")
     return b"".join(chunks)

@@ -36,17 +36,17 @@ from gastro_dist.data.images import (
     BadImage,
     decode_rgb,
     encode_jpeg,
-    file_type,
     is_image_path,
     load_rgb,
     open_image,
     read_image_file,
     shrink_to_short_side,
 )
+from gastro_dist.data.shards import INDEX_FILE
+from gastro_dist.files import file_type
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
-INDEX_FILE = "index.json"
 REJECTED_FILE = "rejected.jsonl"
 SKIPPED_FILE = "skipped.jsonl"
 DUPLICATES_FILE = "duplicates.jsonl"

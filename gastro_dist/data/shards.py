@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import stat
 import tarfile
 import unicodedata
 from dataclasses import dataclass, replace
@@ -22,10 +20,10 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
 
 from gastro_dist import RunFailure, UserError
+from gastro_dist.files import NotRegularFile, open_regular_file
 
 INDEX_FILE = "index.json"
 SHARD_MEMBERS = frozenset({"jpg", "png", "cls", "json"})
-DEFAULT_MAX_MEMBER_MB = 64  # a 100-megapixel JPEG at quality 95 is ~40 MB; pack stores far smaller ones
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,199}")
 _PLAIN_SHARD_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}\.tar")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -159,19 +157,6 @@ class ShardReadError(Exception):
     """The shard cannot be read from this point on (not a tar, truncated, not a regular file)."""
 
 
-def open_regular_file(path: Path) -> BinaryIO:
-    """Open for reading only if it is a regular file: a FIFO would block forever and a device
-    (a link to /dev/zero) never end. O_NONBLOCK makes opening a FIFO return at once."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as err:
-        raise ShardReadError(f"cannot open: {err.strerror or err}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ShardReadError("not a regular file")
-    return os.fdopen(fd, "rb")
-
-
 def iter_tar_samples(stream: BinaryIO, max_member_bytes: int,
                      members: frozenset[str] = SHARD_MEMBERS) -> Iterator[TarSample]:
     """Samples of a tar stream, grouping consecutive members by key as webdataset does (the key is
@@ -218,8 +203,15 @@ def iter_tar_samples(stream: BinaryIO, max_member_bytes: int,
 def iter_shard_samples(path: Path, max_member_bytes: int,
                        members: frozenset[str] = SHARD_MEMBERS) -> Iterator[TarSample]:
     """`iter_tar_samples` of a shard file, opened only if it is a regular file."""
-    with open_regular_file(path) as stream:
+    with _open_shard(path) as stream:
         yield from iter_tar_samples(stream, max_member_bytes, members)
+
+
+def _open_shard(path: Path) -> BinaryIO:
+    try:
+        return open_regular_file(path)
+    except OSError as err:
+        raise ShardReadError(err.strerror if isinstance(err, NotRegularFile) else f"cannot open: {err.strerror or err}") from None
 
 
 # ---------------------------------------------------------------- checking the files against the index
@@ -263,7 +255,7 @@ def scan_shard(shard: ShardFile, max_member_bytes: int) -> ShardScan:
     """Read one shard once: count its samples and hash its bytes."""
     num_samples, problem, matches = 0, None, None
     try:
-        with open_regular_file(shard.path) as raw:
+        with _open_shard(shard.path) as raw:
             stream = _HashingReader(raw)
             try:
                 for _ in iter_tar_samples(stream, max_member_bytes):

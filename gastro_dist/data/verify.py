@@ -22,7 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from gastro_dist import UserError
 from gastro_dist.data.images import BadImage, decode_rgb, open_image
-from gastro_dist.data.shards import (DEFAULT_MAX_MEMBER_MB, INDEX_FILE, BadIndex, ShardFile, ShardReadError,
+from gastro_dist.config import DataConfig
+from gastro_dist.data.shards import (INDEX_FILE, BadIndex, ShardFile, ShardReadError,
                                      iter_shard_samples, load_shard_index, scan_shard)
 
 SAMPLE_MEMBERS = ("cls", "jpg", "json")
@@ -38,7 +39,7 @@ class _Seen:
     split_of_sha256: dict[str, str] = field(default_factory=dict)
 
 
-def verify_shards(shard_dir: str | Path, max_member_mb: int = DEFAULT_MAX_MEMBER_MB) -> list[str]:
+def verify_shards(shard_dir: str | Path, max_member_mb: int = DataConfig.max_member_mb) -> list[str]:
     """Check a pack folder; returns the problems found (empty: all good) and prints a one-line verdict."""
     shard_dir = Path(shard_dir)
     if not (shard_dir / INDEX_FILE).is_file():

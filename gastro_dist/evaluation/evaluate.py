@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import json
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,9 @@ import torch
 from accelerate import Accelerator
 
 from gastro_dist import RunFailure, UserError
+from gastro_dist.config import DataConfig
 from gastro_dist.data import pipeline
+from gastro_dist.data.shards import ShardIndex, ShardReadError, iter_shard_samples
 from gastro_dist.data.images import BadImage, load_rgb
 from gastro_dist.evaluation import cam as gradcam
 from gastro_dist.evaluation.inference import (TrainedModel, check_output_folder, default_device, file_identities,
@@ -36,7 +37,7 @@ from gastro_dist.evaluation.metrics import dummy_baselines, evaluate_predictions
 from gastro_dist.evaluation.report import write_report
 from gastro_dist.files import csv_text, distinct_names, safe_name
 from gastro_dist.tracking import write_json_atomic
-from gastro_dist.training.trainer import predict_split
+from gastro_dist.training.trainer import checked_shard_index, predict_split
 
 POSITIVE_CLASS = "gastric_cancer"  # the cancer-versus-benign view's class, when the model has it
 
@@ -70,7 +71,12 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
     model = trained.model.to(accelerator.device)
     data_cfg = trained.data_config(batch_size=batch_size, num_workers=num_workers)
     classes = index.classes
+    num_listed = index.count(split)
+    # counts and sha256 of the shards read first: the plan asks only for samples that are there
+    scanned_splits = sorted({split, "val"} if cancer_sensitivity is not None else {split})
+    index, shard_problems = checked_shard_index(accelerator, index, scanned_splits, data_cfg.max_member_mb)
     predicted = predict_split(accelerator, model, index, data_cfg, split, with_meta=True)
+    predicted["missing"] += num_listed - index.count(split)
     predictions, rejected = _usable_predictions(predicted, len(classes))
     if not predictions["keys"]:
         raise _nothing_usable(index, split, predictions["skipped"] + rejected)
@@ -80,6 +86,8 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return {}
+    for problem in shard_problems[:10]:
+        print(f"warning: {problem}")
 
     metas, meta_problems = _sample_metadata(predictions["meta"], predictions["keys"])
     groups = np.array([m.get("patient_id") or key for m, key in zip(metas, predictions["keys"])], dtype=object)
@@ -106,10 +114,10 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
               "mcc_definition": "scikit-learn matthews_corrcoef (multiclass R_K)",
               # count: samples of the split left out of the metrics; missing: those that could not be read
               "skipped_samples": {"count": num_skipped, "missing": predictions["missing"],
-                                  "reasons": predictions["skipped"] + rejected},
+                                  "reasons": predictions["skipped"] + rejected, "shard_problems": shard_problems},
               "metadata_problems": {"count": len(meta_problems), "reasons": meta_problems}}
     if num_skipped or meta_problems:
-        print(f"warning: {num_skipped} of the {index.count(split)} samples of the {split} split are not in the metrics "
+        print(f"warning: {num_skipped} of the {num_listed} samples of the {split} split are not in the metrics "
               f"and {len(meta_problems)} were evaluated without their metadata "
               "(see skipped_samples and metadata_problems in metrics.json)")
     write_json_atomic(out_dir / "metrics.json", result)
@@ -205,23 +213,18 @@ def _write_predictions_csv(path: Path, keys: list[str], metas: list[dict], label
 
 
 # ---------------------------------------------------------------- Grad-CAM
-def read_shard_images(index: pipeline.ShardIndex, split: str, keys: set[str]) -> dict[str, bytes]:
-    """Image bytes of the given sample keys, read with plain tarfile (nothing is decoded or unpickled).
-
-    A sample's key is its member name up to the first dot of the file name, as the shard reader
-    groups members. A shard that cannot be read is passed over: its samples were skipped already.
-    """
+def read_shard_images(index: ShardIndex, split: str, keys: set[str], max_member_bytes: int) -> dict[str, bytes]:
+    """Image bytes of the given sample keys, through the shards' reader (members of ours only,
+    size-capped, nothing decoded or unpickled). A shard that cannot be read is passed over: its
+    samples were reported as skipped already."""
     found: dict[str, bytes] = {}
     for shard in index.shards(split):
         try:
-            with tarfile.open(shard.path) as tar:
-                for member in tar:
-                    folder, _, name = member.name.rpartition("/")
-                    stem, _, ext = name.partition(".")
-                    key = f"{folder}/{stem}" if folder else stem
-                    if key in keys and ext.lower() in ("jpg", "png") and member.isfile():
-                        found[key] = tar.extractfile(member).read()
-        except (tarfile.TarError, OSError):
+            for sample in iter_shard_samples(shard.path, max_member_bytes, members=frozenset({"jpg", "png"})):
+                image_bytes = sample.members.get("jpg") or sample.members.get("png")
+                if sample.key in keys and image_bytes and not sample.problem:
+                    found[sample.key] = image_bytes
+        except ShardReadError:
             continue
         if len(found) == len(keys):
             break
@@ -261,7 +264,7 @@ def _misclassified_cams(trained: TrainedModel, index: pipeline.ShardIndex, split
         chosen.extend(int(i) for i in wrong)
     if not chosen:
         return []
-    stored = read_shard_images(index, split, {keys[i] for i in chosen})
+    stored = read_shard_images(index, split, {keys[i] for i in chosen}, DataConfig.max_member_mb << 20)
     readable, images = [], []
     for i in chosen:
         try:

@@ -15,7 +15,6 @@ import csv
 import json
 import math
 import os
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -26,7 +25,8 @@ from torch import nn
 from gastro_dist import UserError
 from gastro_dist.config import DataConfig, ModelConfig
 from gastro_dist.data import pipeline
-from gastro_dist.data.images import BadImage, is_image_path, load_rgb
+from gastro_dist.data.images import BadImage, is_image_path, load_rgb, read_image_file
+from gastro_dist.data.shards import ShardReadError, iter_shard_samples
 from gastro_dist.files import csv_text
 from gastro_dist.models.backbones import build_model, model_logits
 from gastro_dist.training import checkpoint as ckpt
@@ -178,20 +178,19 @@ def iter_inputs(inputs: list[str | Path]) -> Iterator[InputImage]:
 
 def _read_file(path: Path) -> InputImage:
     try:
-        return InputImage(str(path), data=path.read_bytes())
-    except OSError as err:
-        return InputImage(str(path), error=f"unreadable file: {err.strerror or err}")
+        return InputImage(str(path), data=read_image_file(path))
+    except BadImage as bad:
+        return InputImage(str(path), error=bad.reason)
 
 
 def _shard_images(path: Path) -> Iterator[InputImage]:
-    # Plain tarfile, not webdataset's decoders: only image members are read, nothing is unpickled.
+    """The images of a shard, through the shards' reader: members of ours only, size-capped, nothing unpickled."""
     try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                stem, _, ext = member.name.rpartition(".")
-                if member.isfile() and ext.lower() in ("jpg", "jpeg", "png"):
-                    yield InputImage(f"{path}#{stem}", data=tar.extractfile(member).read())
-    except (tarfile.TarError, OSError) as err:
+        for sample in iter_shard_samples(path, DataConfig.max_member_mb << 20, members=frozenset({"jpg", "png"})):
+            image_bytes = sample.members.get("jpg") or sample.members.get("png")
+            yield InputImage(f"{path}#{sample.key}", data=image_bytes,
+                             error=sample.problem or (None if image_bytes else "no image member"))
+    except ShardReadError as err:
         yield InputImage(str(path), error=f"unreadable shard: {err}")
 
 

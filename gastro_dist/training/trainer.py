@@ -144,6 +144,20 @@ def check_run_dir(run_dir: Path, config: TrainConfig, index: ShardIndex) -> None
                         "or the same model and shards to resume it")
 
 
+def checked_shard_index(accelerator: Accelerator, listed: ShardIndex, splits: list[str],
+                        max_member_mb: int) -> tuple[ShardIndex, list[str]]:
+    """`shards.checked_index`, each process reading a share of the shards; every process gets the
+    same result, so that all plan the same epoch."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def scan_all(shards: list[ShardFile]) -> list[ShardScan]:
+        mine = [scan_shard(shard, max_member_mb << 20) for shard in shards[rank::world]]
+        per_rank = gather_object([mine]) if world > 1 else [mine]
+        return [per_rank[i % world][i // world] for i in range(len(shards))]
+
+    return checked_index(listed, splits, max_member_mb << 20, scan_all)
+
+
 # ---------------------------------------------------------------- optimiser and schedule
 def build_optimizer(model: nn.Module, head_names: set[str], phase: PhaseConfig) -> torch.optim.Optimizer:
     """Param groups: head / backbone, each split into decayed weights and undecayed biases and norms."""
@@ -333,15 +347,7 @@ class Trainer:
         """Every train and val shard read once (each process a share): sample counts and sha256 against
         index.json. The epoch is planned on what the files hold; what differs is reported, or stops
         the run under data.strict."""
-        rank, world = self.accelerator.process_index, self.world_size
-        max_member_bytes = self.config.data.max_member_mb << 20
-
-        def scan_all(shards: list[ShardFile]) -> list[ShardScan]:
-            mine = [scan_shard(shard, max_member_bytes) for shard in shards[rank::world]]
-            per_rank = gather_object([mine]) if world > 1 else [mine]
-            return [per_rank[i % world][i // world] for i in range(len(shards))]
-
-        index, problems = checked_index(listed, ["train", "val"], max_member_bytes, scan_all)
+        index, problems = checked_shard_index(self.accelerator, listed, ["train", "val"], self.config.data.max_member_mb)
         if problems and self.config.data.strict:
             raise pipeline.CorruptSample(f"{problems[0]} (data.strict=true; re-pack, or set data.strict=false to "
                                          "train on the readable samples)")
