@@ -1,8 +1,8 @@
 """Benchmarks: `gastro-dist bench loader` and `gastro-dist bench train`.
 
-`bench loader` times the real training input pipeline, `pipeline.train_loader` (shard read, decode,
+`bench loader` times the real training input pipeline, `loaders.train_loader` (shard read, decode,
 augmentation, collation into the batch tensor the trainer gets), and with `--source` the same
-augmentation (`pipeline.train_transform`) through a plain torchvision ImageFolder + DataLoader over
+augmentation (`augmentation.train_transform`) through a plain torchvision ImageFolder + DataLoader over
 the original images, in the same run, so that the two are compared under the same load.
 `bench train` times optimizer steps on synthetic in-memory batches (compute only) and, with
 `--shards`, the same step fed by `train_loader` (end to end); on CUDA it adds the model FLOPs
@@ -137,12 +137,14 @@ def shard_batches(shard_dir: Path, data, min_batches: int) -> Iterator:
     """The label tensor of each `train_loader` batch (one per image, decoded or not: `data.decode_on`),
     whole epochs until at least `min_batches`: every image a worker reads is consumed, so its CPU time
     is counted for an image."""
-    from gastro_dist.data import pipeline
+    from gastro_dist.data.epoch_plan import train_steps_per_epoch
+    from gastro_dist.data.loaders import train_loader
+    from gastro_dist.data.shard_index import load_shard_index
 
-    index = pipeline.load_shard_index(shard_dir)
-    steps_per_epoch = pipeline.train_steps_per_epoch(index.count("train"), 1, data.batch_size)
+    index = load_shard_index(shard_dir)
+    steps_per_epoch = train_steps_per_epoch(index.count("train"), 1, data.batch_size)
     for epoch in range(math.ceil(min_batches / steps_per_epoch)):
-        for batch in pipeline.train_loader(index, data, seed=0, epoch=epoch, rank=0, world_size=1):
+        for batch in train_loader(index, data, seed=0, epoch=epoch, rank=0, world_size=1):
             yield batch["label"]
 
 
@@ -151,9 +153,9 @@ def image_folder_batches(source: Path, data, num_batches: int) -> Iterator:
     from torch.utils.data import DataLoader, RandomSampler
     from torchvision.datasets import ImageFolder
 
-    from gastro_dist.data import pipeline
+    from gastro_dist.data.augmentation import train_transform
 
-    dataset = ImageFolder(str(source), transform=pipeline.train_transform(data))
+    dataset = ImageFolder(str(source), transform=train_transform(data))
     sampler = RandomSampler(dataset, num_samples=num_batches * data.batch_size)
     loader = DataLoader(dataset, batch_size=data.batch_size, sampler=sampler, num_workers=data.num_workers)
     for (images, _augment_params), _labels in loader:
@@ -178,7 +180,7 @@ def _one_thread_like_a_worker(active: bool) -> Iterator[None]:
 def bench_loader(shards: Path, *, source: Path | None, num_workers: int, num_batches: int, batch_size: int,
                  image_size: int, decode_on: str = "workers") -> dict[str, Any]:
     from gastro_dist.config import DataConfig
-    from gastro_dist.data.pipeline import load_shard_index
+    from gastro_dist.data.shard_index import load_shard_index
 
     load_shard_index(shards)  # mistakes in either folder are reported before anything runs
     if source is not None and not source.is_dir():
@@ -319,12 +321,14 @@ def synthetic_batches(batch_size: int, image_size: int, device) -> Iterator[tupl
 
 def loader_batches(shards: Path, data, device, channels_last: bool) -> Iterator[tuple[Any, Any]]:
     """`train_loader` batches, epoch after epoch, moved to the device and augmented there as the trainer does."""
-    from gastro_dist.data import pipeline
+    from gastro_dist.data.augmentation import DeviceAugmentation
+    from gastro_dist.data.loaders import train_loader
+    from gastro_dist.data.shard_index import load_shard_index
 
-    index = pipeline.load_shard_index(shards)
-    augment = pipeline.DeviceAugmentation(data)
+    index = load_shard_index(shards)
+    augment = DeviceAugmentation(data)
     for epoch in itertools.count():
-        loader = pipeline.train_loader(index, data, seed=0, epoch=epoch, rank=0, world_size=1,
+        loader = train_loader(index, data, seed=0, epoch=epoch, rank=0, world_size=1,
                                        pin_memory=device.type == "cuda")
         for batch in loader:
             images, labels, _ = augment.training_batch(batch, device, channels_last)
@@ -374,7 +378,7 @@ def bench_train(model_name: str, *, batch_size: int, image_size: int, precision:
     import torch
 
     from gastro_dist.config import DataConfig
-    from gastro_dist.data.pipeline import load_shard_index
+    from gastro_dist.data.shard_index import load_shard_index
 
     if steps < 1 or warmup < 0:
         raise UserError("--steps must be >= 1 and --warmup >= 0")

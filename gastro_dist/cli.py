@@ -110,7 +110,8 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------- training
 def _cmd_train(args: argparse.Namespace) -> int:
     from gastro_dist.config import load_config
-    from gastro_dist.training.trainer import PREEMPT_EXIT_CODE, Preempted, train
+    from gastro_dist.training.distributed import PREEMPT_EXIT_CODE, Preempted
+    from gastro_dist.training.trainer import train
 
     config = load_config(args.config, args.overrides)
     try:
@@ -159,7 +160,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from gastro_dist.evaluation.evaluate import compare_configs
+    from gastro_dist.compare import compare_configs
 
     compare_configs(args.configs, args.shards, args.out, overrides=args.overrides, split=args.split,
                     num_bootstrap=args.bootstrap)
@@ -197,7 +198,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     trained = load_trained_model(args.run, args.checkpoint)
     path = export_model(trained.model, args.format, args.out, input_size=trained.image_size, classes=trained.classes,
-                        mean=trained.meta["mean"], std=trained.meta["std"], output=args.output)
+                        mean=trained.meta.mean, std=trained.meta.std, output=args.output)
     try:
         difference = check_export(trained.model, path, args.format, trained.image_size)
     except RuntimeError as err:
@@ -302,10 +303,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _end_process_group() -> None:
-    """A clean exit for each process of `accelerate launch`: torch warns about a process group left alive."""
-    distributed = sys.modules.get("torch.distributed")
-    if distributed is not None and distributed.is_available() and distributed.is_initialized():
-        distributed.destroy_process_group()
+    if "torch.distributed" in sys.modules:  # only a command that started one has imported it
+        from gastro_dist.training.distributed import end_process_group
+
+        end_process_group()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""File-system names, files and CSV cells derived from untrusted input.
+"""File-system names, files and CSV cells derived from untrusted input, and the one atomic JSON writer.
 
 Shard keys, the classes in model.json and the paths given to `predict`/`cam` come from whoever
 made them. A name built from such text must stay one file inside its output folder ('../x' or
@@ -9,13 +9,14 @@ formula when a clinician opens the file in a spreadsheet (OWASP "CSV injection")
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import stat
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 MAX_NAME_CHARS = 100  # leaves room for suffixes within the usual 255-byte file name limit
 DIGEST_CHARS = 16  # 64 bits of sha256: distinct texts do not meet by chance
@@ -95,3 +96,12 @@ def open_regular_file(path: str | Path) -> BinaryIO:
         os.close(fd)
         raise NotRegularFile(0, f"not a regular file: {kind}", str(path))
     return open(fd, "rb", buffering=0)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that a reader sees the old file or the new one, never half of one (a temporary
+    file renamed into place). Non-finite numbers are refused: JSON has none."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False, default=str) + "\n",
+                         encoding="utf-8")
+    os.replace(temporary, path)

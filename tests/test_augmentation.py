@@ -13,9 +13,10 @@ from torchvision.transforms.v2 import functional as TF
 
 from gastro_dist import UserError
 from gastro_dist.config import DataConfig
-from gastro_dist.data import pipeline
-from gastro_dist.data.pipeline import (AUGMENT_PARAMS, CorruptSample, DeviceAugmentation, collate_samples,
-                                       decode_crops_on_device, decode_stored, eval_transform, train_transform)
+from gastro_dist.data.augmentation import AUGMENT_PARAMS, DeviceAugmentation, eval_transform, train_transform
+from gastro_dist.data.decode import CorruptSample, decode_crops_on_device, decode_stored
+from gastro_dist.data.loaders import collate_samples, train_loader
+from gastro_dist.data.shard_index import load_shard_index
 
 
 def _test_pixels(size: int = 96, seed: int = 0) -> torch.Tensor:
@@ -137,7 +138,7 @@ def test_eval_transform_takes_a_pil_image_or_the_decoded_tensor_alike():
 # ---------------------------------------------------------------- data.decode_on=device
 def _first_batch(shards, **overrides):
     cfg = DataConfig(image_size=48, batch_size=6, num_workers=0, shuffle_buffer=4, **overrides)
-    loader = pipeline.train_loader(pipeline.load_shard_index(shards), cfg, seed=1, epoch=0, rank=0, world_size=1)
+    loader = train_loader(load_shard_index(shards), cfg, seed=1, epoch=0, rank=0, world_size=1)
     return cfg, next(iter(loader))
 
 

@@ -245,7 +245,7 @@ def test_nonfinite_loss_skips_steps_then_stops_with_a_checkpoint(synthetic_shard
 def test_resuming_with_other_classes_is_refused(synthetic_shards, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "run.json").write_text(json.dumps({"classes": ["a", "b"]}))
+    (run / "summary.json").write_text(json.dumps({"classes": ["a", "b"]}))
     assert main(_train_args(synthetic_shards, run)) == 2
     err = capsys.readouterr().err
     assert "new --out" in err and len(err.strip().splitlines()) == 1

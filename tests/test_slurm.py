@@ -269,4 +269,4 @@ def test_compare_array_one_config_per_task(cluster, shards, tmp_path):
         summary = json.loads((out / name / "summary.json").read_text())
         assert summary["status"] == "completed", summary
         assert summary["phases"]["head"]["steps"] == summary["phases"]["finetune"]["steps"] == 2, summary["phases"]
-        assert json.loads((out / name / "run.json").read_text())["model"] == "resnet18"
+        assert json.loads((out / name / "summary.json").read_text())["model"] == "resnet18"

@@ -42,7 +42,7 @@ from gastro_dist.data.images import (
     read_image_file,
     shrink_to_short_side,
 )
-from gastro_dist.data.shards import INDEX_FILE
+from gastro_dist.data.shard_index import INDEX_FILE
 from gastro_dist.files import file_type
 
 FORMAT_VERSION = 1

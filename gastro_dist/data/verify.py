@@ -21,10 +21,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from gastro_dist import UserError
-from gastro_dist.data.images import BadImage, decode_rgb, open_image
 from gastro_dist.config import DataConfig
-from gastro_dist.data.shards import (INDEX_FILE, BadIndex, ShardFile, ShardReadError,
-                                     iter_shard_samples, load_shard_index, scan_shard)
+from gastro_dist.data.images import BadImage, decode_rgb, open_image
+from gastro_dist.data.shard_index import INDEX_FILE, BadIndex, ShardFile, load_shard_index
+from gastro_dist.data.shard_reader import ShardReadError, iter_shard_samples, scan_shard
 
 SAMPLE_MEMBERS = ("cls", "jpg", "json")
 SAMPLE_JSON_FIELDS = ("label", "patient_id", "source", "sha256", "orig_size", "stored_size")

@@ -1,18 +1,6 @@
-"""`evaluate`, `cam` and `compare`: a trained run measured the way clinicians read it.
-
-`evaluate_run` predicts every sample of a split exactly once across all ranks (it runs under
-`accelerate launch` too), then on the main process writes predictions.csv, metrics.json
-(per-class accuracy as in the study, sensitivity/specificity/PPV/NPV/F1/AUC per class,
-cancer-versus-benign, patient-level bootstrap CIs, calibration, dummy baselines, an optional
-cancer operating point chosen on the validation split), and the report (Markdown, HTML, PNGs).
-`compare_configs` trains and evaluates several configs on the same shards and writes the
-study's table (model x per-class accuracy) beside our extra metrics.
-
-Shards are untrusted input: a sample the metrics cannot use is left out and listed in
-metrics.json (skipped_samples), broken sample metadata is listed (metadata_problems), text
-cells of predictions.csv cannot become spreadsheet formulas, and file names built from sample
-keys or input paths stay inside the output folder (`gastro_dist.files`).
-"""
+"""`evaluate` and `cam`: a trained run measured the way clinicians read it (predictions.csv,
+metrics.json, the report; what each holds: README "Evaluation"), with every sample the metrics
+cannot use left out and listed, and every file name built from shard content kept inside --out."""
 
 from __future__ import annotations
 
@@ -27,8 +15,9 @@ from accelerate import Accelerator
 
 from gastro_dist import RunFailure, UserError
 from gastro_dist.config import DataConfig
-from gastro_dist.data import pipeline
-from gastro_dist.data.shards import ShardIndex, ShardReadError, iter_shard_samples
+from gastro_dist.data.augmentation import eval_transform
+from gastro_dist.data.shard_index import ShardIndex, load_shard_index
+from gastro_dist.data.shard_reader import ShardReadError, iter_shard_samples
 from gastro_dist.data.images import BadImage, load_rgb
 from gastro_dist.evaluation import cam as gradcam
 from gastro_dist.evaluation.inference import (TrainedModel, check_output_folder, default_device, file_identities,
@@ -36,8 +25,9 @@ from gastro_dist.evaluation.inference import (TrainedModel, check_output_folder,
 from gastro_dist.evaluation.metrics import dummy_baselines, evaluate_predictions, operating_point
 from gastro_dist.evaluation.report import write_report
 from gastro_dist.files import csv_text, distinct_names, safe_name
-from gastro_dist.tracking import write_json_atomic
-from gastro_dist.training.trainer import checked_shard_index, predict_split
+from gastro_dist.run_dir import write_run_json
+from gastro_dist.training.distributed import checked_shard_index
+from gastro_dist.training.predict import predict_split
 
 POSITIVE_CLASS = "gastric_cancer"  # the cancer-versus-benign view's class, when the model has it
 
@@ -58,7 +48,7 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
         _check_at_least(option, value, minimum)
     trained = load_trained_model(run_dir, checkpoint)
     positive_class = _positive_class(positive_class, trained.classes, cancer_sensitivity)
-    index = pipeline.load_shard_index(shards_dir)
+    index = load_shard_index(shards_dir)
     if index.classes != trained.classes:
         raise UserError(f"the shards' classes {index.classes} differ from the model's {trained.classes}; "
                         "evaluate on shards packed from the same class folders")
@@ -120,7 +110,7 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
         print(f"warning: {num_skipped} of the {num_listed} samples of the {split} split are not in the metrics "
               f"and {len(meta_problems)} were evaluated without their metadata "
               "(see skipped_samples and metadata_problems in metrics.json)")
-    write_json_atomic(out_dir / "metrics.json", result)
+    write_run_json(out_dir / "metrics.json", result)
     paths = write_report(out_dir, metrics, labels, probs, classes, title=f"{trained.architecture} on {split}",
                          details=details, baselines=baselines, operating_point=op, cam_images=cam_images)
     print(f"report: {paths['markdown']}  (html: {paths['html']})")
@@ -167,7 +157,7 @@ def _usable_predictions(predictions: dict, num_classes: int) -> tuple[dict, list
     return usable, reasons
 
 
-def _nothing_usable(index: pipeline.ShardIndex, split: str, reasons: list[str]) -> RunFailure:
+def _nothing_usable(index: ShardIndex, split: str, reasons: list[str]) -> RunFailure:
     names = [shard.path.name for shard in index.shards(split)]
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     first = f"; first problem: {' '.join(reasons[0].split())[:300]}" if reasons else ""
@@ -237,7 +227,7 @@ def cam_overlays(trained: TrainedModel, images: list, class_index: list[int] | N
     device = device or default_device()
     model = trained.model.to(device)
     data_cfg = trained.data_config()
-    transform = pipeline.eval_transform(data_cfg)
+    transform = eval_transform(data_cfg)
     batch = torch.stack([transform(img) for img in images]).to(device)
     cams, logits = gradcam.grad_cam(model, batch, class_index=class_index)
     mean = torch.tensor(data_cfg.mean, device=device).view(3, 1, 1)
@@ -249,7 +239,7 @@ def cam_overlays(trained: TrainedModel, images: list, class_index: list[int] | N
     return overlays
 
 
-def _misclassified_cams(trained: TrainedModel, index: pipeline.ShardIndex, split: str, predictions: dict,
+def _misclassified_cams(trained: TrainedModel, index: ShardIndex, split: str, predictions: dict,
                         per_class: int, out_dir: Path) -> list[tuple[str, str]]:
     """Overlays of the `per_class` most confident mistakes of each true class, in out_dir/cam.
 
@@ -325,80 +315,3 @@ def cam_files(trained: TrainedModel, images: list[str | Path], out_dir: str | Pa
         written.append(out)
         print(out)
     return written, failed
-
-
-# ---------------------------------------------------------------- compare
-def compare_configs(config_paths: list[str | Path], shards_dir: str | Path, out_dir: str | Path,
-                    overrides: list[str] | None = None, split: str = "test", num_bootstrap: int = 1000) -> dict:
-    """Train and evaluate each config on the same shards; write comparison.md and comparison.json."""
-    from accelerate.state import AcceleratorState
-
-    from gastro_dist.config import load_config
-    from gastro_dist.training.trainer import train
-
-    out_dir = Path(out_dir)
-    _check_at_least("--bootstrap", num_bootstrap, 0)
-    configs = [(Path(p).stem, load_config(p, overrides)) for p in config_paths]  # every config checked before training
-    index = pipeline.load_shard_index(shards_dir)
-    if split not in index.splits or index.count(split) == 0:
-        print(f"{shards_dir} has no {split} split: comparing on the val split")
-        split = "val"
-    rows = []
-    for name, config in configs:
-        run_dir = out_dir / name
-        summary = train(config, shards_dir, run_dir)
-        train_time = sum(phase.get("time_s", 0.0) for phase in summary.get("phases", {}).values())
-        AcceleratorState._reset_state()  # each run builds its own Accelerator (precision and trackers may differ)
-        metrics = evaluate_run(run_dir, shards_dir, run_dir / "eval", split=split, num_bootstrap=num_bootstrap)
-        AcceleratorState._reset_state()
-        if metrics:
-            rows.append(_comparison_row(name, config, summary, metrics, train_time))
-    result = {"split": split, "shards": str(shards_dir), "classes": index.classes, "models": rows}
-    if rows:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out_dir / "comparison.json", result)
-        (out_dir / "comparison.md").write_text(comparison_markdown(result))
-        print(f"comparison: {out_dir / 'comparison.md'}")
-    return result
-
-
-def _comparison_row(name: str, config, summary: dict, metrics: dict, train_time_s: float) -> dict:
-    ci = metrics.get("ci") or {}
-    phases = summary.get("phases", {})
-    return {
-        "name": name, "model": config.model.name, "image_size": config.data.image_size,
-        "per_class_accuracy": metrics["per_class_accuracy"], "per_class_accuracy_ci": ci.get("per_class_accuracy"),
-        "accuracy": metrics["accuracy"], "accuracy_ci": ci.get("accuracy"), "macro_f1": metrics["macro_f1"],
-        "mcc": metrics["mcc"], "macro_auc": metrics["macro_auc"], "ece": metrics["ece"],
-        "cancer_vs_benign": metrics.get("cancer_vs_benign"),
-        "train_time_s": round(train_time_s, 1),
-        "train_images_per_s": {p: phases[p].get("images_per_s") for p in phases},
-        "world_size": summary.get("world_size"),
-    }
-
-
-def comparison_markdown(result: dict) -> str:
-    classes = result["classes"]
-    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    lines = [f"# Backbone comparison ({result['split']} split)", "",
-             "Share of each class's images recognised correctly (the study's table), with 95% patient-level bootstrap CIs.", "",
-             "| model | " + " | ".join(classes) + " | overall |", "|---|" + "---:|" * (len(classes) + 1)]
-    for row in result["models"]:
-        cells = []
-        for c in classes:
-            ci = (row.get("per_class_accuracy_ci") or {}).get(c)
-            interval = f" ({pct(ci['lower'])}–{pct(ci['upper'])})" if ci and ci.get("lower") is not None else ""
-            cells.append(pct(row["per_class_accuracy"].get(c)) + interval)
-        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {pct(row['accuracy'])} |")
-    lines += ["", "| model | macro F1 | MCC | macro AUC | ECE | cancer sens. | cancer spec. | cancer AUC | train time (s) | train images/s |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in result["models"]:
-        cvb = row.get("cancer_vs_benign") or {}
-        ips = row["train_images_per_s"].get("finetune") or row["train_images_per_s"].get("head")
-        num = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-        lines.append(f"| {row['name']} | {num(row['macro_f1'])} | {num(row['mcc'])} | {num(row['macro_auc'])} | "
-                     f"{num(row['ece'])} | {pct(cvb.get('sensitivity'))} | {pct(cvb.get('specificity'))} | "
-                     f"{num(cvb.get('auc'))} | {row['train_time_s']} | {'n/a' if ips is None else f'{ips:.0f}'} |")
-    lines += ["", "MCC is scikit-learn's multiclass matthews_corrcoef. Reference study (ResNet50): "
-              "gastric cancer 93%, gastric ulcer 92%, chronic gastritis 88%.", ""]
-    return "\n".join(lines)

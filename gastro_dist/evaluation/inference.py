@@ -1,21 +1,12 @@
-"""Using a trained run: load its model, predict files/folders/shards, Grad-CAM overlays, export.
-
-A run's final model is RUN/model.safetensors + RUN/model.json (architecture, classes, input
-size, mean/std), checked field by field before anything is built from it: a run folder may come
-from anywhere. `--checkpoint` picks it ('best', the default), the last epoch's weights of the
-final phase ('last'), or any weights file or checkpoint directory (a PATH). Weights are read
-with safetensors, so loading never runs code from a file.
-
-Preprocessing is `pipeline.eval_transform`, the very transform validation uses during training.
-"""
+"""Using a trained run: its model rebuilt from RUN/model.json (checked by `run_dir.ModelMeta`) and the
+chosen weights (safetensors only), and predictions for image files, folders and shards into a CSV,
+with the evaluation preprocessing validation uses."""
 
 from __future__ import annotations
 
 import csv
-import json
-import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -23,129 +14,62 @@ import torch
 from torch import nn
 
 from gastro_dist import UserError
-from gastro_dist.config import DataConfig, ModelConfig
-from gastro_dist.data import pipeline
+from gastro_dist.config import DataConfig
+from gastro_dist.data.augmentation import eval_transform
 from gastro_dist.data.images import BadImage, is_image_path, load_rgb, read_image_file
-from gastro_dist.data.shards import ShardReadError, iter_shard_samples
+from gastro_dist.data.shard_reader import ShardReadError, iter_shard_samples
 from gastro_dist.files import csv_text
 from gastro_dist.models.backbones import build_model, model_logits
+from gastro_dist.run_dir import ModelMeta, RunDir
 from gastro_dist.training import checkpoint as ckpt
 
 
 @dataclass
 class TrainedModel:
     model: nn.Module
-    meta: dict
+    meta: ModelMeta
     checkpoint: str
-    classes: list[str] = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.classes = list(self.meta["classes"])
+    @property
+    def classes(self) -> list[str]:
+        return self.meta.classes
 
     @property
     def architecture(self) -> str:
-        return self.meta["architecture"]
+        return self.meta.architecture
 
     @property
     def image_size(self) -> int:
-        return int(self.meta["image_size"])
+        return self.meta.image_size
 
     def data_config(self, batch_size: int = 32, num_workers: int = 0) -> DataConfig:
         """The evaluation preprocessing this model was validated with."""
-        return _evaluation_data_config(self.meta, batch_size, num_workers)
-
-
-def _evaluation_data_config(meta: dict, batch_size: int = 32, num_workers: int = 0) -> DataConfig:
-    return DataConfig(image_size=int(meta["image_size"]), eval_crop_ratio=float(meta["eval_crop_ratio"]),
-                      mean=tuple(meta["mean"]), std=tuple(meta["std"]),
-                      batch_size=batch_size, eval_batch_size=batch_size, num_workers=num_workers)
+        return self.meta.data_config(batch_size, num_workers)
 
 
 def load_trained_model(run_dir: str | Path, checkpoint: str = "best") -> TrainedModel:
-    run_dir = Path(run_dir)
-    meta_path = run_dir / "model.json"
-    if not meta_path.is_file():
-        raise UserError(f"{run_dir} has no model.json: it is not a finished training run "
-                        "(run `gastro-dist train ... --out RUN` to completion, or re-run it to resume)")
-    meta = read_model_json(meta_path)
+    run = RunDir(run_dir)
+    meta = run.read_model_meta()
     if checkpoint == "best":
-        weights = run_dir / "model.safetensors"
+        weights = run.model_weights
     elif checkpoint == "last":
-        phase = "finetune" if (ckpt.checkpoint_root(run_dir) / "finetune-last").is_dir() else "head"
-        weights = ckpt.checkpoint_root(run_dir) / f"{phase}-last"
+        weights = run.last_weights()
     else:
         weights = Path(checkpoint)
         if not weights.exists():
             raise UserError(f"--checkpoint {weights} not found; use best, last, or a .safetensors file / checkpoint folder")
-    model_config = ModelConfig(name=meta["architecture"], pretrained=meta.get("pretrained", "none"),
-                               dropout=float(meta.get("dropout", 0.0)))
     try:
-        model, _ = build_model(model_config, num_classes=len(meta["classes"]), load_pretrained=False)
-    except UserError as err:  # an architecture this torchvision does not have
-        raise UserError(f"{meta_path}: {err}") from None
+        model, _ = build_model(meta.model_config(), num_classes=len(meta.classes), load_pretrained=False)
+    except UserError as err:  # an architecture this installation does not have
+        raise UserError(f"{run.model_json}: {err}") from None
     state = ckpt.load_weights(weights)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise UserError(f"weights {weights} do not fit {meta['architecture']} with {len(meta['classes'])} classes: "
+        raise UserError(f"weights {weights} do not fit {meta.architecture} with {len(meta.classes)} classes: "
                         f"{str(err).splitlines()[0]}") from None
     model.eval()
     return TrainedModel(model=model, meta=meta, checkpoint=str(weights))
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _are_rgb_numbers(value) -> bool:
-    return isinstance(value, list) and len(value) == 3 and all(map(_is_number, value))
-
-
-def _are_class_names(value) -> bool:
-    """Class names end up in error lines, CSV headers and reports: distinct printable one-line text."""
-    return (isinstance(value, list) and len(value) >= 2 and len(set(value)) == len(value)
-            and all(isinstance(name, str) and name.strip() and name.isprintable() for name in value))
-
-
-# What each model.json field must be before a model or a transform is built from it.
-_MODEL_JSON_FIELDS = {
-    "architecture": (lambda v: isinstance(v, str) and bool(v), "a torchvision model name"),
-    "classes": (_are_class_names, "a list of at least 2 distinct printable class names"),
-    "image_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
-                   "a positive whole number of pixels"),
-    "eval_crop_ratio": (_is_number, "a number"),
-    "mean": (_are_rgb_numbers, "3 numbers (R, G, B)"),
-    "std": (lambda v: _are_rgb_numbers(v) and min(v) > 0, "3 positive numbers (R, G, B)"),
-}
-_OPTIONAL_MODEL_JSON_FIELDS = {
-    "dropout": (_is_number, "a number"),
-    "pretrained": (lambda v: isinstance(v, str), "a string"),
-}
-
-
-def read_model_json(path: Path) -> dict:
-    """A run's model.json, checked: a run folder may come from anywhere, and a wrong field would
-    otherwise surface as a traceback deep in model building or preprocessing."""
-    fix = "restore the run's model.json, or re-run `gastro-dist train` with the same --out to write it again"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON ({err}); {fix}") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{path} is not a JSON object; {fix}")
-    missing = [key for key in _MODEL_JSON_FIELDS if key not in meta]
-    if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}; {fix}")
-    fields = {**_MODEL_JSON_FIELDS, **{k: v for k, v in _OPTIONAL_MODEL_JSON_FIELDS.items() if k in meta}}
-    for key, (valid, expected) in fields.items():
-        if not valid(meta[key]):
-            raise UserError(f"{path}: {key} must be {expected}, not {meta[key]!r:.80}; {fix}")
-    try:  # the ranges the configs check (e.g. image_size >= 32, dropout in [0, 1))
-        _evaluation_data_config(meta)
-        ModelConfig(name=meta["architecture"], dropout=float(meta.get("dropout", 0.0)))
-    except UserError as err:
-        raise UserError(f"{path}: {err}; {fix}") from None
-    return meta
 
 
 def default_device() -> torch.device:
@@ -248,7 +172,7 @@ def predict_files(trained: TrainedModel, inputs: list[str | Path], out_csv: str 
     check_output_file(out_csv, inputs)
     device = device or default_device()
     model = trained.model.to(device).eval()
-    transform = pipeline.eval_transform(trained.data_config())
+    transform = eval_transform(trained.data_config())
     classes = trained.classes
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     counts = {"predicted": 0, "errors": 0}

@@ -117,9 +117,7 @@ def build_model(config: ModelConfig, num_classes: int, load_pretrained: bool = T
     `load_pretrained=False` builds the same architecture without reading weights, for loading a
     trained model's own weights afterwards.
     """
-    if config.name not in available_models():
-        raise UserError(f"unknown model {config.name!r}; use a torchvision classification model such as "
-                        "resnet50, vgg19, inception_v3, resnet18, efficientnet_b0, convnext_tiny")
+    _check_model_name(config.name)
     if num_classes < 2:
         raise UserError(f"need at least 2 classes to train a classifier, got {num_classes}")
     weights_path = resolve_weights_path(config.name, config.pretrained) if load_pretrained else None
@@ -159,6 +157,18 @@ def download_weights(model_names: list[str]) -> list[Path]:
         weights.get_state_dict(progress=True, check_hash=True)
         paths.append(hub_checkpoint_dir() / weights_file_name(name))
     return paths
+
+
+def check_model_config(config: ModelConfig) -> None:
+    """Unknown model names and missing pretrained files, reported before any device work."""
+    _check_model_name(config.name)
+    resolve_weights_path(config.name, config.pretrained)
+
+
+def _check_model_name(name: str) -> None:
+    if name not in available_models():
+        raise UserError(f"unknown model {name!r}; use a torchvision classification model such as "
+                        "resnet50, vgg19, inception_v3, resnet18, efficientnet_b0, convnext_tiny")
 
 
 def model_logits(output: torch.Tensor | tuple) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gastro_dist import RunFailure, UserError
+from gastro_dist.run_dir import ModelMeta, RunDir
 
 COMPLETE_MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -56,19 +57,15 @@ class TrainerState:
         return (PHASE_ORDER.index(self.phase), self.phase_done, self.epoch, self.micro_step)
 
 
-def checkpoint_root(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
-
-
 def state_dir_name(state: TrainerState) -> str:
     done = "done" if state.phase_done else f"e{state.epoch:03d}-s{state.micro_step:06d}"
     return f"state-{PHASE_ORDER.index(state.phase)}-{state.phase}-{done}"
 
 
-def complete_states(run_dir: Path) -> list[tuple[TrainerState, Path]]:
+def complete_states(run_dir: RunDir | Path) -> list[tuple[TrainerState, Path]]:
     """Committed training states, oldest first; half-written ones are ignored."""
     found = []
-    root = checkpoint_root(run_dir)
+    root = RunDir(run_dir).checkpoints
     if not root.is_dir():
         return found
     for path in root.glob("state-*"):
@@ -82,14 +79,14 @@ def complete_states(run_dir: Path) -> list[tuple[TrainerState, Path]]:
     return sorted(found, key=lambda item: item[0].sort_key())
 
 
-def latest_state(run_dir: Path) -> tuple[TrainerState, Path] | None:
+def latest_state(run_dir: RunDir | Path) -> tuple[TrainerState, Path] | None:
     states = complete_states(run_dir)
     return states[-1] if states else None
 
 
-def save_training_state(accelerator, run_dir: Path, state: TrainerState, keep: int) -> Path:
+def save_training_state(accelerator, run_dir: RunDir | Path, state: TrainerState, keep: int) -> Path:
     """All ranks call this. Writes the state under a temp name, marks it complete, renames, prunes."""
-    root = checkpoint_root(run_dir)
+    root = RunDir(run_dir).checkpoints
     final = root / state_dir_name(state)
     tmp = root / f".tmp-{final.name}"
     if accelerator.is_main_process:
@@ -169,7 +166,7 @@ def state_damage(path: Path) -> str | None:
     return None
 
 
-def latest_usable_state(run_dir: Path, warn) -> tuple[TrainerState, Path] | None:
+def latest_usable_state(run_dir: RunDir | Path, warn) -> tuple[TrainerState, Path] | None:
     """The newest committed state whose files are intact; damaged newer ones are reported through
     `warn` and passed over. If there are committed states but none is intact, the run stops."""
     states = complete_states(run_dir)
@@ -179,7 +176,7 @@ def latest_usable_state(run_dir: Path, warn) -> tuple[TrainerState, Path] | None
             return state, path
         warn(f"checkpoint {path.name} is damaged ({damage}); trying the previous complete one")
     if states:
-        raise RunFailure(f"every checkpoint in {checkpoint_root(run_dir)} is damaged; delete that folder to "
+        raise RunFailure(f"every checkpoint in {RunDir(run_dir).checkpoints} is damaged; delete that folder to "
                          "train from the start, or restore it from a backup")
     return None
 
@@ -202,6 +199,22 @@ def save_weights(model: torch.nn.Module, directory: Path, meta: dict) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, directory)
+
+
+def save_final_model(model: torch.nn.Module, run_dir: RunDir, meta: ModelMeta) -> None:
+    """RUN/model.safetensors, then RUN/model.json, each replaced atomically: a model.json is only ever
+    next to the complete weights it describes."""
+    temporary = run_dir.path / f".{run_dir.model_weights.name}.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(temporary))
+    with temporary.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(temporary, run_dir.model_weights)
+    meta.write(run_dir.model_json)
+
+
+def load_weights_meta(directory: Path) -> dict:
+    """The meta.json `save_weights` wrote next to a phase's weights (epoch, validation scores)."""
+    return json.loads((directory / "meta.json").read_text(encoding="utf-8"))
 
 
 def load_weights(directory_or_file: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,128 @@
+"""A shard set's index.json, read as the untrusted input it is: every field a reader relies on is
+checked (plain shard file names inside the folder, whole counts, distinct printable class names)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from gastro_dist import RunFailure, UserError
+
+INDEX_FILE = "index.json"
+_PLAIN_SHARD_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}\.tar")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class BadIndex(RunFailure):
+    """index.json is not a shard index gastro-dist can trust."""
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    path: Path
+    count: int
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    root: Path
+    classes: list[str]
+    splits: dict[str, tuple[ShardFile, ...]]
+    per_class_counts: dict[str, dict[str, int]]
+    stored_short_side: int = 0  # pack's --resize-short: no stored image has a longer short side (0: originals kept)
+    index_sha256: str = ""  # of index.json's bytes: identifies the shard set wherever it is copied
+
+    def shards(self, split: str) -> list[ShardFile]:
+        if split not in self.splits:
+            have = ", ".join(sorted(self.splits)) or "none"
+            raise UserError(f"split {split!r} is not in {self.root}/index.json (it has: {have}); re-pack with a {split} split")
+        return list(self.splits[split])
+
+    def count(self, split: str) -> int:
+        return sum(s.count for s in self.shards(split))
+
+    def per_class(self, split: str) -> dict[str, int]:
+        self.shards(split)  # the same error for an unknown split
+        return dict(self.per_class_counts[split])
+
+    def with_counts(self, split: str, counts: list[int]) -> ShardIndex:
+        """The same index with the shards of `split` holding `counts` samples (what the files really hold)."""
+        shards = tuple(replace(shard, count=n) for shard, n in zip(self.shards(split), counts, strict=True))
+        return replace(self, splits={**self.splits, split: shards})
+
+
+def load_shard_index(shard_dir: str | Path) -> ShardIndex:
+    root = Path(shard_dir)
+    if not root.is_dir():
+        raise UserError(f"shard directory {root} not found; create it with `gastro-dist pack SRC --out {root}`")
+    path = root / INDEX_FILE
+    if not path.is_file():
+        raise UserError(f"{root} has no {INDEX_FILE} (not a finished pack); run `gastro-dist pack SRC --out {root}`")
+    raw = path.read_bytes()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+        return _parse_index(root, data, hashlib.sha256(raw).hexdigest())
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise BadIndex(f"{path} is not a valid gastro-dist shard index ({detail}); "
+                       f"run `gastro-dist verify {root}` or re-pack the data") from None
+
+
+def _parse_index(root: Path, data: Any, index_sha256: str) -> ShardIndex:
+    """Every field a reader relies on, checked: a ValueError/TypeError/KeyError names what is wrong."""
+    if not isinstance(data, dict):
+        raise TypeError("index.json must hold a JSON object")
+    classes = data["classes"]
+    if not isinstance(classes, list) or len(classes) < 2:
+        raise ValueError("'classes' must be a list of at least 2 class names")
+    for name in classes:
+        check_class_name(name)
+    if len(set(classes)) != len(classes):
+        raise ValueError("'classes' has a name twice")
+    if not isinstance(data["splits"], dict):
+        raise TypeError("'splits' must be an object")
+    splits, per_class_counts, seen_files = {}, {}, set()
+    for split, info in data["splits"].items():
+        shards = []
+        for entry in info["shards"]:
+            name, count, digest = entry["file"], entry["count"], entry.get("sha256", "")
+            if not isinstance(name, str) or not _PLAIN_SHARD_FILE.fullmatch(name):
+                raise ValueError(f"{split} shard file {name!r} is not a plain .tar file name in the shard folder")
+            if name in seen_files:
+                raise ValueError(f"shard file {name} is listed twice")
+            seen_files.add(name)
+            if not _is_count(count):
+                raise ValueError(f"{name}: count {count!r} is not a whole number >= 0")
+            if not isinstance(digest, str) or (digest and not _SHA256.fullmatch(digest)):
+                raise ValueError(f"{name}: sha256 {digest!r} is not a hex digest")
+            shards.append(ShardFile(root / name, count, digest))
+        per_class = info["per_class"]
+        if not isinstance(per_class, dict) or not set(per_class) <= set(classes):
+            raise ValueError(f"{split}: 'per_class' must map class names to counts")
+        if not all(_is_count(n) for n in per_class.values()):
+            raise ValueError(f"{split}: a per-class count is not a whole number >= 0")
+        splits[str(split)] = tuple(shards)
+        per_class_counts[str(split)] = {c: int(per_class.get(c, 0)) for c in classes}
+    stored_short_side = (data.get("settings") or {}).get("resize_short") or 0
+    if not _is_count(stored_short_side):
+        raise ValueError(f"settings.resize_short {stored_short_side!r} is not a whole number >= 0")
+    return ShardIndex(root=root, classes=list(classes), splits=splits, per_class_counts=per_class_counts,
+                      stored_short_side=stored_short_side, index_sha256=index_sha256)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_class_name(name: Any) -> None:
+    """A class name becomes a CSV header, a tracker key and part of file names: printable text only."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"class name {name!r} is not a non-empty string")
+    if any(unicodedata.category(ch).startswith("C") for ch in name) or "/" in name or "\\" in name:
+        raise ValueError(f"class name {name!r} holds a control character or a path separator")

@@ -1,0 +1,33 @@
+"""What a training run prints on the console: the progress bar, a line per epoch, a table per phase."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def epoch_progress(console: Console, enabled: bool) -> Progress:
+    """A bar per epoch with the running loss and images/s (`Progress.add_task(..., loss=, ips=)`)."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled)
+
+
+def print_epoch(console: Console, phase: str, epoch: int, epochs: int, scores: dict, improved: bool) -> None:
+    per_class = "  ".join(f"{c}={v:.3f}" for c, v in scores["per_class_accuracy"].items() if v is not None)
+    mark = " [green]best[/]" if improved else ""
+    console.print(f"{phase} epoch {epoch}/{epochs}: val acc {scores['accuracy']:.3f} "
+                  f"macro {scores['macro_accuracy']:.3f} | {per_class}{mark}")
+
+
+def print_phase_table(console: Console, phase: str, summary: dict, classes: list[str]) -> None:
+    table = Table(title=f"phase {phase}: best epoch {summary['best_epoch']}")
+    table.add_column("class")
+    table.add_column("val accuracy", justify="right")
+    for c in classes:
+        v = summary["val_per_class_accuracy"].get(c)
+        table.add_row(c, "n/a" if v is None else f"{v:.3f}")
+    table.add_row("[bold]overall[/]", f"{summary['val_accuracy']:.3f}")
+    table.add_row("images/s", f"{summary['images_per_s']:.1f}" if summary["images_per_s"] else "n/a")
+    console.print(table)

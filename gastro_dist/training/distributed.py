@@ -1,0 +1,131 @@
+"""Processes and machines: the Accelerator (DDP, DeepSpeed, CPU fallback) built from the run's
+config, the preemption watch all ranks agree on, work shared between ranks (the shard scan), and
+the end of the process group."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, gather_object
+
+from gastro_dist import UserError
+from gastro_dist.config import TrainConfig
+from gastro_dist.data.shard_index import ShardFile, ShardIndex
+from gastro_dist.data.shard_reader import ShardScan, checked_index, scan_shard
+
+PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; the SLURM script requeues on it
+
+
+class Preempted(Exception):
+    """Training stopped at a step boundary after a preemption request; a checkpoint was saved."""
+
+
+def deepspeed_requested() -> bool:
+    """`accelerate launch` with a DeepSpeed config (or --use_deepspeed) says so in the environment."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    # With no CUDA, cpu=True makes several launched processes use gloo (MULTI_CPU) instead of
+    # each one silently running alone.
+    cpu = not torch.cuda.is_available()
+    mixed_precision = config.mixed_precision
+    if cpu and mixed_precision == "fp16":
+        raise UserError("mixed_precision=fp16 needs a GPU; use mixed_precision=bf16 or no on CPU")
+    log_with = "wandb" if config.tracking.tracker == "wandb" else None
+    handlers = []
+    if deepspeed_requested():
+        check_deepspeed_setup(config)
+        if cpu:
+            # accelerate picks no process-group backend for DeepSpeed without CUDA and then counts one
+            # process per rank; naming gloo gives the real world size. CPU mode (cpu=True or
+            # ACCELERATE_USE_CPU, which launchers set on GPU-less nodes) would silently disable DeepSpeed.
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+            os.environ.pop("ACCELERATE_USE_CPU", None)
+            cpu = False
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with, kwargs_handlers=handlers)
+    if accelerator.state.deepspeed_plugin is not None:
+        # There is no prepared DataLoader for the plugin to read batch sizes from (ours stay outside
+        # prepare()), so the values DeepSpeed checks (train_batch_size = micro * accumulation * world)
+        # come from the run's config.
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = config.data.batch_size
+        ds_config["gradient_accumulation_steps"] = 1
+        ds_config.pop("train_batch_size", None)  # DeepSpeed derives it: micro * accumulation * world
+        ds_config["gradient_clipping"] = config.grad_clip_norm
+    return accelerator
+
+
+def check_deepspeed_setup(config: TrainConfig) -> None:
+    missing = [name for name in ("deepspeed", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        # accelerate's DeepSpeed plugin reads transformers' version even when nothing else uses it.
+        raise UserError(f"DeepSpeed was requested but {' and '.join(missing)} is not installed; "
+                        "run pip install 'gastro-dist[deepspeed]'")
+    if config.grad_accum_steps != 1:
+        raise UserError("grad_accum_steps > 1 is not supported under DeepSpeed yet; "
+                        "use grad_accum_steps=1 and a larger data.batch_size or more processes")
+
+
+def num_machines(world_size: int) -> int:
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return max(1, world_size // max(local, 1))
+
+
+class PreemptionWatch:
+    """Set by SIGUSR1 or by the flag file; the handler only sets a flag (saving inside a signal
+    handler can deadlock collective calls). Ranks agree through an all-reduce.
+
+    SIGTERM is deliberately not a preemption request: torchrun and DeepSpeed's launcher send it to
+    the surviving ranks when one rank fails, and that must end the job, not checkpoint and requeue it.
+    """
+
+    def __init__(self, accelerator: Accelerator, flag_file: Path):
+        self.accelerator = accelerator
+        self.flag_file = flag_file
+        self.requested = False
+        # The per-step agreement runs on a CPU (gloo) group: an all-reduce on the GPU read back with
+        # .item() would make the host wait for every step to finish and stall the next one's launch.
+        self.group = None
+        if accelerator.num_processes > 1:
+            self.group = torch.distributed.new_group(backend="gloo")
+        try:
+            signal.signal(signal.SIGUSR1, self._on_signal)
+        except ValueError:  # not in the main thread (e.g. called from a test's thread)
+            pass
+
+    def _on_signal(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        local = self.requested or self.flag_file.exists()
+        if self.group is None:
+            return local
+        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, group=self.group)
+        return bool(flag.item() > 0)
+
+
+def checked_shard_index(accelerator: Accelerator, listed: ShardIndex, splits: list[str],
+                        max_member_mb: int) -> tuple[ShardIndex, list[str]]:
+    """`shards.checked_index`, each process reading a share of the shards; every process gets the
+    same result, so that all plan the same epoch."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def scan_all(shards: list[ShardFile]) -> list[ShardScan]:
+        mine = [scan_shard(shard, max_member_mb << 20) for shard in shards[rank::world]]
+        per_rank = gather_object([mine]) if world > 1 else [mine]
+        return [per_rank[i % world][i // world] for i in range(len(shards))]
+
+    return checked_index(listed, splits, max_member_mb << 20, scan_all)
+
+
+def end_process_group() -> None:
+    """A clean exit for each process of `accelerate launch`: torch warns about a process group left alive."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
