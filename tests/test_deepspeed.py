@@ -16,6 +16,8 @@ from conftest import REPO, TINY_TRAIN_OVERRIDES
 from gastro_dist.cli import main
 from gastro_dist.training import checkpoint as ckpt
 
+pytestmark = pytest.mark.slow  # end to end: trains, packs or launches processes
+
 pytest.importorskip("deepspeed", reason="DeepSpeed not installed (pip install 'gastro-dist[deepspeed]')")
 pytest.importorskip("transformers", reason="accelerate's DeepSpeed plugin needs transformers")
 

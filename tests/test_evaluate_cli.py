@@ -16,6 +16,8 @@ from PIL import Image
 from conftest import REPO, TINY_TRAIN_OVERRIDES
 from gastro_dist.cli import main
 
+pytestmark = pytest.mark.slow  # end to end: trains, packs or launches processes
+
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 
 

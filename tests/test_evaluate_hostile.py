@@ -25,6 +25,8 @@ from gastro_dist.files import MAX_NAME_CHARS, csv_text, distinct_names, safe_nam
 from hostile import (copy_pack, edit_index, jpeg_bytes, read_index, read_members, rename_keys, replace_shard_bytes,
                      rewrite_shard, set_each_sample_json, set_images, set_labels)
 
+pytestmark = pytest.mark.slow  # end to end: trains, packs or launches processes
+
 
 @pytest.fixture(scope="module")
 def trained_run(synthetic_shards, tmp_path_factory) -> Path:

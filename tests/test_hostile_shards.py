@@ -19,6 +19,8 @@ from conftest import REPO, TINY_TRAIN_OVERRIDES
 from gastro_dist.cli import main
 from gastro_dist.training import checkpoint as ckpt
 
+pytestmark = pytest.mark.slow  # end to end: trains, packs or launches processes
+
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 HANG_TIMEOUT_S = 240  # a hang fails the test instead of stalling the suite
 

@@ -21,6 +21,8 @@ from gastro_dist.cli import main
 from gastro_dist.config import ModelConfig
 from gastro_dist.models.backbones import build_model
 
+pytestmark = pytest.mark.slow  # end to end: trains, packs or launches processes
+
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 
 
