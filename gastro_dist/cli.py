@@ -1,13 +1,6 @@
-"""Command line: parses arguments and calls library functions, nothing more.
-
-Every handler below imports its module lazily so that `gastro-dist --help` and the data
-commands start fast and do not import torch when they need not.
-Exit status: 0 success; 1 the run failed (`RunFailure`: unreadable data, divergence; or an
-`OSError` such as a full disk or a path that cannot be written), printed as one line on stderr;
-2 a usage error (argparse's, or a `UserError`: a bad option, config value or missing input),
-also one line; 75 a training run was preempted and checkpointed (run it again to resume);
-130 interrupted. A traceback means a bug in gastro-dist.
-"""
+"""Command line: parses arguments and calls library functions, nothing more. Handlers import their
+modules lazily (`--help` and the data commands never import torch); errors are one line on stderr,
+exit status 1 for a failed run and 2 for a usage error (README, "Robustness")."""
 
 from __future__ import annotations
 

@@ -1,14 +1,6 @@
-"""Run configuration: typed dataclasses, the one source of defaults.
-
-A config is loaded from YAML (`load_config(path, overrides)`), then `key=value` overrides
-are applied with dotted keys (`head.epochs=2`, `model.name=resnet50`). Every field is
-checked at load; a mistake raises `UserError` with one line naming the key and the fix.
-The resolved config is stored with every run as plain YAML (`save_config`).
-
-The two transfer-learning phases are data: `head` (new head on a frozen backbone, the
-study's "pre-training") and `finetune` (unfreeze and train at a lower backbone LR) are two
-`PhaseConfig` values run by the same loop.
-"""
+"""Run configuration: typed dataclasses (the one source of defaults), loaded from YAML with dotted
+`key=value` overrides, every field checked at load with a one-line `UserError`. The two
+transfer-learning phases are data: `head` and `finetune` are two `PhaseConfig` values."""
 
 from __future__ import annotations
 

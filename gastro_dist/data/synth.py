@@ -1,13 +1,6 @@
-"""Synthetic gastroscopy-like frames for the three study classes (`gastro-dist synth`).
-
-Owns rendering and writing the synthetic data set: endoscopy-like white-light frames (mucosa, rugae,
-vessels, lighting, highlights, field-of-view mask) carrying class evidence (cancer mass, ulcer crater,
-diffuse gastritis), saved as ``<out>/<class>/<patient>_<n>.jpg`` with ``manifest.csv``
-(``path,label,patient_id``). Output is byte-identical for a seed whatever the number of workers: every
-image draws from its own random stream keyed by (seed, class, index), every patient from (seed, class,
-patient). Style "alt" changes palette, optics and aspect ratios but keeps the lesion semantics, so a
-model tuned on "default" frames can be checked for generalisation.
-"""
+"""Synthetic gastroscopy-like frames for the three study classes (`gastro-dist synth`): white-light
+mucosa with class evidence (cancer mass, ulcer crater, diffuse gastritis), class folders plus
+manifest.csv, byte-identical for a seed whatever the number of workers; style "alt" for generalisation checks."""
 
 from __future__ import annotations
 

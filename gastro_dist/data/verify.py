@@ -1,13 +1,5 @@
-"""Re-reading a finished pack and checking every shard and sample against its index.json.
-
-Owns the rules a pack must satisfy (shards/README.md): index.json is well formed (see
-`shards.load_shard_index`), every listed shard is a regular file with the recorded sha256 and sample
-count, every sample key is a plain name and every member below the size limit, every sample has
-jpg/cls/json, the jpg decodes at its recorded size, cls equals the index of the json label,
-per-class counts match, keys are unique, no patient id or image sha256 appears in two splits, and
-there are no unlisted .tar files. Shards are read with the same reader as training, so that damage
-is reported as a problem, never as a traceback.
-"""
+"""`gastro-dist verify`: a finished pack re-read with the training reader and checked against its
+index.json, sample by sample (the rules: shards/README.md); damage is reported, never a traceback."""
 
 from __future__ import annotations
 

@@ -1,27 +1,6 @@
-"""Clinical classification metrics with patient-level bootstrap confidence intervals.
-
-Owns every number in an evaluation report, computed from true labels and softmax probabilities
-with numpy only (no scikit-learn at run time; the tests check agreement with it):
-
-* accuracy, balanced accuracy and per-class accuracy (the share of each class's images that is
-  recognised, i.e. recall -- the figure the reference study reports per disease);
-* the confusion matrix (rows true, columns predicted) and one-vs-rest sensitivity, specificity,
-  PPV, NPV, F1 and rank-based AUC (Mann-Whitney U with ties counted one half) per class;
-* MCC, the multiclass generalisation computed exactly as scikit-learn's ``matthews_corrcoef``
-  (Gorodkin's R_K statistic; 0 when the denominator vanishes);
-* the expected calibration error of the top probability over 15 equal-width bins, with the bin
-  table behind a reliability diagram;
-* a cancer-vs-benign view when the positive class (``gastric_cancer`` by default) is among the
-  classes: prediction "cancer" when it is the argmax, score = its probability;
-* percentile bootstrap confidence intervals that resample patients (groups) with replacement;
-* dummy baselines and the clinical operating point (a threshold picked on validation data for a
-  target sensitivity and then applied to the test split).
-
-Every resample is represented by a weight per image (how many times its patient was drawn), so
-point estimates (all weights 1) and bootstrap replicates share one vectorised code path: confusion
-matrices and calibration bins are weighted ``bincount``s, AUCs cumulative weights over the scores
-sorted once per class.
-"""
+"""Clinical classification metrics from true labels and softmax probabilities, with patient-level
+bootstrap CIs: each resample is a weight per image, so point estimates and replicates share one
+vectorised path (checked against scikit-learn in the tests). What is reported: README, "Evaluation"."""
 
 from __future__ import annotations
 

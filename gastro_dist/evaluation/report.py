@@ -1,12 +1,5 @@
-"""Evaluation reports: figures, a Markdown report and a self-contained HTML copy of it.
-
-Owns how the numbers of :func:`gastro_dist.evaluation.metrics.evaluate_predictions` are shown to
-gastroenterologists: the study-style table (per-class accuracy with its 95% CI), the clinical
-per-class table, the cancer-vs-benign view, the operating point, dummy baselines, the confusion
-matrix, ROC and reliability plots and a Grad-CAM gallery. The report is built once as a list of
-blocks and rendered to both Markdown (images linked) and HTML (images inlined as base64), so the
-two never disagree. Figures use matplotlib's Agg canvas directly, leaving pyplot's global state alone.
-"""
+"""Evaluation reports for clinicians: one list of blocks rendered to Markdown (images linked) and to
+self-contained HTML (images inlined), so the two never disagree; figures on matplotlib's Agg canvas."""
 
 from __future__ import annotations
 

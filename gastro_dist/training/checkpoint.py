@@ -1,14 +1,6 @@
-"""Checkpoints under RUN/checkpoints: training states for resume, and plain weight files.
-
-* A training state is a directory `state-<phase index>-<phase>-e<epoch>-s<step>` written by
-  accelerate's `save_state` (model, optimizer, RNG, registered scheduler) plus our
-  `trainer_state.json` (phase, epoch, position inside the epoch, best score, ...). It is
-  written under a temporary name, and counts only once the `COMPLETE` marker, written last,
-  exists and the directory has been renamed into place. Old states are deleted only after a
-  new one has committed, so a kill at any moment leaves the newest complete one loadable.
-* Weights (`<phase>-best`, `<phase>-last`) are a `model.safetensors` + `meta.json` pair,
-  written to a temporary directory and renamed: safetensors, so loading never runs code.
-"""
+"""Checkpoints under RUN/checkpoints: training states for resume (accelerate's `save_state` plus
+trainer_state.json, counted only once their COMPLETE marker is written) and per-phase weights
+(`<phase>-best`, `<phase>-last`: safetensors, so loading never runs code)."""
 
 from __future__ import annotations
 
@@ -85,7 +77,9 @@ def latest_state(run_dir: RunDir | Path) -> tuple[TrainerState, Path] | None:
 
 
 def save_training_state(accelerator, run_dir: RunDir | Path, state: TrainerState, keep: int) -> Path:
-    """All ranks call this. Writes the state under a temp name, marks it complete, renames, prunes."""
+    """All ranks call this. Writes `state-<phase index>-<phase>-e<epoch>-s<step>` under a temporary
+    name, writes the COMPLETE marker last, renames it into place, and only then deletes states
+    beyond the newest `keep`: a kill at any moment leaves the newest complete one loadable."""
     root = RunDir(run_dir).checkpoints
     final = root / state_dir_name(state)
     tmp = root / f".tmp-{final.name}"

@@ -157,7 +157,7 @@ class Trainer:
                 self.console.print(f"{self.run_dir} is already fully trained; nothing to do")
             return self.run_dir.read_summary()
         self._prepare_run_dir()
-        self.summary = self._start_summary(resume)
+        self._start_summary(resume)
         self.run_log = RunLog(self.accelerator, self.run_dir, self.config)
         self.total_optimizer_steps = resume[0].total_optimizer_steps if resume else 0
         try:
@@ -197,7 +197,7 @@ class Trainer:
             save_config(self.config, self.run_dir.config_yaml)
         self.accelerator.wait_for_everyone()
 
-    def _start_summary(self, resume: tuple[TrainerState, Path] | None) -> dict:
+    def _start_summary(self, resume: tuple[TrainerState, Path] | None) -> None:
         summary = self.run_dir.read_summary() if resume else {}
         summary.update({
             "status": "running", "world_size": self.world_size, "num_machines": num_machines(self.world_size),
@@ -216,7 +216,6 @@ class Trainer:
                                        "optimizer_steps": state.optimizer_steps, "checkpoint": path.name})
         self.summary = summary
         self._write_summary()
-        return summary
 
     def _write_summary(self) -> None:
         if self.is_main:
