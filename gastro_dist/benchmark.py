@@ -265,7 +265,8 @@ class TrainSetup:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def build_train_setup(model_name: str, precision: str, channels_last: bool) -> TrainSetup:
+def build_train_setup(model_name: str, precision: str, channels_last: bool,
+                      image_size: int | None = None) -> TrainSetup:
     import torch
 
     from gastro_dist.config import ModelConfig, PhaseConfig
@@ -276,7 +277,7 @@ def build_train_setup(model_name: str, precision: str, channels_last: bool) -> T
     if precision == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs a GPU; use bf16 or no on CPU")
     config = ModelConfig(name=model_name, pretrained="none", channels_last=channels_last)
-    model, spec = build_model(config, num_classes=NUM_CLASSES)
+    model, spec = build_model(config, num_classes=NUM_CLASSES, image_size=image_size)  # ViTs are built for it
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     model.train()
     optimizer = build_optimizer(model, head_parameter_names(model, spec), PhaseConfig(optimizer="sgd", lr=1e-3,
@@ -385,7 +386,7 @@ def bench_train(model_name: str, *, batch_size: int, image_size: int, precision:
     if shards is not None:
         load_shard_index(shards)  # a wrong folder is reported before the compute-only run
     machine = machine_description()
-    setup = build_train_setup(model_name, precision, channels_last)
+    setup = build_train_setup(model_name, precision, channels_last, image_size=image_size)
     flops_per_image = model_flops_per_image(setup, image_size)
     if compile_model:
         setup.model = torch.compile(setup.model)
@@ -460,7 +461,8 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(handler=_cmd_bench_loader)
 
     q = bench_sub.add_parser("train", help="optimizer-step images/s (compute only, and end to end with --shards)")
-    q.add_argument("--model", required=True, help="torchvision model name, e.g. resnet50, vgg19, inception_v3")
+    q.add_argument("--model", required=True,
+                   help="model name, e.g. resnet50, vgg19, inception_v3, timm:convnext_tiny, timm:vit_small_patch16_224")
     q.add_argument("--batch-size", type=int, default=64)
     q.add_argument("--image-size", type=int, default=224)
     q.add_argument("--precision", choices=("bf16", "fp16", "no"), default="bf16")

@@ -23,9 +23,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass
 class ModelConfig:
     name: str = "resnet50"
-    """Any torchvision classification model name (torchvision.models.list_models())."""
+    """A torchvision classification model (torchvision.models.list_models()), or timm:NAME for a timm model,
+    NAME optionally with its pretrained tag (timm:convnext_tiny.fb_in22k; timm.list_pretrained())."""
     pretrained: str = "imagenet"
-    """'imagenet' (torchvision's file in the torch hub cache), 'none' (from scratch) or a weights file path."""
+    """'imagenet': the model's own pretrained weights (torchvision's file in the torch hub cache, or a timm
+    model's Hugging Face repo in the hub cache); 'none' (from scratch); or a weights file path."""
     dropout: float = 0.5
     """Dropout before the new linear head."""
     aux_loss_weight: float = 0.4
@@ -116,6 +118,9 @@ class PhaseConfig:
     """Final learning rate as a fraction of the peak."""
     unfreeze: str = "none"
     """'none' (backbone frozen: head pre-training), 'all', or an integer K: the last K backbone stages."""
+    layer_decay: float = 1.0
+    """Layer-wise LR decay: each backbone layer group trains at layer_decay times the LR of the one above
+    it, the last at backbone_lr (1.0: one backbone LR; 0.65-0.85 is the usual ViT fine-tuning range)."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 0, "epochs must be >= 0")
@@ -124,6 +129,7 @@ class PhaseConfig:
         _check(self.weight_decay >= 0, "weight_decay must be >= 0")
         _check(self.warmup_epochs >= 0, "warmup_epochs must be >= 0")
         _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")
+        _check(0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], not {self.layer_decay}")
         self.unfreeze = str(self.unfreeze)
         _check(self.unfreeze in ("none", "all") or (self.unfreeze.isdigit() and int(self.unfreeze) > 0),
                f"unfreeze must be 'none', 'all' or a positive number of stages, not {self.unfreeze!r}")

@@ -1,5 +1,6 @@
 """Grad-CAM: target layers per family, maps on real torchvision architectures, model left untouched,
-and a localisation check on a small network that has learned where a bright square is."""
+and a localisation check on a small CNN and small vision transformers that have learned where a
+bright square is."""
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from PIL import Image
 from torch import nn
 
 from gastro_dist import UserError
-from gastro_dist.evaluation.cam import find_target_layer, grad_cam, overlay_heatmap
+from gastro_dist.evaluation.cam import CamTarget, find_cam_target, find_target_layer, grad_cam, overlay_heatmap
 
 
 def build(name, num_classes=10, **kwargs):
@@ -69,10 +70,21 @@ def test_target_layer_for_convnext_wrappers_and_fallbacks():
     assert find_target_layer(rectified) is rectified[2]
     with pytest.raises(UserError, match="Conv2d"):
         find_target_layer(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)))
-    tiny_vit = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=1,
-                                                    hidden_dim=8, mlp_dim=8)
-    with pytest.raises(UserError, match="convolutional backbone"):
-        find_target_layer(tiny_vit)
+
+
+def test_torchvision_transformers_are_explained_on_their_token_grid():
+    torch.manual_seed(0)
+    tiny_vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=1,
+                                                    hidden_dim=8, mlp_dim=8, num_classes=3)
+    target = find_cam_target(tiny_vit)
+    assert target.layer is tiny_vit.encoder.layers[-1].ln_1
+    assert (target.layout, target.num_prefix_tokens) == ("tokens", 1)  # the class token is dropped
+    cams, logits = grad_cam(tiny_vit, torch.randn(2, 3, 32, 32))
+    assert cams.shape == (2, 32, 32) and logits.shape == (2, 3)
+
+    swin = torchvision.models.swin_t(num_classes=3)
+    assert find_cam_target(swin) == CamTarget(swin.features[-1], "NHWC")
+    assert_valid_cams(grad_cam(swin, torch.randn(1, 3, 64, 64))[0], 1, 64)
 
 
 def test_model_is_left_as_found_even_with_a_frozen_backbone():
@@ -131,6 +143,32 @@ class SquareDetector(nn.Module):
         return self.head(self.features(images).mean(dim=(2, 3)))
 
 
+class OneScoreHead(nn.Module):
+    """Logits (-z, z) from one score z: the square's evidence can only raise class 1.
+
+    A free two-logit head on a small ViT often learns to lower class 0 when the square is there and
+    leave class 1 alone (5 of 8 seeds tried); then no explanation of class 1 can show the square.
+    """
+
+    def __init__(self, width):
+        super().__init__()
+        self.score = nn.Linear(width, 1)
+
+    def forward(self, features):
+        score = self.score(features)
+        return torch.cat([-score, score], dim=1)
+
+
+def square_vit(global_pool):
+    """timm's VisionTransformer, tiny: 32 px, 4 px patches (an 8 x 8 token grid), 2 blocks."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2,
+                              num_classes=2, global_pool=global_pool)
+    model.head = OneScoreHead(32)
+    return model
+
+
 def square_images(generator, count, side=32, square=6):
     """Noise frames; class 1 frames carry a bright square at a random place (returned as y, x)."""
     images = 0.3 * torch.randn(count, 3, side, side, generator=generator)
@@ -142,24 +180,33 @@ def square_images(generator, count, side=32, square=6):
     return images, labels, corners
 
 
-def test_cam_peaks_inside_the_square_the_network_learned_to_find():
+@pytest.mark.parametrize("network,square,lr,expected_target", [
+    ("cnn", 6, 0.01, lambda m: m.features[3]),
+    # A ViT sees the square at its patch grid's resolution: a square of two patches' side.
+    ("vit, class-token readout", 8, 0.003, lambda m: m.blocks[-1].norm1),
+    ("vit, average-pooled tokens", 8, 0.003, lambda m: m.blocks[-1]),
+])
+def test_cam_peaks_inside_the_square_the_network_learned_to_find(network, square, lr, expected_target):
+    pytest.importorskip("timm")
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    model = SquareDetector()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model = {"cnn": SquareDetector, "vit, class-token readout": lambda: square_vit("token"),
+             "vit, average-pooled tokens": lambda: square_vit("avg")}[network]()
+    assert find_target_layer(model) is expected_target(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(60):
-        images, labels, _ = square_images(generator, 32)
+        images, labels, _ = square_images(generator, 32, square=square)
         loss = nn.functional.cross_entropy(model(images), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
-    images, labels, corners = square_images(generator, 64)
+    images, labels, corners = square_images(generator, 64, square=square)
     images, corners = images[labels == 1], corners[labels == 1]
     cams, logits = grad_cam(model, images, class_index=1)
     assert (logits.argmax(1) == 1).float().mean() > 0.9, "the network did not learn the task"
     peaks = [divmod(int(cam.argmax()), cam.shape[1]) for cam in cams]
-    inside = [y <= py < y + 6 and x <= px < x + 6 for (py, px), (y, x) in zip(peaks, corners.tolist())]
+    inside = [y <= py < y + square and x <= px < x + square for (py, px), (y, x) in zip(peaks, corners.tolist())]
     assert np.mean(inside) >= 0.8, f"CAM maximum inside the square for {np.mean(inside):.0%} of images"
 
 

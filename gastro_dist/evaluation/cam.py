@@ -1,16 +1,34 @@
 """Grad-CAM heatmaps: which region of a gastroscopy frame drove a prediction.
 
-Owns choosing the convolutional layer to explain for each torchvision family, computing Grad-CAM
-(Selvaraju et al. 2017) with a forward hook and ``torch.autograd.grad``, and blending a heatmap over
-the original frame. The model is left exactly as found: per-module training modes are restored,
-parameters' ``requires_grad`` flags and ``.grad`` are never touched (gradients flow because the
-input requires grad, so frozen backbones work), and the hook is always removed.
+Owns choosing the layer to explain for each backbone family, computing Grad-CAM (Selvaraju et al.
+2017) with a forward hook and ``torch.autograd.grad``, and blending a heatmap over the original frame.
+The model is left exactly as found: per-module training modes are restored, parameters'
+``requires_grad`` flags and ``.grad`` are never touched (gradients flow because the input requires
+grad, so frozen backbones work), and the hook is always removed.
+
+CNNs are explained at their last convolutional stage. Vision transformers (timm ViTs and their
+relatives, torchvision's ViT) are explained on their patch tokens: class and register tokens dropped,
+the tokens are laid back on their grid (h x w with h * w tokens and the image's aspect ratio) as a
+C x h x w map, which Grad-CAM then treats like a CNN's. Which tokens depends on the readout:
+- a model that pools its patch tokens (timm's global_pool 'avg', 'max', 'map') is explained at its last
+  block's output, the exact counterpart of a CNN's last stage before global average pooling;
+- a model read out through its class token (timm's global_pool 'token', torchvision's ViT) is explained
+  at its last block's first LayerNorm, the input of the attention that mixes the patches into the
+  class token: the block's output would carry no gradient at the patches. This is less faithful than
+  on a CNN: a LayerNorm output has no "absent" value, so a map can show the evidence's location weakly.
+Channel-last maps (Swin) are transposed. This is the grad-cam package's ``reshape_transform`` in a
+few lines; the package itself is not used: it would bring a second Grad-CAM implementation, with its
+own hooks and gradient handling, that the guarantees above would have to be re-checked against.
 
 A CAM has the spatial resolution of the target layer's output, upsampled to the input: e.g. ResNet
-layer4 is input/32, and inception_v3's Mixed_7c is 1x1 below about 107 px input (a uniform map).
+layer4 is input/32, a ViT's patch grid input/16, and inception_v3's Mixed_7c is 1x1 below about
+107 px input (a uniform map).
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import matplotlib
 import numpy as np
@@ -21,35 +39,68 @@ from torch import nn
 from torchvision import models
 
 from gastro_dist import UserError
+from gastro_dist.models.backbones import is_timm_model
 
 # Families whose deepest stage is their ``features`` Sequential's last block.
 _LAST_FEATURE_BLOCK = (models.EfficientNet, models.MobileNetV2, models.MobileNetV3, models.ConvNeXt)
-_TRANSFORMERS = (models.VisionTransformer, models.SwinTransformer)
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish)
 _NORMALISATIONS = (nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm)
+LAYOUTS = ("NCHW", "NHWC", "tokens")
+
+
+@dataclass(frozen=True)
+class CamTarget:
+    """The layer Grad-CAM weights and how its output is laid out: "NCHW" feature maps, "NHWC" (Swin),
+    or "tokens" (N x tokens x C, the first ``num_prefix_tokens`` of them class/register tokens)."""
+    layer: nn.Module
+    layout: str = "NCHW"
+    num_prefix_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        assert self.layout in LAYOUTS, self.layout
+
+
+def find_cam_target(model: nn.Module) -> CamTarget:
+    """The layer to explain and its layout, for the torchvision or timm backbone itself or inside a
+    wrapper module (the first one found). Anything else, VGG included, gets the rectified output of
+    its last ``nn.Conv2d``."""
+    for module in model.modules():
+        if is_timm_model(module):
+            return _timm_target(module)
+        if isinstance(module, models.ResNet):  # also ResNeXt and wide ResNets
+            return CamTarget(module.layer4)
+        if isinstance(module, models.Inception3):
+            return CamTarget(module.Mixed_7c)
+        if isinstance(module, models.DenseNet):
+            return CamTarget(module.features)
+        if isinstance(module, _LAST_FEATURE_BLOCK):
+            return CamTarget(module.features[-1])
+        if isinstance(module, models.RegNet):
+            return CamTarget(module.trunk_output)
+        if isinstance(module, models.VisionTransformer):
+            return CamTarget(module.encoder.layers[-1].ln_1, "tokens", num_prefix_tokens=1)
+        if isinstance(module, models.SwinTransformer):
+            return CamTarget(module.features[-1], "NHWC")
+    return CamTarget(_last_convolution_output(model))
+
+
+def _timm_target(model: nn.Module) -> CamTarget:
+    blocks = getattr(model, "blocks", None)
+    if hasattr(model, "num_prefix_tokens") and blocks is not None and hasattr(blocks[-1], "norm1"):
+        prefix = int(model.num_prefix_tokens)
+        if getattr(model, "global_pool", "token") == "token":
+            return CamTarget(blocks[-1].norm1, "tokens", num_prefix_tokens=prefix)
+        return CamTarget(blocks[-1], "tokens", num_prefix_tokens=prefix)
+    feature_info = getattr(model, "feature_info", None)
+    if not feature_info:
+        raise UserError(f"Grad-CAM does not know where to look in {type(model).__name__}; pass target_layer explicitly")
+    # The deepest feature map timm itself exposes (features_only), in the model's output format.
+    return CamTarget(model.get_submodule(feature_info[-1]["module"]), str(getattr(model, "output_fmt", "NCHW")))
 
 
 def find_target_layer(model: nn.Module) -> nn.Module:
-    """The layer whose activations Grad-CAM weights: the last convolutional stage of the backbone.
-
-    Recognises the torchvision backbone itself or inside a wrapper module (the first one found).
-    Anything else, VGG included, gets the rectified output of its last ``nn.Conv2d``.
-    """
-    for module in model.modules():
-        if isinstance(module, models.ResNet):  # also ResNeXt and wide ResNets
-            return module.layer4
-        if isinstance(module, models.Inception3):
-            return module.Mixed_7c
-        if isinstance(module, models.DenseNet):
-            return module.features
-        if isinstance(module, _LAST_FEATURE_BLOCK):
-            return module.features[-1]
-        if isinstance(module, models.RegNet):
-            return module.trunk_output
-        if isinstance(module, _TRANSFORMERS):
-            raise UserError(f"Grad-CAM needs a convolutional backbone; {type(module).__name__} is a "
-                            f"vision transformer: choose a CNN model (resnet, vgg, inception, ...)")
-    return _last_convolution_output(model)
+    """The layer whose activations Grad-CAM weights (see `find_cam_target`)."""
+    return find_cam_target(model).layer
 
 
 def _last_convolution_output(model: nn.Module) -> nn.Module:
@@ -75,20 +126,43 @@ def _last_convolution_output(model: nn.Module) -> nn.Module:
     return target
 
 
+def _as_feature_maps(tensor: torch.Tensor, target: CamTarget, image_size: tuple[int, int]) -> torch.Tensor:
+    """The target layer's output (or its gradient) as N x C x h x w."""
+    if target.layout == "NHWC":
+        return tensor.permute(0, 3, 1, 2)
+    if target.layout == "tokens":
+        patches = tensor[:, target.num_prefix_tokens:, :]
+        count = patches.shape[1]
+        height = round(math.sqrt(count * image_size[0] / image_size[1]))
+        width = count // max(height, 1)
+        if height * width != count:
+            raise UserError(f"cannot lay {count} patch tokens on a grid with the image's aspect ratio "
+                            f"{image_size[0]}x{image_size[1]}")
+        return patches.reshape(patches.shape[0], height, width, patches.shape[2]).permute(0, 3, 1, 2)
+    if tensor.ndim != 4:
+        raise UserError(f"the Grad-CAM target layer gives a {tensor.ndim}-d output, not N x C x H x W feature maps; "
+                        "pass target_layer explicitly")
+    return tensor
+
+
 def grad_cam(
     model: nn.Module,
     images: torch.Tensor,
-    target_layer: nn.Module | None = None,
+    target_layer: nn.Module | CamTarget | None = None,
     class_index: int | list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grad-CAM of a normalised N x 3 x H x W batch; returns (cams N x H x W in [0, 1], logits N x C).
 
+    ``target_layer``: None finds it (`find_cam_target`); a module is taken as giving N x C x H x W maps.
     ``class_index``: None explains each image's predicted class, an int the same class for all,
     a list one class per image. Runs the model in eval mode (so inception returns plain logits).
     Each CAM is min-max scaled per image; one without any positive evidence is all zeros.
     Both results are detached and on the CPU.
     """
-    target_layer = target_layer if target_layer is not None else find_target_layer(model)
+    if target_layer is None:
+        target = find_cam_target(model)
+    else:
+        target = target_layer if isinstance(target_layer, CamTarget) else CamTarget(target_layer)
     captured: dict[str, torch.Tensor] = {}
 
     def keep_activation(module, inputs, output):
@@ -97,7 +171,7 @@ def grad_cam(
         return output.clone()
 
     training_modes = {module: module.training for module in model.modules()}
-    handle = target_layer.register_forward_hook(keep_activation)
+    handle = target.layer.register_forward_hook(keep_activation)
     try:
         model.eval()
         device = next(model.parameters()).device
@@ -117,6 +191,8 @@ def grad_cam(
             module.training = was_training
 
     with torch.no_grad():
+        activation = _as_feature_maps(activation, target, images.shape[-2:])
+        gradients = _as_feature_maps(gradients, target, images.shape[-2:])
         channel_weights = gradients.mean(dim=(2, 3), keepdim=True)
         cams = F.relu((channel_weights * activation).sum(dim=1, keepdim=True))
         cams = F.interpolate(cams, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]

@@ -4,6 +4,12 @@ Owns the deployable form of a trained classifier. The exported graph takes a nor
 N x 3 x H x W float32 RGB batch (dynamic N) named ``images`` and returns softmax ``probabilities``
 (or raw ``logits``) in the order of the sidecar's ``classes``. Export and check work on a CPU copy
 in eval mode, so the caller's model is untouched and inception returns plain logits (no aux head).
+torchvision and timm models (ViTs included: their input size is fixed at build time) export alike.
+
+The file carries what it needs to be called without its sidecar: the ONNX model's ``metadata_props``
+and the TorchScript archive's ``extra/metadata.json`` hold the class names, mean, std, input size,
+input layout and output meaning (lists as JSON text), plus any ``metadata`` the caller adds
+(architecture, interpolation, crop ratio: what model.json records).
 
 ONNX uses PyTorch's TorchScript-based exporter (``dynamo=False``): it needs no onnxscript and
 handles every torchvision backbone with ``dynamic_axes``. onnx and onnxruntime are optional
@@ -17,6 +23,7 @@ import importlib
 import json
 import warnings
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -58,10 +65,13 @@ def export_model(
     std,
     output: str = "probabilities",
     opset: int = 17,
+    metadata: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the model to ``out_file`` (fmt "onnx" or "torchscript") and ``out_file``.json; returns out_file.
 
     ``mean``/``std`` are the per-channel normalisation used in training (0-1 pixel scale).
+    ``metadata``: further JSON-serialisable entries for the sidecar and the file's embedded metadata
+    (e.g. model.json's architecture, interpolation, eval_crop_ratio); they may not replace the entries above.
     The ONNX file is validated with ``onnx.checker``; call :func:`check_export` to compare outputs.
     """
     if fmt not in EXPORT_FORMATS:
@@ -69,29 +79,7 @@ def export_model(
     if output not in _OUTPUT_MEANINGS:
         raise UserError(f"unknown export output {output!r}; use one of: {', '.join(_OUTPUT_MEANINGS)}")
     out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    deployed = ExportedClassifier(_cpu_eval_copy(model), probabilities=output == "probabilities")
-    example = torch.randn(2, 3, input_size, input_size)
-
-    # Both exporters are the deprecated TorchScript-based ones (chosen on purpose, see the module
-    # docstring); their deprecation notices would only confuse the people running the export.
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        if fmt == "onnx":
-            onnx = _import_optional("onnx")
-            torch.onnx.export(
-                deployed, (example,), str(out_file), dynamo=False, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=[output],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, output: {0: "batch"}},
-            )
-            onnx.checker.check_model(str(out_file))
-        else:
-            torch.jit.trace(deployed, example).save(str(out_file))
-
-    sidecar = {
-        "format": fmt,
-        "file": out_file.name,
+    deployment = {
         "classes": list(classes),
         "input_size": int(input_size),
         "input_name": INPUT_NAME,
@@ -102,10 +90,40 @@ def export_model(
         "output": output,
         "output_name": output,
         "output_meaning": _OUTPUT_MEANINGS[output],
-        "opset": opset if fmt == "onnx" else None,
-        "torch_version": torch.__version__,
         "gastro_dist_version": gastro_dist.__version__,
     }
+    clashes = sorted(set(metadata or {}) & (set(deployment) | {"format", "file", "opset", "torch_version"}))
+    if clashes:
+        raise ValueError(f"metadata may not replace {', '.join(clashes)}")
+    deployment.update(metadata or {})
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    deployed = ExportedClassifier(_cpu_eval_copy(model), probabilities=output == "probabilities")
+    example = torch.randn(2, 3, input_size, input_size)
+
+    # Both exporters are the deprecated TorchScript-based ones (chosen on purpose, see the module
+    # docstring); their deprecation notices would only confuse the people running the export.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # timm's input-size asserts, constant when traced
+        if fmt == "onnx":
+            onnx = _import_optional("onnx")
+            torch.onnx.export(
+                deployed, (example,), str(out_file), dynamo=False, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=[output],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, output: {0: "batch"}},
+            )
+            exported = onnx.load(str(out_file))
+            for key, value in deployment.items():
+                exported.metadata_props.add(key=key, value=value if isinstance(value, str) else json.dumps(value))
+            onnx.save(exported, str(out_file))
+            onnx.checker.check_model(str(out_file))
+        else:
+            torch.jit.trace(deployed, example).save(
+                str(out_file), _extra_files={"metadata.json": json.dumps(deployment, indent=2)})
+
+    sidecar = {"format": fmt, "file": out_file.name, **deployment,
+               "opset": opset if fmt == "onnx" else None, "torch_version": torch.__version__}
     _sidecar_path(out_file).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
     return out_file
 
