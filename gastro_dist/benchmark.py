@@ -265,23 +265,31 @@ class TrainSetup:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def build_train_setup(model_name: str, precision: str, channels_last: bool,
+def train_device(name: str | None):
+    """`--device`: cuda or cpu as asked (cuda refused when none is visible), else cuda when there is one."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def build_train_setup(model_name: str, precision: str, channels_last: bool, device=None,
                       image_size: int | None = None) -> TrainSetup:
     import torch
 
     from gastro_dist.config import ModelConfig, PhaseConfig
-    from gastro_dist.models.backbones import build_model, head_parameter_names
-    from gastro_dist.training.trainer import build_optimizer
+    from gastro_dist.models.backbones import build_model
+    from gastro_dist.training.optim import build_optimizer
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or train_device(None)
     if precision == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs a GPU; use bf16 or no on CPU")
     config = ModelConfig(name=model_name, pretrained="none", channels_last=channels_last)
     model, spec = build_model(config, num_classes=NUM_CLASSES, image_size=image_size)  # ViTs are built for it
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     model.train()
-    optimizer = build_optimizer(model, head_parameter_names(model, spec), PhaseConfig(optimizer="sgd", lr=1e-3,
-                                                                                     backbone_lr=1e-4, unfreeze="all"))
+    optimizer = build_optimizer(model, spec, PhaseConfig(optimizer="sgd", lr=1e-3, backbone_lr=1e-4, unfreeze="all"))
     return TrainSetup(
         model=model, optimizer=optimizer, criterion=torch.nn.CrossEntropyLoss(label_smoothing=0.1),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"), device=device,
@@ -375,7 +383,8 @@ def matmul_flops_per_s(device, dtype, size: int = MATMUL_SIZE, repeats: int = 20
 
 def bench_train(model_name: str, *, batch_size: int, image_size: int, precision: str, channels_last: bool,
                 compile_model: bool, steps: int, warmup: int, shards: Path | None, num_workers: int,
-                decode_on: str = "workers") -> dict[str, Any]:
+                decode_on: str = "workers", device: str | None = None,
+                compile_backend: str = "inductor") -> dict[str, Any]:
     import torch
 
     from gastro_dist.config import DataConfig
@@ -386,10 +395,10 @@ def bench_train(model_name: str, *, batch_size: int, image_size: int, precision:
     if shards is not None:
         load_shard_index(shards)  # a wrong folder is reported before the compute-only run
     machine = machine_description()
-    setup = build_train_setup(model_name, precision, channels_last, image_size=image_size)
+    setup = build_train_setup(model_name, precision, channels_last, train_device(device), image_size=image_size)
     flops_per_image = model_flops_per_image(setup, image_size)
     if compile_model:
-        setup.model = torch.compile(setup.model)
+        setup.model = torch.compile(setup.model, backend=compile_backend)
     on_gpu = setup.device.type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(setup.device)
@@ -405,7 +414,8 @@ def bench_train(model_name: str, *, batch_size: int, image_size: int, precision:
         "images_per_s": images_per_s, "end_to_end_images_per_s": end_to_end,
         "end_to_end_fraction": end_to_end / images_per_s if end_to_end else None,
         "model": model_name, "batch_size": batch_size, "image_size": image_size, "precision": precision,
-        "channels_last": channels_last, "compile": compile_model, "steps": steps, "warmup": warmup,
+        "channels_last": channels_last, "compile": compile_model,
+        "compile_backend": compile_backend if compile_model else None, "steps": steps, "warmup": warmup,
         "workers": num_workers if shards is not None else None,
         "decode_on": decode_on if shards is not None else None,
         "device": torch.cuda.get_device_name(setup.device) if on_gpu else f"cpu ({machine['cpu_model']})",
@@ -435,7 +445,8 @@ def _print_train(result: dict) -> None:
 def _cmd_bench_train(args: argparse.Namespace) -> int:
     result = bench_train(args.model, batch_size=args.batch_size, image_size=args.image_size, precision=args.precision,
                          channels_last=args.channels_last, compile_model=args.compile, steps=args.steps,
-                         warmup=args.warmup, shards=args.shards, num_workers=args.workers, decode_on=args.decode_on)
+                         warmup=args.warmup, shards=args.shards, num_workers=args.workers, decode_on=args.decode_on,
+                         device=args.device, compile_backend=args.compile_backend)
     _print_train(result)
     _write_json(args.json, result)
     return 0
@@ -468,6 +479,11 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--precision", choices=("bf16", "fp16", "no"), default="bf16")
     q.add_argument("--channels-last", action="store_true")
     q.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    q.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend with --compile (the CPU dry run of benchmarks/run_gpu.sh uses eager: "
+                        "dynamo's graph capture without compiling kernels)")
+    q.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="where to train (default: cuda when a GPU is visible, else cpu); cuda fails when none is")
     q.add_argument("--steps", type=int, default=50, help="timed optimizer steps")
     q.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, cuDNN autotuning)")
     q.add_argument("--shards", type=Path, default=None, help="also time the step fed by the training input pipeline")
