@@ -42,6 +42,11 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         workers=args.workers,
         seed=args.seed,
         max_file_mb=args.max_file_mb,
+        video_fps=args.video_fps,
+        near_duplicate_bits=args.near_duplicate_bits,
+        blur_threshold=args.drop_blurry,
+        max_frames_per_video=args.max_frames_per_video,
+        max_video_mb=args.max_video_mb,
     )
     result = pack_dataset(
         src=args.src,
@@ -49,6 +54,8 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         settings=settings,
         manifest=args.manifest,
         class_map=args.class_map,
+        segments=args.segments,
+        pseudonym_key_file=args.pseudonymise,
     )
     return 0 if result.packed > 0 else 1
 
@@ -73,10 +80,14 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.set_defaults(handler=_cmd_synth)
 
-    p = sub.add_parser("pack", help="validate images and pack them into WebDataset shards with patient-grouped splits")
-    p.add_argument("src", type=Path, help="image tree: one folder per class, or any tree with --manifest")
+    p = sub.add_parser("pack", help="validate images, videos and DICOM files and pack them into WebDataset shards "
+                                    "with patient-grouped splits")
+    p.add_argument("src", type=Path, help="input tree: one folder per class, or any tree with --manifest / --segments")
     p.add_argument("--out", type=Path, required=True, help="shard folder to write")
     p.add_argument("--manifest", type=Path, default=None, help="CSV with path,label[,patient_id] (paths relative to SRC)")
+    p.add_argument("--segments", type=Path, default=None,
+                   help="CSV with video,start_s,end_s,label[,patient_id]: labelled parts of videos (paths relative "
+                        "to SRC); with or without --manifest, only the listed rows are packed")
     p.add_argument("--class-map", type=Path, default=None,
                    help="YAML/JSON mapping folder names (or relative folder paths) to class names; unmapped folders are skipped")
     p.add_argument("--val-fraction", type=float, default=0.1)
@@ -90,7 +101,22 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-file-mb", type=float, default=512.0,
-                   help="files larger than this many MB (10^6 bytes) are rejected without being read")
+                   help="images and DICOM files larger than this many MB (10^6 bytes) are rejected without being read")
+    p.add_argument("--video-fps", type=float, default=1.0,
+                   help="frames sampled per second of video or multi-frame DICOM")
+    p.add_argument("--near-duplicate-bits", type=int, default=3,
+                   help="a sampled frame whose 64-bit perceptual hash differs from the last kept frame's in fewer "
+                        "bits is dropped (0 keeps every sampled frame)")
+    p.add_argument("--drop-blurry", type=float, nargs="?", const=50.0, default=None, metavar="VARIANCE",
+                   help="drop dark frames and frames whose variance of the Laplacian (on a 256-px grey copy) is below "
+                        "VARIANCE (50 when given without a value)")
+    p.add_argument("--max-frames-per-video", type=int, default=10_000,
+                   help="a video (or segment, or multi-frame DICOM) that would give more sampled frames is rejected")
+    p.add_argument("--max-video-mb", type=float, default=20_000.0,
+                   help="videos larger than this many MB are rejected (videos are streamed, never held in memory)")
+    p.add_argument("--pseudonymise", type=Path, default=None, metavar="KEYFILE",
+                   help="write every patient id and path as a keyed hash (HMAC-SHA256) of it; the key file stays "
+                        "with you (default: the file named by $GASTRO_DIST_PSEUDONYM_KEY_FILE, if set)")
     p.set_defaults(handler=_cmd_pack)
 
     p = sub.add_parser("verify", help="re-read every shard and check it against index.json")

@@ -14,6 +14,7 @@ import io
 import os
 import warnings
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -35,7 +36,8 @@ _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
 
 class BadImage(Exception):
-    """The file cannot be used as an image; `reason` is one short line for rejected.jsonl."""
+    """The file cannot be used (as an image, or as a video or DICOM by `video` and `dicom`); `reason` is one
+    short line for rejected.jsonl, never holding the file's path (pack may be told to keep paths private)."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -48,30 +50,37 @@ def is_image_path(path: str | Path) -> bool:
 
 
 def read_image_file(path: str | Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
-    """The bytes of a regular file (links followed) of at most `max_bytes`, or `BadImage` saying why not.
+    """The bytes of a regular file (links followed) of at most `max_bytes`, or `BadImage` saying why not."""
+    with open_input_file(path) as handle:
+        return b"".join(capped_chunks(handle, max_bytes))
 
-    A device or a FIFO is never read (`files.open_regular_file`). The size is checked before reading
-    and at most max_bytes + 1 bytes are read, so a file that grows meanwhile is still bounded.
-    """
+
+def open_input_file(path: str | Path) -> BinaryIO:
+    """`files.open_regular_file` (a device or a FIFO is never read), failing with `BadImage`."""
     try:
-        with open_regular_file(path) as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size > max_bytes:
-                raise BadImage(f"file too large: {size} bytes, the limit is {max_bytes}")
-            chunks, num_bytes, request = [], 0, size + 1  # one read for the file, one to see its end
-            while num_bytes <= max_bytes:
-                chunk = handle.read(min(request, max_bytes + 1 - num_bytes))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                num_bytes += len(chunk)
-                request = _READ_CHUNK_BYTES
+        return open_regular_file(path)
     except OSError as err:
-        reason = err.strerror if isinstance(err, NotRegularFile) else f"unreadable file: {err.strerror or err}"
-        raise BadImage(reason) from None
-    if num_bytes > max_bytes:
-        raise BadImage(f"file too large: grew past the limit of {max_bytes} bytes while being read")
-    return b"".join(chunks)
+        raise BadImage(err.strerror if isinstance(err, NotRegularFile) else
+                       f"unreadable file: {err.strerror or err}") from None
+
+
+def capped_chunks(handle: BinaryIO, max_bytes: int, chunk_bytes: int | None = None) -> Iterator[bytes]:
+    """The bytes of an open file in chunks (default: the whole file in the first), or `BadImage` when it holds
+    more than `max_bytes` or cannot be read: the size is checked before reading and at most max_bytes + 1
+    bytes are read, so a file that grows meanwhile is still bounded."""
+    try:
+        size = os.fstat(handle.fileno()).st_size
+        if size > max_bytes:
+            raise BadImage(f"file too large: {size} bytes, the limit is {max_bytes}")
+        num_bytes, request = 0, chunk_bytes or size + 1  # by default one read for the file, one to see its end
+        while chunk := handle.read(min(request, max_bytes + 1 - num_bytes)):
+            num_bytes += len(chunk)
+            if num_bytes > max_bytes:
+                raise BadImage(f"file too large: grew past the limit of {max_bytes} bytes while being read")
+            yield chunk
+            request = chunk_bytes or _READ_CHUNK_BYTES
+    except OSError as err:  # only this generator's own reads: a consumer's errors never arrive here
+        raise BadImage(f"unreadable file: {err.strerror or err}") from None
 
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -203,7 +212,9 @@ def shrink_to_short_side(img: Image.Image, short_side_px: int) -> Image.Image:
 
 
 def encode_jpeg(img: Image.Image, quality: int) -> bytes:
-    """Baseline JPEG bytes without EXIF/ICC: orientation is already applied to the pixels."""
+    """Baseline JPEG bytes with pixels only: no EXIF, ICC, XMP or comment, which can name the patient or
+    the hospital (orientation is already applied to the pixels). Pillow writes EXIF, ICC and XMP only
+    when asked, but copies a source JPEG's comment unless given an empty one."""
     buffer = io.BytesIO()
-    img.save(buffer, format="JPEG", quality=quality)
+    img.save(buffer, format="JPEG", quality=quality, comment=b"")
     return buffer.getvalue()

@@ -1,28 +1,35 @@
-"""Packing a labelled image tree into WebDataset shards with patient-grouped, deterministic splits.
+"""Packing labelled endoscopy stills, videos and DICOM objects into WebDataset shards with patient-grouped,
+deterministic splits.
 
-Owns: finding the inputs (class folders, a manifest CSV, a class map), validating and hashing every
-image in worker processes, exact-duplicate handling, the split rules, writing the shards, and the
-bookkeeping files that account for every file seen (index.json, rejected.jsonl, skipped.jsonl,
-duplicates.jsonl). The on-disk format and the rules are documented in shards/README.md.
+Owns: finding the inputs (class folders, a manifest CSV, a segments CSV, a class map), reading every
+input once in worker processes (hashing, decoding, sampling a video's frames, re-encoding what is kept
+into a spool in the output folder), exact-duplicate handling, the split rules, writing the shards from
+the spool, pseudonymising patient ids and paths when given a key, and the bookkeeping files that account
+for every input seen (index.json, rejected.jsonl, skipped.jsonl, duplicates.jsonl). Reading one input
+kind is delegated: images to `images`, videos to `video`, DICOM to `dicom`, frame choice to `frames`.
+The on-disk format and the rules are documented in shards/README.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import posixpath
 import random
+import tempfile
 import unicodedata
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple
 
 from rich.console import Console
 from rich.markup import escape
@@ -30,19 +37,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from gastro_dist import UserError
+from gastro_dist.data.dicom import DICOM_EXTENSIONS, read_dicom, require_pydicom
+from gastro_dist.data.frames import MAX_FRAMES_PER_S, Frame, FrameCounts, FrameFilter, FrameRules
 from gastro_dist.data.images import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
     BadImage,
     decode_rgb,
     encode_jpeg,
-    is_image_path,
-    load_rgb,
     open_image,
     read_image_file,
     shrink_to_short_side,
 )
+from gastro_dist.data.pseudonym import METHOD, Pseudonymiser, load_pseudonymiser
 from gastro_dist.data.shard_index import INDEX_FILE
+from gastro_dist.data.video import VIDEO_EXTENSIONS, opened_video, require_pyav, video_frames
 from gastro_dist.files import file_type
 
 FORMAT_VERSION = 1
@@ -51,6 +61,10 @@ REJECTED_FILE = "rejected.jsonl"
 SKIPPED_FILE = "skipped.jsonl"
 DUPLICATES_FILE = "duplicates.jsonl"
 
+_KIND_OF_EXTENSION = {**dict.fromkeys(IMAGE_EXTENSIONS, "image"), **dict.fromkeys(VIDEO_EXTENSIONS, "video"),
+                      **dict.fromkeys(DICOM_EXTENSIONS, "dicom")}
+# Extensions a pseudonymised path keeps: they say what a file is, not whose it is.
+_RECORDED_EXTENSIONS = frozenset(_KIND_OF_EXTENSION) | {".csv"}
 _IMAGES_PER_TASK = 8  # enough to amortise inter-process overhead, small enough to balance load
 _TASKS_IN_FLIGHT_PER_WORKER = 4  # bounds memory: results are consumed in order as they arrive
 _TAR_MTIME = 0  # fixed member mtime, so identical inputs and settings give byte-identical shards
@@ -70,7 +84,12 @@ class PackSettings:
     shard_size: int = 1000
     workers: int | None = None
     seed: int = 0
-    max_file_mb: float = DEFAULT_MAX_FILE_BYTES / 1e6  # larger files are rejected without being read
+    max_file_mb: float = DEFAULT_MAX_FILE_BYTES / 1e6  # larger images and DICOMs are rejected without being read
+    video_fps: float = 1.0  # frames sampled per second of video (or of multi-frame DICOM)
+    near_duplicate_bits: int = FrameRules.near_duplicate_bits  # 0 keeps every sampled frame
+    blur_threshold: float | None = None  # --drop-blurry: dark frames and a Laplacian variance below this go
+    max_frames_per_video: int = FrameRules.max_frames
+    max_video_mb: float = 20_000.0  # videos are streamed, never held in memory: only hashing time grows
 
     def __post_init__(self) -> None:
         problems = []
@@ -102,6 +121,17 @@ class PackSettings:
             problems.append(f"--workers must be at least 1, got {self.workers}")
         if not self.max_file_mb > 0:
             problems.append(f"--max-file-mb must be positive, got {self.max_file_mb}")
+        if not 0 < self.video_fps <= MAX_FRAMES_PER_S:
+            problems.append(f"--video-fps must be above 0 and at most {MAX_FRAMES_PER_S}, got {self.video_fps}")
+        if not 0 <= self.near_duplicate_bits <= 64:
+            problems.append(f"--near-duplicate-bits must be in 0..64 (0 keeps every frame), "
+                            f"got {self.near_duplicate_bits}")
+        if self.blur_threshold is not None and not 0 <= self.blur_threshold < math.inf:
+            problems.append(f"--drop-blurry must be a variance of 0 or more, got {self.blur_threshold}")
+        if self.max_frames_per_video < 1:
+            problems.append(f"--max-frames-per-video must be at least 1, got {self.max_frames_per_video}")
+        if not self.max_video_mb > 0:
+            problems.append(f"--max-video-mb must be positive, got {self.max_video_mb}")
         if problems:
             raise UserError("; ".join(problems))
 
@@ -117,6 +147,11 @@ class PackSettings:
         """The file-size cap in bytes (an MB is 10^6 bytes)."""
         return int(self.max_file_mb * 1e6)
 
+    @property
+    def frame_rules(self) -> FrameRules:
+        return FrameRules(fps=self.video_fps, near_duplicate_bits=self.near_duplicate_bits,
+                          blur_threshold=self.blur_threshold, max_frames=self.max_frames_per_video)
+
 
 @dataclass(frozen=True)
 class PackResult:
@@ -126,48 +161,108 @@ class PackResult:
     classes: list[str]
     split_counts: dict[str, int]
     files_seen: int
-    packed: int
+    files_packed: int  # inputs (files, manifest rows, segments) that gave samples
+    packed: int  # samples in the shards: one per still, one per kept video frame
     rejected: int  # includes duplicates_dropped
     skipped: int
     duplicates_dropped: int
     label_conflicts: int
+    videos_packed: int  # videos, video segments and multi-frame DICOMs among files_packed
+    frames_from_videos: int
+    near_duplicate_frames_dropped: int
+    dark_or_blurry_frames_dropped: int
+
+
+class _SpoolRef(NamedTuple):
+    """Where an encoded sample waits in the spool until its split and position are known."""
+
+    file: str
+    offset: int
+    length: int
+
+
+class _Sample(NamedTuple):
+    jpg: _SpoolRef
+    orig_size: tuple[int, int]
+    stored_size: tuple[int, int]
+    frame_index: int | None
+    frame_time_s: float | None
 
 
 @dataclass
-class _InputImage:
-    """One input file with its label; sha256 and orig_size are filled by validation."""
+class _Input:
+    """One input with its label: a still image, a DICOM, or a video (or one segment of it); reading fills
+    sha256, samples and, for a video or multi-frame DICOM, frame_counts."""
 
     path: Path  # where to read it
-    source: str  # path relative to SRC with forward slashes, as recorded everywhere
+    source: str  # path relative to SRC with forward slashes (or its pseudonym), as recorded everywhere
     label: str
-    patient_id: str | None
+    patient_id: str | None  # as recorded (a pseudonym with a key)
+    kind: str  # "image", "video" or "dicom"
+    segment_s: tuple[float, float] | None = None  # (start, end) of a --segments row
     sha256: str = ""
-    orig_size: tuple[int, int] = (0, 0)
+    samples: list[_Sample] = field(default_factory=list)
+    frame_counts: FrameCounts | None = None  # None: a still
+
+    @property
+    def identity(self) -> tuple:
+        """Inputs with the same identity give the same samples: the same bytes, and the same segment."""
+        return self.sha256, self.segment_s
+
+    @property
+    def order(self) -> tuple:
+        return self.source, self.label, self.segment_s or (0.0, 0.0)
 
     def entry(self, reason: str, **extra) -> dict:
-        """A rejected.jsonl line for this image."""
-        return {"path": self.source, "reason": reason, "label": self.label, "patient_id": self.patient_id, **extra}
+        """A rejected.jsonl line for this input."""
+        segment = {"segment_s": list(self.segment_s)} if self.segment_s else {}
+        return {"path": self.source, "reason": reason, "label": self.label, "patient_id": self.patient_id,
+                **segment, **extra}
 
 
 @dataclass
 class _Inputs:
-    """What discovery found: candidate images plus everything already set aside, with reasons."""
+    """What discovery found: candidate inputs plus everything already set aside, with reasons."""
 
-    images: list[_InputImage] = field(default_factory=list)
+    candidates: list[_Input] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
 
 
-class _Inspection(NamedTuple):
+class _Listing(NamedTuple):
+    """A CSV whose rows are the inputs."""
+
+    option: str  # as named in messages
+    path_column: str
+    required_columns: tuple[str, ...]
+    row_field: str  # rejected.jsonl field giving the row of an unusable row
+
+
+_MANIFEST = _Listing("manifest", "path", ("path", "label"), "manifest_row")
+_SEGMENTS = _Listing("segments file", "video", ("video", "start_s", "end_s", "label"), "segments_row")
+
+
+@dataclass(frozen=True)
+class _ReadOptions:
+    """What a worker needs to read, check, sample and encode inputs."""
+
+    short_side_px: int
+    quality: int
+    max_pixels: int
+    max_file_bytes: int
+    max_video_bytes: int
+    frame_rules: FrameRules
+    spool_dir: Path
+
+
+class _Read(NamedTuple):
+    """A worker's result for one input."""
+
     sha256: str
-    orig_size: tuple[int, int]
-    reason: str | None  # None: a usable image
-
-
-class _Encoded(NamedTuple):
-    jpg: bytes
-    stored_size: tuple[int, int]
-    reason: str | None
+    samples: list[_Sample]
+    frame_counts: FrameCounts | None
+    patient_id: str | None  # a DICOM's PatientID, as written in it
+    reason: str | None  # None: usable
 
 
 # ---------------------------------------------------------------- entry point
@@ -177,61 +272,63 @@ def pack_dataset(
     settings: PackSettings,
     manifest: str | Path | None = None,
     class_map: str | Path | None = None,
+    segments: str | Path | None = None,
+    pseudonym_key_file: str | Path | None = None,
 ) -> PackResult:
-    """Validate every input image, split by patient and write shards plus bookkeeping to `out_dir`.
+    """Read every input, split by patient and write shards plus bookkeeping to `out_dir`.
 
-    User mistakes raise `UserError`; bad image files never do (they are listed in rejected.jsonl).
+    With `pseudonym_key_file`, patient ids and paths are written as keyed hashes (see `pseudonym`).
+    User mistakes raise `UserError`; bad input files never do (they are listed in rejected.jsonl).
     With several workers, a calling script needs `if __name__ == "__main__":` (see `_Workers`).
     """
     console = Console(stderr=True, soft_wrap=True)
     src, out_dir = Path(src).resolve(), Path(out_dir).resolve()
     _check_folders(src, out_dir)
+    pseudonyms = load_pseudonymiser(pseudonym_key_file, _RECORDED_EXTENSIONS, out_dir)
     label_for = _load_class_map(Path(class_map), console) if class_map else None
-    if manifest:
-        inputs = _read_manifest(Path(manifest), src, label_for, console)
+    listings = [(listing, Path(path)) for listing, path in ((_MANIFEST, manifest), (_SEGMENTS, segments)) if path]
+    if listings:
+        inputs = _read_listings(listings, src, label_for, pseudonyms, console)
     else:
-        inputs = _scan_class_folders(src, out_dir, label_for, console)
-    if label_for is None:  # class names are folder names or manifest labels as written (a map's are checked already)
-        _normalise_class_names(inputs, "manifest labels" if manifest else "folders", console)
-    files_seen = len(inputs.images) + len(inputs.skipped) + len(inputs.rejected)  # before validation moves any
+        inputs = _scan_class_folders(src, out_dir, label_for, pseudonyms, console)
+    if label_for is None:  # class names are folder names or listed labels as written (a map's are checked already)
+        _normalise_class_names(inputs, "manifest labels" if listings else "folders", console)
+    _require_decoders(inputs.candidates)
+    files_seen = len(inputs.candidates) + len(inputs.skipped) + len(inputs.rejected)  # before reading moves any
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_jsonl(out_dir / SKIPPED_FILE, inputs.skipped)
-    if not inputs.images:
+    if not inputs.candidates:
         _write_jsonl(out_dir / REJECTED_FILE, inputs.rejected)
         raise UserError(f"no usable image files under {src} (see {SKIPPED_FILE} and {REJECTED_FILE} in {out_dir}); "
-                        "pass a folder with one sub-folder per class, or --manifest")
-    num_workers = min(settings.workers or _available_cpus(), -(-len(inputs.images) // _IMAGES_PER_TASK))
+                        "pass a folder with one sub-folder per class, or --manifest / --segments")
 
-    with _Workers(num_workers) as workers:
-        valid = _validate(inputs, workers, settings.max_file_bytes, console)
+    with tempfile.TemporaryDirectory(prefix=".spool-", dir=out_dir) as spool_dir:
+        options = _ReadOptions(short_side_px=settings.stored_short_side_px, quality=settings.quality,
+                               max_pixels=DEFAULT_MAX_PIXELS, max_file_bytes=settings.max_file_bytes,
+                               max_video_bytes=int(settings.max_video_mb * 1e6), frame_rules=settings.frame_rules,
+                               spool_dir=Path(spool_dir))
+        valid = _read_inputs(inputs, options, settings.workers or _available_cpus(), pseudonyms, console)
         kept, dropped, conflicts = _drop_duplicates(valid, inputs.rejected)
         _write_jsonl(out_dir / REJECTED_FILE, inputs.rejected)
         _write_jsonl(out_dir / DUPLICATES_FILE, conflicts)
         for conflict in conflicts:
             copies = conflict["copies"]
-            console.print(f"[yellow]warning:[/] identical image under labels {sorted({c['label'] for c in copies})}: "
+            console.print(f"[yellow]warning:[/] identical input under labels {sorted({c['label'] for c in copies})}: "
                           f"{', '.join(c['path'] for c in copies)} (one copy per label kept, all in one split; "
                           f"see {DUPLICATES_FILE})")
         classes = _check_classes(inputs, kept, out_dir)
         splits = _assign_splits(kept, dropped, classes, settings)
-        shards, written = _write_shards(splits, classes, out_dir, settings, workers, inputs.rejected, console)
-    _write_jsonl(out_dir / REJECTED_FILE, inputs.rejected)  # again: encoding may have rejected a file
+        shards = _write_shards(splits, classes, out_dir, settings, options.spool_dir, pseudonyms.enabled, console)
 
-    index = _build_index(src, manifest, label_for, classes, files_seen, inputs, written, shards, conflicts, settings)
+    index = _build_index(src, listings, label_for, classes, files_seen, inputs, splits, shards, conflicts, settings,
+                         pseudonyms)
     _print_summary(index, Console(soft_wrap=True))
     _write_json_atomically(out_dir / INDEX_FILE, index)
     totals = index["totals"]
-    return PackResult(
-        out_dir=out_dir,
-        classes=classes,
-        split_counts={split: info["count"] for split, info in index["splits"].items()},
-        files_seen=totals["files_seen"],
-        packed=totals["packed"],
-        rejected=totals["rejected"],
-        skipped=totals["skipped"],
-        duplicates_dropped=totals["duplicates_dropped"],
-        label_conflicts=totals["label_conflicts"],
-    )
+    return PackResult(out_dir=out_dir, classes=classes,
+                      split_counts={split: info["count"] for split, info in index["splits"].items()},
+                      **{result_field.name: totals[result_field.name] for result_field in fields(PackResult)
+                         if result_field.name in totals})
 
 
 def _check_folders(src: Path, out_dir: Path) -> None:
@@ -248,6 +345,15 @@ def _check_folders(src: Path, out_dir: Path) -> None:
 
 def _available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _require_decoders(candidates: list[_Input]) -> None:
+    """Stop before reading anything when an optional decoder that the inputs need is missing."""
+    kinds = Counter(item.kind for item in candidates)
+    if kinds["video"]:
+        require_pyav(kinds["video"])
+    if kinds["dicom"]:
+        require_pydicom(kinds["dicom"])
 
 
 # ---------------------------------------------------------------- discovery
@@ -323,12 +429,13 @@ def _class_names(names_as_written: set[str], what: str, console: Console) -> dic
     return {name: _nfc(name) for name in names_as_written}
 
 
+
 def _normalise_class_names(inputs: _Inputs, what: str, console: Console) -> None:
-    """Replace the labels of inputs (images and rejected files) by their checked class names."""
-    class_of = _class_names({image.label for image in inputs.images} |
+    """Replace the labels of inputs (candidates and rejected ones) by their checked class names."""
+    class_of = _class_names({item.label for item in inputs.candidates} |
                             {entry["label"] for entry in inputs.rejected if entry.get("label")}, what, console)
-    for image in inputs.images:
-        image.label = class_of[image.label]
+    for item in inputs.candidates:
+        item.label = class_of[item.label]
     for entry in inputs.rejected:
         if entry.get("label"):
             entry["label"] = class_of[entry["label"]]
@@ -339,15 +446,22 @@ def _warn_unused_keys(label_for: dict[str, str], used_keys: set[str], what: str,
         console.print(f"[yellow]warning:[/] class map key {key!r} matched no {what}")
 
 
-def _scan_class_folders(src: Path, out_dir: Path, label_for: dict[str, str] | None, console: Console) -> _Inputs:
+def _input_kind(path: str) -> str | None:
+    """'image', 'video' or 'dicom' by the extension (any case); None: not an input."""
+    return _KIND_OF_EXTENSION.get(Path(path).suffix.lower())
+
+
+def _scan_class_folders(src: Path, out_dir: Path, label_for: dict[str, str] | None, pseudonyms: Pseudonymiser,
+                        console: Console) -> _Inputs:
     """Class = first-level folder, or with a class map the longest mapped folder prefix of the path."""
     inputs = _Inputs()
-    files = _walk_tree(src, exclude_dir=out_dir, skipped=inputs.skipped)
+    files = _walk_tree(src, exclude_dir=out_dir, skipped=inputs.skipped, pseudonyms=pseudonyms)
     used_keys: set[str] = set()
     for source, path in files:
         folders = source.split("/")[:-1]
-        if not is_image_path(source):
-            inputs.skipped.append({"path": source, "reason": "not an image extension"})
+        kind = _input_kind(source)
+        if kind is None:
+            inputs.skipped.append({"path": pseudonyms.path(source), "reason": "not an image extension"})
             continue
         if label_for is None:
             label = folders[0] if folders else None
@@ -359,42 +473,47 @@ def _scan_class_folders(src: Path, out_dir: Path, label_for: dict[str, str] | No
             used_keys.add(key or "")
             missing_reason = "no class mapping"
         if label is None:
-            inputs.skipped.append({"path": source, "reason": missing_reason})
+            inputs.skipped.append({"path": pseudonyms.path(source), "reason": missing_reason})
         else:
-            inputs.images.append(_InputImage(path=path, source=source, label=label, patient_id=None))
+            inputs.candidates.append(_Input(path=path, source=pseudonyms.path(source), label=label, patient_id=None,
+                                            kind=kind))
     if label_for is not None:
         _warn_unused_keys(label_for, used_keys, "folder", console)
     return inputs
 
 
-def _walk_tree(src: Path, exclude_dir: Path, skipped: list[dict]) -> list[tuple[str, Path]]:
+def _walk_tree(src: Path, exclude_dir: Path, skipped: list[dict], pseudonyms: Pseudonymiser) -> list[tuple[str, Path]]:
     """All files under src as (relative path, path), in sorted order, following folder symlinks.
 
     Hidden entries, folders reached twice (symlink loops or two links to one folder) and unreadable
-    folders are appended to `skipped`, one entry each, instead of being entered.
+    folders are appended to `skipped`, one entry each (paths as recorded), instead of being entered.
     """
     files: list[tuple[str, Path]] = []
     first_visit: dict[str, str] = {}  # real path of each entered folder -> relative path it was entered as
 
+    def skip(rel_path: str, reason: str) -> None:
+        skipped.append({"path": pseudonyms.path(rel_path), "reason": reason})
+
     def visit(folder: Path, rel_folder: str, ancestors: frozenset[str]) -> None:
         real = os.path.realpath(folder)
         if real in first_visit:
+            first = first_visit[real]
             is_loop = real in ancestors
-            reason = "symlink loop" if is_loop else f"already scanned: same folder as {first_visit[real] or '.'}"
-            skipped.append({"path": rel_folder + "/", "reason": reason})
+            skip(rel_folder + "/", "symlink loop" if is_loop else
+                 f"already scanned: same folder as {pseudonyms.path(first) if first else '.'}")
             return
         first_visit[real] = rel_folder
         try:
             entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
         except OSError as err:
-            skipped.append({"path": rel_folder + "/", "reason": f"unreadable folder: {err.strerror or err}"})
+            skip(rel_folder + "/", f"unreadable folder: {err.strerror or err}")
             return
         for entry in entries:
             rel_path = f"{rel_folder}/{entry.name}" if rel_folder else entry.name
             is_dir = entry.is_dir()  # follows symlinks
             if entry.name.startswith("."):
                 kind = "folder" if is_dir else "file"
-                skipped.append({"path": rel_path + ("/" if is_dir else ""), "reason": f"hidden {kind}"})
+                skip(rel_path + ("/" if is_dir else ""), f"hidden {kind}")
             elif is_dir:
                 if os.path.realpath(entry.path) != str(exclude_dir):
                     visit(Path(entry.path), rel_path, ancestors | {real})
@@ -406,91 +525,140 @@ def _walk_tree(src: Path, exclude_dir: Path, skipped: list[dict]) -> list[tuple[
                 except OSError:  # a broken link: rejected as unreadable later, with its label
                     files.append((rel_path, Path(entry.path)))
                 else:
-                    skipped.append({"path": rel_path, "reason": f"not a regular file: {kind}"})
+                    skip(rel_path, f"not a regular file: {kind}")
 
     visit(src, "", frozenset())
     return files
 
 
-def _read_manifest(manifest: Path, src: Path, label_for: dict[str, str] | None, console: Console) -> _Inputs:
-    """Only manifest rows are inputs; with a class map, labels are renamed and unmapped ones skipped.
-
-    Rows are untrusted: a path leading outside SRC is skipped and never read, and so is anything but a regular file.
-    """
-    if not manifest.is_file():
-        raise UserError(f"manifest {manifest} not found; pass a CSV with columns path,label[,patient_id]")
+def _read_listings(listings: list[tuple[_Listing, Path]], src: Path, label_for: dict[str, str] | None,
+                   pseudonyms: Pseudonymiser, console: Console) -> _Inputs:
+    """The rows of --manifest and --segments are the only inputs; with a class map, labels are renamed and
+    unmapped ones skipped. Segments of one video that overlap are rejected (a frame would get two labels)."""
     inputs = _Inputs()
     used_keys: set[str] = set()
-    for row_number, row in _manifest_rows(manifest):
-        source = _manifest_source(row["path"], src) if row["path"] else f"<manifest row {row_number}>"
-        label, patient_id = row["label"], _nfc(row.get("patient_id", "")) or None
-        if label_for is not None and label:
-            used_keys.add(_map_key(label))
-            label = label_for.get(_map_key(label), "")
-            if not label:
-                inputs.skipped.append({"path": source or row["path"], "reason": "no class mapping",
-                                       "label": row["label"]})
-                continue
-        if source is None:
-            inputs.skipped.append({"path": row["path"], "reason": "outside the source folder", "label": label})
-            continue
-        image = _InputImage(path=src / source, source=source, label=label, patient_id=patient_id)
-        if not row["path"]:
-            inputs.rejected.append(image.entry("empty path in manifest", manifest_row=row_number))
-        elif not label:
-            inputs.rejected.append(image.entry("empty label in manifest", manifest_row=row_number))
-        elif not is_image_path(source):
-            inputs.skipped.append({"path": source, "reason": "not an image extension", "label": label})
-        else:
-            try:
-                kind = file_type(os.stat(image.path).st_mode)  # links followed, nothing opened
-            except OSError as err:
-                missing = isinstance(err, (FileNotFoundError, NotADirectoryError))
-                inputs.rejected.append(image.entry("missing file" if missing else
-                                                   f"unreadable file: {err.strerror or err}"))
-                continue
-            if kind == "file":
-                inputs.images.append(image)
-            else:
-                inputs.skipped.append({"path": source, "reason": f"not a regular file: {kind}", "label": label})
+    for listing, path in listings:
+        _read_listing(listing, path, src, label_for, pseudonyms, inputs, used_keys)
+    _reject_overlapping_segments(inputs)
     if label_for is not None:
         _warn_unused_keys(label_for, used_keys, "manifest label", console)
     return inputs
 
 
-def _manifest_rows(manifest: Path) -> Iterator[tuple[int, dict[str, str]]]:
+def _read_listing(listing: _Listing, csv_path: Path, src: Path, label_for: dict[str, str] | None,
+                  pseudonyms: Pseudonymiser, inputs: _Inputs, used_keys: set[str]) -> None:
+    """Rows are untrusted: a path leading outside SRC is skipped and never read, and so is anything but a
+    regular file."""
+    if not csv_path.is_file():
+        raise UserError(f"{listing.option} {csv_path} not found; pass a CSV with columns "
+                        f"{','.join(listing.required_columns)}[,patient_id]")
+    for row_number, row in _csv_rows(csv_path, listing):
+        cell = row[listing.path_column]
+        relative = _manifest_source(cell, src) if cell else f"<{listing.option} row {row_number}>"
+        source = pseudonyms.path(relative or cell)
+        label, patient_id = row["label"], pseudonyms.patient_id(_nfc(row.get("patient_id", "")) or None)
+        if label_for is not None and label:
+            used_keys.add(_map_key(label))
+            label = label_for.get(_map_key(label), "")
+            if not label:
+                inputs.skipped.append({"path": source, "reason": "no class mapping", "label": row["label"]})
+                continue
+        if relative is None:
+            inputs.skipped.append({"path": source, "reason": "outside the source folder", "label": label})
+            continue
+        kind = _input_kind(relative)
+        item = _Input(path=src / relative, source=source, label=label, patient_id=patient_id, kind=kind or "")
+        if not cell:
+            inputs.rejected.append(item.entry(f"empty path in {listing.option}", **{listing.row_field: row_number}))
+        elif not label:
+            inputs.rejected.append(item.entry(f"empty label in {listing.option}", **{listing.row_field: row_number}))
+        elif kind is None or (listing is _SEGMENTS and kind != "video"):
+            extension = "a video" if listing is _SEGMENTS else "an image"
+            inputs.skipped.append({"path": source, "reason": f"not {extension} extension", "label": label})
+        else:
+            if listing is _SEGMENTS:
+                try:
+                    item.segment_s = _segment_times(row)
+                except ValueError as err:
+                    inputs.rejected.append(item.entry(f"bad segment: {err}", **{listing.row_field: row_number}))
+                    continue
+            try:
+                kind_on_disk = file_type(os.stat(item.path).st_mode)  # links followed, nothing opened
+            except OSError as err:
+                missing = isinstance(err, (FileNotFoundError, NotADirectoryError))
+                inputs.rejected.append(item.entry("missing file" if missing else
+                                                  f"unreadable file: {err.strerror or err}"))
+                continue
+            if kind_on_disk == "file":
+                inputs.candidates.append(item)
+            else:
+                inputs.skipped.append({"path": source, "reason": f"not a regular file: {kind_on_disk}", "label": label})
+
+
+def _segment_times(row: dict[str, str]) -> tuple[float, float]:
+    try:
+        start_s, end_s = float(row["start_s"]), float(row["end_s"])
+    except ValueError:
+        raise ValueError(f"start_s {row['start_s']!r} and end_s {row['end_s']!r} must be numbers of seconds") from None
+    if not (math.isfinite(end_s) and 0 <= start_s < end_s):
+        raise ValueError(f"start_s {start_s:g} and end_s {end_s:g} must satisfy 0 <= start_s < end_s")
+    return start_s, end_s
+
+
+def _reject_overlapping_segments(inputs: _Inputs) -> None:
+    """Of segments of one video that overlap, the one starting first is kept and the others rejected."""
+    segments_of_video: dict[Path, list[_Input]] = defaultdict(list)
+    for item in inputs.candidates:
+        if item.segment_s is not None:
+            segments_of_video[Path(os.path.normpath(item.path))].append(item)
+    overlapping: set[int] = set()
+    for segments in segments_of_video.values():
+        previous = None
+        for item in sorted(segments, key=lambda item: (item.segment_s, item.label)):
+            if previous is not None and item.segment_s[0] < previous.segment_s[1]:
+                start_s, end_s = previous.segment_s
+                inputs.rejected.append(item.entry(f"overlapping segment: the same video's segment "
+                                                  f"{start_s:g}-{end_s:g} s ({previous.label}) covers part of it"))
+                overlapping.add(id(item))
+            else:
+                previous = item
+    inputs.candidates = [item for item in inputs.candidates if id(item) not in overlapping]
+
+
+def _csv_rows(path: Path, listing: _Listing) -> Iterator[tuple[int, dict[str, str]]]:
     """(line number, stripped cells by lower-case column name) of each data row of a UTF-8 CSV."""
     try:
-        with manifest.open(newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheet exports add a BOM
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheet exports add a BOM
             reader = csv.DictReader(handle)
             reader.fieldnames = [name.strip().lower() for name in reader.fieldnames or []]  # "Path, Label" works too
-            missing_columns = [name for name in ("path", "label") if name not in reader.fieldnames]
+            missing_columns = [name for name in listing.required_columns if name not in reader.fieldnames]
             if missing_columns:
                 raise UserError(
-                    f"manifest {manifest} lacks column(s) {', '.join(missing_columns)}; "
-                    "its first row must be a header with path,label[,patient_id]"
+                    f"{listing.option} {path} lacks column(s) {', '.join(missing_columns)}; "
+                    f"its first row must be a header with {','.join(listing.required_columns)}[,patient_id]"
                 )
             for row_number, raw_row in enumerate(reader, start=2):
                 row = {key: (value or "").strip() for key, value in raw_row.items() if key}
-                _refuse_damaged_row(manifest, row_number, row)
+                _refuse_damaged_row(path, listing, row_number, row)
                 yield row_number, row
     except UnicodeDecodeError:
-        raise UserError(f"manifest {manifest} is not UTF-8 text; save it as UTF-8 ('CSV UTF-8')") from None
+        raise UserError(f"{listing.option} {path} is not UTF-8 text; save it as UTF-8 ('CSV UTF-8')") from None
     except csv.Error as err:
-        raise UserError(f"manifest {manifest} is not a readable CSV ({err}); save it again as CSV") from None
+        raise UserError(f"{listing.option} {path} is not a readable CSV ({err}); save it again as CSV") from None
 
 
-def _refuse_damaged_row(manifest: Path, row_number: int, row: dict[str, str]) -> None:
-    """A NUL in a path or an unprintable character in a patient id means a damaged (or hostile) manifest: stop.
+def _refuse_damaged_row(path: Path, listing: _Listing, row_number: int, row: dict[str, str]) -> None:
+    """A NUL in a path or an unprintable character in a patient id means a damaged (or hostile) file: stop.
 
     (A patient id is the unit the splits keep apart, so a garbled one must not silently become a new patient.)
     """
-    if "\0" in row["path"]:
-        raise UserError(f"manifest {manifest} row {row_number}: the path {row['path']!r} contains a NUL character; "
+    cell = row[listing.path_column]
+    if "\0" in cell:
+        raise UserError(f"{listing.option} {path} row {row_number}: the path {cell!r} contains a NUL character; "
                         "fix that row")
     bad = _unprintable_characters(row.get("patient_id", ""))
     if bad:
-        raise UserError(f"manifest {manifest} row {row_number}: patient_id {row['patient_id']!r} contains "
+        raise UserError(f"{listing.option} {path} row {row_number}: patient_id {row['patient_id']!r} contains "
                         f"{', '.join(map(repr, bad))}; fix that row")
 
 
@@ -510,57 +678,82 @@ def _manifest_source(cell: str, src: Path) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------- validation (worker processes)
-def _inspect_files(paths: list[Path], max_pixels: int, max_file_bytes: int) -> list[_Inspection]:
-    """Hash and fully decode each file (at the cheapest JPEG scale: the whole stream is still read)."""
-    results = []
-    for path in paths:
-        try:
-            data = read_image_file(path, max_file_bytes)
-        except BadImage as err:
-            results.append(_Inspection("", (0, 0), err.reason))
-            continue
+# ---------------------------------------------------------------- reading (worker processes)
+def _read_task(jobs: list[tuple[Path, str, tuple[float, float] | None]], options: _ReadOptions) -> list[_Read]:
+    """Read each (path, kind, segment) of one task; encoded samples go to this process's own spool file."""
+    with (options.spool_dir / f"{os.getpid()}.spool").open("ab") as spool:
+        return [_read_one(path, kind, segment_s, options, spool) for path, kind, segment_s in jobs]
+
+
+def _read_one(path: Path, kind: str, segment_s: tuple[float, float] | None, options: _ReadOptions,
+              spool: BinaryIO) -> _Read:
+    """Hash, fully decode, sample and encode one input, or say why it cannot be used."""
+    try:
+        if kind == "video":
+            with opened_video(path, options.max_video_bytes) as (handle, sha256):
+                frames = video_frames(handle, options.frame_rules, options.max_pixels, segment_s)
+                return _spooled(sha256, frames, True, options, spool)
+        data = read_image_file(path, options.max_file_bytes)
         sha256 = hashlib.sha256(data).hexdigest()
-        try:
-            img = open_image(data, max_pixels)
-            orig_size = img.size
-            decode_rgb(img, min_short_side_px=1)
-        except BadImage as err:
-            results.append(_Inspection(sha256, (0, 0), err.reason))
-        except Exception as err:  # one bad file must never stop the run
-            results.append(_Inspection(sha256, (0, 0), f"corrupt image: {type(err).__name__}: {err}"))
-        else:
-            results.append(_Inspection(sha256, orig_size, None))
-    return results
+        if kind == "dicom":
+            dicom = read_dicom(data, options.max_pixels)
+            return _spooled(sha256, dicom.frames(options.frame_rules), dicom.num_frames > 1, options, spool,
+                            dicom.patient_id)
+        img = open_image(data, options.max_pixels)
+        orig_size = img.size  # before EXIF rotation, which decoding applies in place
+        # decoded at the cheapest JPEG scale that still covers the stored size (the whole stream is still read)
+        still = Frame(decode_rgb(img, min_short_side_px=options.short_side_px or None), orig_size, None, None)
+        return _spooled(sha256, [still], False, options, spool)
+    except BadImage as err:
+        return _Read("", [], None, None, err.reason)
+    except OSError:
+        raise  # writing the spool failed (a full disk): the pack stops, as for any write
+    except Exception as err:  # one bad file must never stop the run
+        return _Read("", [], None, None, f"corrupt {kind}: {type(err).__name__}: {err}")
 
 
-def _encode_files(jobs: list[tuple[Path, str]], short_side_px: int, quality: int, max_pixels: int,
-                  max_file_bytes: int) -> list[_Encoded]:
-    """Decode, shrink and re-encode each (path, expected sha256); a file edited since validation is rejected."""
-    results = []
-    for path, expected_sha256 in jobs:
-        try:
-            data = read_image_file(path, max_file_bytes)
-            if hashlib.sha256(data).hexdigest() != expected_sha256:
-                raise BadImage("file changed during packing")
-            img = load_rgb(data, max_pixels=max_pixels, min_short_side_px=short_side_px or None)
-            img = shrink_to_short_side(img, short_side_px)
-            results.append(_Encoded(encode_jpeg(img, quality), img.size, None))
-        except BadImage as err:
-            results.append(_Encoded(b"", (0, 0), err.reason))
-        except Exception as err:  # one bad file must never stop the run
-            results.append(_Encoded(b"", (0, 0), f"corrupt image: {type(err).__name__}: {err}"))
-    return results
+def _spooled(sha256: str, frames: Iterable[Frame], moving: bool, options: _ReadOptions, spool: BinaryIO,
+             patient_id: str | None = None) -> _Read:
+    """Shrink and encode each frame into the spool; a moving input's frames pass the frame filters first."""
+    frame_filter = FrameFilter(options.frame_rules) if moving else None
+    samples = []
+    for frame in frames:
+        if frame_filter is not None and not frame_filter.keep(frame.image):
+            continue
+        img = shrink_to_short_side(frame.image, options.short_side_px)
+        jpg = encode_jpeg(img, options.quality)
+        samples.append(_Sample(_SpoolRef(Path(spool.name).name, spool.tell(), len(jpg)), frame.orig_size, img.size,
+                               frame.index, frame.time_s))
+        spool.write(jpg)
+    if not samples:
+        sampled = frame_filter.counts.sampled
+        raise BadImage(f"no usable frames: all {sampled} sampled frames were dark or blurry (--drop-blurry)"
+                       if sampled else "no frames: nothing to decode (in the segment)")
+    return _Read(sha256, samples, frame_filter.counts if frame_filter else None, patient_id, None)
+
+
+def _tasks(candidates: list[_Input]) -> list[list[_Input]]:
+    """Stills in chunks of `_IMAGES_PER_TASK`; each video or DICOM a task of its own (it may hold thousands of
+    frames, and a chunk of several would leave the other workers idle)."""
+    tasks, stills = [], []
+    for item in candidates:
+        if item.kind != "image":
+            tasks.append([item])
+            continue
+        stills.append(item)
+        if len(stills) == _IMAGES_PER_TASK:
+            tasks.append(stills)
+            stills = []
+    return tasks + ([stills] if stills else [])
 
 
 class _Workers:
     """Runs a function over chunks of items in worker processes (in this process for one worker).
 
     Results come back in input order with only a few chunks per worker in flight, so memory stays
-    bounded however many images there are. One pool serves both passes. "spawn" rather than fork: the
-    parent runs rich's refresh thread and, by the second pass, torch (imported by webdataset), and forking
-    a threaded process can deadlock the child. So scripts that call `pack_dataset` with several workers
-    need the usual `if __name__ == "__main__":` guard.
+    bounded however many inputs there are. "spawn" rather than fork: the parent runs rich's refresh
+    thread, and forking a threaded process can deadlock the child. So scripts that call `pack_dataset`
+    with several workers need the usual `if __name__ == "__main__":` guard.
     """
 
     def __init__(self, num_workers: int):
@@ -575,8 +768,7 @@ class _Workers:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def map_in_order(self, function: Callable[[list], list], items: list) -> Iterator:
-        chunks = (items[start:start + _IMAGES_PER_TASK] for start in range(0, len(items), _IMAGES_PER_TASK))
+    def map_in_order(self, function: Callable[[list], list], chunks: list[list]) -> Iterator:
         if self._pool is None:
             for chunk in chunks:
                 yield from function(chunk)
@@ -595,30 +787,40 @@ def _progress(console: Console) -> Progress:
                     console=console, transient=True, disable=not console.is_terminal)
 
 
-def _validate(inputs: _Inputs, workers: _Workers, max_file_bytes: int, console: Console) -> list[_InputImage]:
-    """Fill sha256/orig_size of the readable images; move the others to inputs.rejected."""
+def _read_inputs(inputs: _Inputs, options: _ReadOptions, max_workers: int, pseudonyms: Pseudonymiser,
+                 console: Console) -> list[_Input]:
+    """Fill sha256, samples and frame counts of the usable inputs (a DICOM's PatientID stands in for a
+    missing patient id); move the others to inputs.rejected."""
+    tasks = _tasks(inputs.candidates)
+    jobs = [[(item.path, item.kind, item.segment_s) for item in task] for task in tasks]
     valid = []
-    inspect = functools.partial(_inspect_files, max_pixels=DEFAULT_MAX_PIXELS, max_file_bytes=max_file_bytes)
-    with _progress(console) as progress:
-        task = progress.add_task("validating", total=len(inputs.images))
-        paths = [image.path for image in inputs.images]
-        for image, inspection in zip(inputs.images, workers.map_in_order(inspect, paths)):
-            image.sha256 = inspection.sha256
-            if inspection.reason is None:
-                image.orig_size = inspection.orig_size
-                valid.append(image)
-            else:
-                inputs.rejected.append(image.entry(inspection.reason))
-            progress.advance(task)
+    with _Workers(min(max_workers, len(tasks))) as workers, _progress(console) as progress:
+        bar = progress.add_task("reading", total=len(inputs.candidates))
+        results = workers.map_in_order(functools.partial(_read_task, options=options), jobs)
+        for item, result in zip((item for task in tasks for item in task), results):
+            progress.advance(bar)
+            reason = result.reason
+            if reason is None and item.patient_id is None and result.patient_id:
+                patient_id = _nfc(result.patient_id)
+                if _unprintable_characters(patient_id):
+                    reason = "unusable PatientID: it holds control characters"
+                else:
+                    item.patient_id = pseudonyms.patient_id(patient_id)
+            if reason is not None:
+                inputs.rejected.append(item.entry(reason))
+                continue
+            item.sha256, item.samples, item.frame_counts = result.sha256, result.samples, result.frame_counts
+            valid.append(item)
     return valid
 
 
-def _check_classes(inputs: _Inputs, kept: list[_InputImage], out_dir: Path) -> list[str]:
-    """Sorted class names; a class whose every image was rejected is an error, not a silent drop."""
-    classes = sorted({image.label for image in kept})
+def _check_classes(inputs: _Inputs, kept: list[_Input], out_dir: Path) -> list[str]:
+    """Sorted class names; a class whose every input was rejected is an error, not a silent drop."""
+    classes = sorted({item.label for item in kept})
     if not classes:
-        raise UserError(f"none of the {len(inputs.images)} image files could be read; see {out_dir / REJECTED_FILE}")
-    labels_seen = {image.label for image in inputs.images}
+        raise UserError(f"none of the {len(inputs.candidates)} input files could be read; "
+                        f"see {out_dir / REJECTED_FILE}")
+    labels_seen = {item.label for item in inputs.candidates}
     labels_seen |= {entry["label"] for entry in inputs.rejected if entry["label"]}
     empty_labels = sorted(labels_seen - set(classes))
     if empty_labels:
@@ -630,43 +832,42 @@ def _check_classes(inputs: _Inputs, kept: list[_InputImage], out_dir: Path) -> l
 
 
 # ---------------------------------------------------------------- duplicates and splits
-def _drop_duplicates(images: list[_InputImage],
-                     rejected: list[dict]) -> tuple[list[_InputImage], list[_InputImage], list[dict]]:
-    """Split into (kept, dropped copies, label conflicts): identical bytes are packed once per label.
+def _drop_duplicates(items: list[_Input], rejected: list[dict]) -> tuple[list[_Input], list[_Input], list[dict]]:
+    """Split into (kept, dropped copies, label conflicts): identical inputs are packed once per label.
 
-    Copies are taken in sorted source order, so the kept copy is the first path alphabetically.
-    Identical bytes under different labels are all kept (the labels disagree; a human must decide)
-    and reported; the split rules keep them in one split.
+    Identical means the same bytes (and, for video segments, the same segment). Copies are taken in sorted
+    source order, so the kept copy is the first path alphabetically. Identical inputs under different labels
+    are all kept (the labels disagree; a human must decide) and reported; the split rules keep them in one split.
     """
-    copies_by_sha: dict[str, list[_InputImage]] = defaultdict(list)
-    for image in sorted(images, key=lambda image: (image.source, image.label)):
-        copies_by_sha[image.sha256].append(image)
+    copies_by_identity: dict[tuple, list[_Input]] = defaultdict(list)
+    for item in sorted(items, key=lambda item: item.order):
+        copies_by_identity[item.identity].append(item)
     kept, dropped, conflicts = [], [], []
-    for sha256, copies in copies_by_sha.items():
-        first_by_label: dict[str, _InputImage] = {}
-        for image in copies:
-            first = first_by_label.setdefault(image.label, image)
-            if first is image:
-                kept.append(image)
+    for (sha256, _), copies in copies_by_identity.items():
+        first_by_label: dict[str, _Input] = {}
+        for item in copies:
+            first = first_by_label.setdefault(item.label, item)
+            if first is item:
+                kept.append(item)
             else:
-                dropped.append(image)
-                rejected.append(image.entry(f"duplicate of {first.source}", duplicate_of=first.source, sha256=sha256))
+                dropped.append(item)
+                rejected.append(item.entry(f"duplicate of {first.source}", duplicate_of=first.source, sha256=sha256))
         if len(first_by_label) > 1:
             conflicts.append({"sha256": sha256, "copies": [
-                {"path": image.source, "label": image.label, "patient_id": image.patient_id} for image in copies]})
-    kept.sort(key=lambda image: (image.source, image.label))
+                {"path": item.source, "label": item.label, "patient_id": item.patient_id} for item in copies]})
+    kept.sort(key=lambda item: item.order)
     return kept, dropped, conflicts
 
 
 class _Group(NamedTuple):
-    """Images that must share a split: same patient, or transitively the same bytes."""
+    """Inputs that must share a split: same patient, or transitively the same bytes (every segment of a video)."""
 
-    images: list[_InputImage]
-    class_counts: Counter
+    items: list[_Input]
+    class_counts: Counter  # samples per class
 
 
-def _group_images(kept: list[_InputImage], dropped: list[_InputImage]) -> list[_Group]:
-    """Union-find over images, patient ids and sha256s; groups come out in sorted-source order.
+def _group_inputs(kept: list[_Input], dropped: list[_Input]) -> list[_Group]:
+    """Union-find over inputs, patient ids and sha256s; groups come out in sorted-source order.
 
     Dropped duplicate copies still link their patient to the kept copy's group, so a patient whose
     frame was filed twice never straddles splits through the other copy's patient.
@@ -683,17 +884,24 @@ def _group_images(kept: list[_InputImage], dropped: list[_InputImage]) -> list[_
     def union(a: tuple, b: tuple) -> None:
         parent[find(a)] = find(b)
 
-    for position, image in enumerate(kept):
-        union(("image", position), ("sha", image.sha256))
-        if image.patient_id is not None:
-            union(("image", position), ("patient", image.patient_id))
-    for image in dropped:
-        if image.patient_id is not None:
-            union(("patient", image.patient_id), ("sha", image.sha256))
-    members: dict[tuple, list[_InputImage]] = defaultdict(list)
-    for position, image in enumerate(kept):
-        members[find(("image", position))].append(image)
-    return [_Group(images, Counter(image.label for image in images)) for images in members.values()]
+    for position, item in enumerate(kept):
+        union(("input", position), ("sha", item.sha256))
+        if item.patient_id is not None:
+            union(("input", position), ("patient", item.patient_id))
+    for item in dropped:
+        if item.patient_id is not None:
+            union(("patient", item.patient_id), ("sha", item.sha256))
+    members: dict[tuple, list[_Input]] = defaultdict(list)
+    for position, item in enumerate(kept):
+        members[find(("input", position))].append(item)
+    return [_Group(items, _samples_per_class(items)) for items in members.values()]
+
+
+def _samples_per_class(items: Iterable[_Input]) -> Counter:
+    counts: Counter = Counter()
+    for item in items:
+        counts[item.label] += len(item.samples)
+    return counts
 
 
 def _fill_quotas(groups: list[_Group], quota: dict[str, int], rng: random.Random,
@@ -752,10 +960,12 @@ def _take_exact_test(groups: list[_Group], classes: list[str], per_class: int, r
     )
 
 
-def _assign_splits(kept: list[_InputImage], dropped: list[_InputImage], classes: list[str],
-                   settings: PackSettings) -> dict[str, list[_InputImage]]:
-    """Test first (exact per class, or a fraction), then a stratified val fraction of the rest; rest is train."""
-    groups = _group_images(kept, dropped)
+def _assign_splits(kept: list[_Input], dropped: list[_Input], classes: list[str],
+                   settings: PackSettings) -> dict[str, list[_Input]]:
+    """Test first (exact per class, or a fraction), then a stratified val fraction of the rest; rest is train.
+
+    Quotas count samples, so a video counts with its frames."""
+    groups = _group_inputs(kept, dropped)
     rng = random.Random(f"{settings.seed}:splits")
     if settings.test_per_class:
         test = _take_exact_test(groups, classes, settings.test_per_class, rng)
@@ -766,75 +976,70 @@ def _assign_splits(kept: list[_InputImage], dropped: list[_InputImage], classes:
     val_positions, _ = _fill_quotas(remaining_groups, _fraction_quota(remaining_groups, settings.val_fraction), rng,
                                     top_up_empty=True)
     val = {remaining[position] for position in val_positions}
-    splits: dict[str, list[_InputImage]] = {split: [] for split in SPLITS}
+    splits: dict[str, list[_Input]] = {split: [] for split in SPLITS}
     for index, group in enumerate(groups):
-        splits["test" if index in test else "val" if index in val else "train"].extend(group.images)
+        splits["test" if index in test else "val" if index in val else "train"].extend(group.items)
     _check_disjoint(splits)
     return splits
 
 
-def _check_disjoint(splits: dict[str, list[_InputImage]]) -> None:
+def _check_disjoint(splits: dict[str, list[_Input]]) -> None:
     """The leakage guarantee, checked on the result rather than trusted from the algorithm."""
     for attribute in ("patient_id", "sha256"):
         split_of: dict[str, str] = {}
-        for split, images in splits.items():
-            for image in images:
-                value = getattr(image, attribute)
+        for split, items in splits.items():
+            for item in items:
+                value = getattr(item, attribute)
                 if value is not None and split_of.setdefault(value, split) != split:
                     raise RuntimeError(f"internal error: {attribute} {value} is in both {split_of[value]} and {split}")
 
 
 # ---------------------------------------------------------------- shards
-def _write_shards(splits: dict[str, list[_InputImage]], classes: list[str], out_dir: Path, settings: PackSettings,
-                  workers: _Workers, rejected: list[dict],
-                  console: Console) -> tuple[dict[str, list[dict]], dict[str, list[_InputImage]]]:
-    """Encode in workers, write in this process split by split; returns (shards, written images) per split."""
+def _write_shards(splits: dict[str, list[_Input]], classes: list[str], out_dir: Path, settings: PackSettings,
+                  spool_dir: Path, pseudonymised: bool, console: Console) -> dict[str, list[dict]]:
+    """Write each split's samples, in seeded random order, from the spool; returns the shards per split."""
     import webdataset as wds  # imports torch: only the parent pays for it, and only once shards are written
 
     ordered = []
     for split in SPLITS:
-        images = sorted(splits[split], key=lambda image: (image.source, image.label))
-        random.Random(f"{settings.seed}:{split}:order").shuffle(images)  # so every shard mixes classes
-        ordered.extend((split, position, image) for position, image in enumerate(images))
-    encode = functools.partial(_encode_files, short_side_px=settings.stored_short_side_px,
-                               quality=settings.quality, max_pixels=DEFAULT_MAX_PIXELS,
-                               max_file_bytes=settings.max_file_bytes)
-    results = workers.map_in_order(encode, [(image.path, image.sha256) for _, _, image in ordered])
+        samples = [(item, sample) for item in sorted(splits[split], key=lambda item: item.order)
+                   for sample in item.samples]
+        random.Random(f"{settings.seed}:{split}:order").shuffle(samples)  # so every shard mixes classes and videos
+        ordered.extend((split, position, item, sample) for position, (item, sample) in enumerate(samples))
 
     samples_per_file: dict[str, Counter] = {split: Counter() for split in SPLITS}
-    written: dict[str, list[_InputImage]] = {split: [] for split in SPLITS}
     writer, writer_split = None, None
-    try:
-        with _progress(console) as progress:
+    with contextlib.ExitStack() as spool_files, _progress(console) as progress:
+        spool = {path.name: spool_files.enter_context(path.open("rb")) for path in spool_dir.iterdir()}
+        try:
             task = progress.add_task("writing shards", total=len(ordered))
-            for (split, position, image), encoded in zip(ordered, results):
+            for split, position, item, sample in ordered:
                 progress.advance(task)
-                if encoded.reason is not None:
-                    rejected.append(image.entry(encoded.reason))
-                    continue
                 if split != writer_split:  # opened lazily: a split with no samples gets no tar at all
                     if writer is not None:
                         writer.close()
                     pattern = str(out_dir).replace("%", "%%") + f"/{split}-%06d.tar"
                     writer = wds.ShardWriter(pattern, maxcount=settings.shard_size, verbose=0, mtime=_TAR_MTIME)
                     writer_split = split
-                meta = {"label": image.label, "patient_id": image.patient_id, "source": image.source,
-                        "sha256": image.sha256, "orig_size": list(image.orig_size),
-                        "stored_size": list(encoded.stored_size)}
+                spool_file = spool[sample.jpg.file]
+                spool_file.seek(sample.jpg.offset)
+                meta = {"label": item.label, "patient_id": item.patient_id, "source": item.source,
+                        "sha256": item.sha256, "orig_size": list(sample.orig_size),
+                        "stored_size": list(sample.stored_size), "source_kind": item.kind,
+                        "frame_index": sample.frame_index, "frame_time_s": sample.frame_time_s,
+                        "segment_s": list(item.segment_s) if item.segment_s else None, "pseudonymised": pseudonymised}
                 writer.write({
-                    "__key__": f"{split}_{position:07d}_{image.sha256[:12]}",
-                    "jpg": encoded.jpg,
-                    "cls": str(classes.index(image.label)).encode("ascii"),
+                    "__key__": f"{split}_{position:07d}_{item.sha256[:12]}",
+                    "jpg": spool_file.read(sample.jpg.length),
+                    "cls": str(classes.index(item.label)).encode("ascii"),
                     "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
                 })
                 samples_per_file[split][Path(writer.fname).name] += 1
-                written[split].append(image)
-    finally:
-        if writer is not None:
-            writer.close()
-    shards = {split: [{"file": name, "count": count, "sha256": file_sha256(out_dir / name)}
-                      for name, count in samples_per_file[split].items()] for split in SPLITS}
-    return shards, written
+        finally:
+            if writer is not None:
+                writer.close()
+    return {split: [{"file": name, "count": count, "sha256": file_sha256(out_dir / name)}
+                    for name, count in samples_per_file[split].items()] for split in SPLITS}
 
 
 def file_sha256(path: Path) -> str:
@@ -851,40 +1056,53 @@ def _reason_kind(entry: dict) -> str:
     return "duplicate" if "duplicate_of" in entry else entry["reason"].split(":")[0]
 
 
-def _build_index(src: Path, manifest: str | Path | None, label_for: dict[str, str] | None, classes: list[str],
-                 files_seen: int, inputs: _Inputs, written: dict[str, list[_InputImage]],
-                 shards: dict[str, list[dict]], conflicts: list[dict], settings: PackSettings) -> dict:
-    splits = {}
+def _build_index(src: Path, listings: list[tuple[_Listing, Path]], label_for: dict[str, str] | None,
+                 classes: list[str], files_seen: int, inputs: _Inputs, splits: dict[str, list[_Input]],
+                 shards: dict[str, list[dict]], conflicts: list[dict], settings: PackSettings,
+                 pseudonyms: Pseudonymiser) -> dict:
+    split_info = {}
     for split in SPLITS:
-        per_class = Counter(image.label for image in written[split])
-        splits[split] = {
-            "count": len(written[split]),
+        per_class = _samples_per_class(splits[split])
+        split_info[split] = {
+            "count": sum(per_class.values()),
             "per_class": {cls: per_class[cls] for cls in classes},
-            "patients": len({image.patient_id for image in written[split] if image.patient_id is not None}),
+            "patients": len({item.patient_id for item in splits[split] if item.patient_id is not None}),
             "shards": shards[split],
         }
+    packed_inputs = [item for split in SPLITS for item in splits[split]]
+    moving = [item for item in packed_inputs if item.frame_counts is not None]
     totals = {
         "files_seen": files_seen,
-        "packed": sum(info["count"] for info in splits.values()),
+        "files_packed": len(packed_inputs),
+        "packed": sum(info["count"] for info in split_info.values()),
         "rejected": len(inputs.rejected),
         "skipped": len(inputs.skipped),
         "duplicates_dropped": sum(1 for entry in inputs.rejected if "duplicate_of" in entry),
         "label_conflicts": len(conflicts),
+        "videos_packed": len(moving),
+        "frames_from_videos": sum(len(item.samples) for item in moving),
+        "near_duplicate_frames_dropped": sum(item.frame_counts.near_duplicates for item in moving),
+        "dark_or_blurry_frames_dropped": sum(item.frame_counts.dark_or_blurry for item in moving),
     }
-    if totals["files_seen"] != totals["packed"] + totals["rejected"] + totals["skipped"]:
-        raise RuntimeError(f"internal error: files are unaccounted for: {totals}")
+    if (totals["files_seen"] != totals["files_packed"] + totals["rejected"] + totals["skipped"]
+            or totals["packed"] != totals["files_packed"] - totals["videos_packed"] + totals["frames_from_videos"]):
+        raise RuntimeError(f"internal error: inputs or samples are unaccounted for: {totals}")
+    recorded_listings = {listing: pseudonyms.path(str(path.resolve())) for listing, path in listings}
     return {
         "format_version": FORMAT_VERSION,
         "classes": classes,
-        "splits": splits,
+        "splits": split_info,
         "settings": {**asdict(settings), "resize_short": settings.stored_short_side_px,
                      "max_image_pixels": DEFAULT_MAX_PIXELS},
         "totals": totals,
         "rejected_by_reason": dict(Counter(_reason_kind(entry) for entry in inputs.rejected).most_common()),
         "skipped_by_reason": dict(Counter(_reason_kind(entry) for entry in inputs.skipped).most_common()),
-        "source": str(src),
-        "manifest": str(Path(manifest).resolve()) if manifest else None,
-        "class_map": label_for,
+        "source": pseudonyms.path(str(src)),
+        "manifest": recorded_listings.get(_MANIFEST),
+        "segments": recorded_listings.get(_SEGMENTS),
+        "class_map": {pseudonyms.path(key): name for key, name in label_for.items()} if label_for else None,
+        "pseudonymisation": ({"method": METHOD, "key_fingerprint": pseudonyms.key_fingerprint()}
+                             if pseudonyms.enabled else None),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -903,13 +1121,18 @@ def _print_summary(index: dict, console: Console) -> None:
                   f"[bold]{index['totals']['packed']}")
     console.print(table)
     totals = index["totals"]
-    console.print(f"files seen {totals['files_seen']} = packed {totals['packed']} + rejected {totals['rejected']} "
-                  f"(incl. {totals['duplicates_dropped']} duplicate copies) + skipped {totals['skipped']}")
+    console.print(f"files seen {totals['files_seen']} = packed {totals['files_packed']} + rejected "
+                  f"{totals['rejected']} (incl. {totals['duplicates_dropped']} duplicate copies) + skipped "
+                  f"{totals['skipped']}")
+    if totals["videos_packed"]:
+        console.print(f"{totals['videos_packed']} video(s) gave {totals['frames_from_videos']} frames; dropped "
+                      f"{totals['near_duplicate_frames_dropped']} near-duplicate and "
+                      f"{totals['dark_or_blurry_frames_dropped']} dark or blurry frames")
     for title, by_reason in (("rejected", index["rejected_by_reason"]), ("skipped", index["skipped_by_reason"])):
         if by_reason:
             console.print(f"{title}: " + ", ".join(f"{count} {reason}" for reason, count in by_reason.items()))
     if totals["label_conflicts"]:
-        console.print(f"[yellow]{totals['label_conflicts']} identical image(s) carry different labels; "
+        console.print(f"[yellow]{totals['label_conflicts']} identical input(s) carry different labels; "
                       f"see {DUPLICATES_FILE}")
 
 
