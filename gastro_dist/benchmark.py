@@ -464,8 +464,8 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--workers", type=int, default=4, help="DataLoader workers, for both pipelines")
     q.add_argument("--batches", type=int, default=50,
                    help="batches to time (the shard pipeline runs whole epochs, so at least this many)")
-    q.add_argument("--batch-size", type=int, default=32)
-    q.add_argument("--image-size", type=int, default=224)
+    q.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    q.add_argument("--image-size", type=int, default=224, help="network input size the crops are resized to")
     q.add_argument("--decode-on", choices=("workers", "device"), default="workers",
                    help="data.decode_on: 'device' times what the workers still do (reading the shards)")
     q.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -474,10 +474,10 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     q = bench_sub.add_parser("train", help="optimizer-step images/s (compute only, and end to end with --shards)")
     q.add_argument("--model", required=True,
                    help="model name, e.g. resnet50, vgg19, inception_v3, timm:convnext_tiny, timm:vit_small_patch16_224")
-    q.add_argument("--batch-size", type=int, default=64)
-    q.add_argument("--image-size", type=int, default=224)
-    q.add_argument("--precision", choices=("bf16", "fp16", "no"), default="bf16")
-    q.add_argument("--channels-last", action="store_true")
+    q.add_argument("--batch-size", type=int, default=64, help="images per optimizer step")
+    q.add_argument("--image-size", type=int, default=224, help="square input size")
+    q.add_argument("--precision", choices=("bf16", "fp16", "no"), default="bf16", help="autocast precision")
+    q.add_argument("--channels-last", action="store_true", help="channels_last memory format for model and inputs")
     q.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     q.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend with --compile (the CPU dry run of benchmarks/run_gpu.sh uses eager: "

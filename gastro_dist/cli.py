@@ -5,6 +5,7 @@ exit status 1 for a failed run and 2 for a usage error (README, "Robustness").""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -71,12 +72,13 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="generate a synthetic endoscopy-like dataset (class folders + manifest.csv)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--per-class", type=int, required=True, help="images per class")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives byte-identical images")
     p.add_argument("--size-range", type=int, nargs=2, default=(640, 1280), metavar=("MIN_W", "MAX_W"),
                    help="frame width range in pixels (height follows a 5:4 or 4:3 aspect)")
-    p.add_argument("--images-per-patient", type=int, nargs=2, default=(2, 5), metavar=("MIN", "MAX"))
-    p.add_argument("--style", default="default",
-                   help="rendering style: 'default' or 'alt' (different palette/optics, for generalisation checks)")
+    p.add_argument("--images-per-patient", type=int, nargs=2, default=(2, 5), metavar=("MIN", "MAX"),
+                   help="frames per synthetic patient, drawn in this range")
+    p.add_argument("--style", default="default", choices=("default", "alt"),
+                   help="rendering style: 'alt' has another palette and optics, for generalisation checks")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.set_defaults(handler=_cmd_synth)
 
@@ -90,7 +92,8 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
                         "to SRC); with or without --manifest, only the listed rows are packed")
     p.add_argument("--class-map", type=Path, default=None,
                    help="YAML/JSON mapping folder names (or relative folder paths) to class names; unmapped folders are skipped")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the non-test images per class in the validation split (whole patients)")
     p.add_argument("--test-per-class", type=int, default=None, help="exactly N test images per class (the study used 150)")
     p.add_argument("--test-fraction", type=float, default=0.0, help="test share when --test-per-class is not given")
     p.add_argument("--resize-short", type=int, default=None,
@@ -99,7 +102,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the stored images")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the split assignment and shard order")
     p.add_argument("--max-file-mb", type=float, default=512.0,
                    help="images and DICOM files larger than this many MB (10^6 bytes) are rejected without being read")
     p.add_argument("--video-fps", type=float, default=1.0,
@@ -120,7 +123,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_pack)
 
     p = sub.add_parser("verify", help="re-read every shard and check it against index.json")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", type=Path, help="the --out folder of a finished `gastro-dist pack`")
     p.add_argument("--max-member-mb", type=int, default=None,
                    help="largest shard member read (default: the training default, data.max_member_mb)")
     p.set_defaults(handler=_cmd_verify)
@@ -162,8 +165,11 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("weights", help="manage pretrained weights")
     weights_sub = p.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
-    d = weights_sub.add_parser("download", help="fetch torchvision ImageNet weights into the torch hub cache (needs internet)")
-    d.add_argument("models", nargs="+", metavar="MODEL")
+    d = weights_sub.add_parser("download", help="fetch pretrained weights into the local cache (needs internet): "
+                               "torchvision's into the torch hub cache, timm:NAME's into the Hugging Face hub cache",
+                               epilog="example: gastro-dist weights download resnet50 timm:convnext_tiny.fb_in22k\n"
+                                      "then copy the printed files or folders to the same cache on the cluster")
+    d.add_argument("models", nargs="+", metavar="MODEL", help="torchvision names (resnet50) or timm:NAME")
     d.set_defaults(handler=_cmd_weights_download)
 
 
@@ -174,7 +180,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     evaluate_run(args.run, args.shards, args.out, split=args.split, checkpoint=args.checkpoint,
                  num_bootstrap=args.bootstrap, seed=args.seed, cancer_sensitivity=args.cancer_sensitivity,
                  positive_class=args.positive_class, cam_misclassified=args.cam_misclassified,
-                 batch_size=args.batch_size, num_workers=args.workers)
+                 batch_size=args.batch_size, num_workers=args.workers, track=not args.no_track)
     return 0
 
 
@@ -182,7 +188,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from gastro_dist.compare import compare_configs
 
     compare_configs(args.configs, args.shards, args.out, overrides=args.overrides, split=args.split,
-                    num_bootstrap=args.bootstrap)
+                    num_bootstrap=args.bootstrap, track=not args.no_track)
     return 0
 
 
@@ -217,7 +223,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     trained = load_trained_model(args.run, args.checkpoint)
     path = export_model(trained.model, args.format, args.out, input_size=trained.image_size, classes=trained.classes,
-                        mean=trained.meta.mean, std=trained.meta.std, output=args.output)
+                        mean=trained.meta.mean, std=trained.meta.std, output=args.output,
+                        metadata=trained.meta.export_metadata())
     try:
         difference = check_export(trained.model, path, args.format, trained.image_size)
     except RuntimeError as err:
@@ -233,27 +240,31 @@ def add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("evaluate", help="clinical metrics with patient-level CIs, predictions.csv and a report")
     run_args(p)
-    p.add_argument("--shards", type=Path, required=True)
-    p.add_argument("--split", default="test")
+    p.add_argument("--shards", type=Path, required=True, help="shard folder (`gastro-dist pack --out`)")
+    p.add_argument("--split", default="test", choices=("test", "val", "train"), help="split to evaluate")
     p.add_argument("--out", type=Path, required=True, help="folder for metrics.json, predictions.csv, report.md/html, PNGs")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (0: none)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
     p.add_argument("--cancer-sensitivity", type=float, default=None, metavar="S",
                    help="choose the cancer threshold on the val split that reaches sensitivity S; report the split at it")
     p.add_argument("--positive-class", default=None,
                    help="class of the cancer-versus-rest view (default: gastric_cancer when the model has it)")
     p.add_argument("--cam-misclassified", type=int, default=0, metavar="N",
                    help="Grad-CAM overlays of the N most confident mistakes per class in the report")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64, help="images per process per forward pass")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes reading the shards, per process")
+    p.add_argument("--no-track", action="store_true",
+                   help="do not add the results to the training run's trackers (RUN/tracking.json)")
     p.set_defaults(handler=_cmd_evaluate)
 
     p = sub.add_parser("compare", help="train and evaluate several configs on the same shards: the study's table")
-    p.add_argument("--configs", type=Path, nargs="+", required=True)
-    p.add_argument("--shards", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--split", default="test")
-    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--configs", type=Path, nargs="+", required=True, help="YAML configs, one run each")
+    p.add_argument("--shards", type=Path, required=True, help="shard folder (`gastro-dist pack --out`)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for one run per config and comparison.md / comparison.json")
+    p.add_argument("--split", default="test", choices=("test", "val"), help="split the models are compared on")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (0: none)")
+    p.add_argument("--no-track", action="store_true", help="do not add the evaluations to the runs' trackers")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides applied to every config")
     p.set_defaults(handler=_cmd_compare)
 
@@ -265,7 +276,7 @@ def add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True,
                    help="CSV to write (not an input, nor an image name inside an input folder)")
     p.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--cam", type=Path, default=None, metavar="DIR", help="also write Grad-CAM overlays of image files here")
     p.set_defaults(handler=_cmd_predict)
 
@@ -274,35 +285,106 @@ def add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
                                    "path added). An unreadable image gets one error line and the rest go on; "
                                    "exit status 1 if any image got no overlay.")
     run_args(p)
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--out", type=Path, required=True, help="folder for the overlays")
     p.add_argument("--class", dest="class_name", default=None, help="explain this class instead of the predicted one")
     p.set_defaults(handler=_cmd_cam)
 
     p = sub.add_parser("export", help="export to ONNX or TorchScript with a JSON sidecar")
     run_args(p)
-    p.add_argument("--format", choices=("onnx", "torchscript"), required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--output", choices=("probabilities", "logits"), default="probabilities")
+    p.add_argument("--format", choices=("onnx", "torchscript"), required=True, help="file format to write")
+    p.add_argument("--out", type=Path, required=True, help="model file to write (a .json sidecar goes next to it)")
+    p.add_argument("--output", choices=("probabilities", "logits"), default="probabilities",
+                   help="what the exported model returns")
     p.set_defaults(handler=_cmd_export)
 
 
+# ---------------------------------------------------------------- config
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from gastro_dist.config import describe_config, load_config
+
+    print(describe_config(load_config(args.config, args.overrides)))
+    return 0
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    from gastro_dist.config import load_config
+
+    load_config(args.config, args.overrides)
+    print(f"{args.config}: OK")
+    return 0
+
+
+def add_config_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="show or check a training config")
+    config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = config_sub.add_parser(
+        "show", help="print the resolved config, each key with its meaning and default",
+        epilog="example: gastro-dist config show --config configs/resnet50.yaml finetune.epochs=40")
+    show.add_argument("--config", type=Path, default=None, help="YAML config (default: the built-in defaults)")
+    show.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, as `train` takes them")
+    show.set_defaults(handler=_cmd_config_show)
+    check = config_sub.add_parser("check", help="load a config and report its first mistake, if any",
+                                  epilog="example: gastro-dist config check configs/resnet50.yaml")
+    check.add_argument("config", type=Path, help="YAML config to check")
+    check.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides to check with it")
+    check.set_defaults(handler=_cmd_config_check)
+
+
 # ---------------------------------------------------------------- parser and entry point
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help (when it has one worth showing), and descriptions and examples
+    printed as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.required:
+            return action.help
+        return super()._get_help_string(action)
+class Parser(argparse.ArgumentParser):
+    """Every (sub)command's help shows each option's default and its examples as written."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+# One example per command, printed at the end of its help.
+EXAMPLES = {
+    "synth": "gastro-dist synth --out data/synth --per-class 200",
+    "pack": "gastro-dist pack /data/gastro --manifest /data/gastro/labels.csv --out /data/shards --test-per-class 150",
+    "verify": "gastro-dist verify /data/shards",
+    "train": "gastro-dist train --config configs/resnet50.yaml --shards /data/shards --out runs/r50 finetune.epochs=40\n"
+             "every config key, its meaning and default: gastro-dist config show --config configs/resnet50.yaml",
+    "weights": "gastro-dist weights download resnet50 timm:convnext_tiny.fb_in22k",
+    "evaluate": "gastro-dist evaluate --run runs/r50 --shards /data/shards --out runs/r50/eval --cam-misclassified 3",
+    "compare": "gastro-dist compare --configs configs/vgg19.yaml configs/resnet50.yaml --shards /data/shards "
+               "--out runs/compare",
+    "predict": "gastro-dist predict --run runs/r50 new_images/ --out predictions.csv --tta",
+    "cam": "gastro-dist cam --run runs/r50 frame.jpg --out cams/",
+    "export": "gastro-dist export --run runs/r50 --format onnx --out r50.onnx",
+    "config": "gastro-dist config show --config configs/resnet50.yaml",
+    "bench": "gastro-dist bench loader --shards /data/shards --workers 8",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gastro-dist",
-        description="Distributed transfer-learning for gastroscopy image classifiers.",
-    )
+    parser = Parser(prog="gastro-dist", description="Distributed transfer-learning for gastroscopy image classifiers.")
     parser.add_argument("--version", action="version", version=f"gastro-dist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_data_commands(sub)
     add_training_commands(sub)
     add_evaluation_commands(sub)
+    add_config_commands(sub)
     add_bench_commands(sub)
+    for name, command in sub.choices.items():
+        command.epilog = "\n".join(filter(None, [command.epilog, f"example: {EXAMPLES[name]}"]))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch loads OpenMP: its idle threads then sleep instead of spinning, so that a CPU shared
+    # with other processes slows each in proportion (benchmarks/README.md, "CPU threads").
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -310,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"gastro-dist {args.command}: error: {err}", file=sys.stderr)
         return err.exit_status
+    except BrokenPipeError:  # `gastro-dist config show | head`: the reader has gone, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as err:  # a full disk, a folder that cannot be created, a file that cannot be read
         where = f": {err.filename}" if err.filename else ""
         print(f"gastro-dist {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from accelerate import PartialState
 from accelerate.state import AcceleratorState
 
 from gastro_dist import UserError
@@ -12,16 +13,27 @@ from gastro_dist.config import load_config
 from gastro_dist.data.shard_index import load_shard_index
 from gastro_dist.evaluation.evaluate import evaluate_run
 from gastro_dist.run_dir import write_run_json
+from gastro_dist.tracking import group_run
 from gastro_dist.training.trainer import train
 
 
 def compare_configs(config_paths: list[str | Path], shards_dir: str | Path, out_dir: str | Path,
-                    overrides: list[str] | None = None, split: str = "test", num_bootstrap: int = 1000) -> dict:
-    """Train and evaluate each config on the same shards; write comparison.md and comparison.json."""
+                    overrides: list[str] | None = None, split: str = "test", num_bootstrap: int = 1000,
+                    track: bool = True) -> dict:
+    """Train and evaluate each config on the same shards; write comparison.md and comparison.json.
+    The runs are one group in the trackers (W&B group, MLflow parent run) named after --out."""
     out_dir = Path(out_dir)
     if num_bootstrap < 0:
         raise UserError(f"--bootstrap must be 0 or more, got {num_bootstrap}")
     configs = [(Path(p).stem, load_config(p, overrides)) for p in config_paths]  # every config checked before training
+    for _, config in configs:
+        config.tracking.group = config.tracking.group or out_dir.resolve().name
+    with group_run(configs[0][1].tracking, PartialState().is_main_process):
+        return _train_and_evaluate(configs, shards_dir, out_dir, split, num_bootstrap, track)
+
+
+def _train_and_evaluate(configs: list, shards_dir: str | Path, out_dir: Path, split: str, num_bootstrap: int,
+                        track: bool) -> dict:
     index = load_shard_index(shards_dir)
     if split not in index.splits or index.count(split) == 0:
         print(f"{shards_dir} has no {split} split: comparing on the val split")
@@ -34,7 +46,8 @@ def compare_configs(config_paths: list[str | Path], shards_dir: str | Path, out_
         # Each run builds its own Accelerator (precision and trackers may differ); accelerate has no public
         # way to forget the previous one's settings, so its private reset is used (accelerate's own tests do).
         AcceleratorState._reset_state()
-        metrics = evaluate_run(run_dir, shards_dir, run_dir / "eval", split=split, num_bootstrap=num_bootstrap)
+        metrics = evaluate_run(run_dir, shards_dir, run_dir / "eval", split=split, num_bootstrap=num_bootstrap,
+                               track=track)
         AcceleratorState._reset_state()
         if metrics:
             rows.append(_comparison_row(name, config, summary, metrics, train_time))

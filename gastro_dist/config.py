@@ -4,6 +4,7 @@ transfer-learning phases are data: `head` and `finetune` are two `PhaseConfig` v
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
 import types
@@ -16,6 +17,7 @@ import yaml
 
 from gastro_dist import UserError
 
+TRACKERS = ("wandb", "mlflow", "tensorboard")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -80,7 +82,9 @@ class DataConfig:
     """Where training JPEGs are decoded and cropped: "workers" (DataLoader processes, CPU) or "device"
     (the training device, nvJPEG on a GPU; workers only read the shards: for nodes with few cores per GPU)."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
+    """Per-channel (RGB) mean subtracted after scaling pixels to [0, 1]: the pretrained weights' own."""
     std: tuple[float, float, float] = IMAGENET_STD
+    """Per-channel (RGB) standard deviation the pixels are divided by."""
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 32, "image_size must be >= 32")
@@ -137,30 +141,45 @@ class PhaseConfig:
 
 @dataclass
 class TrackingConfig:
-    tracker: str = "wandb"
-    """'wandb' (WANDB_MODE=offline works with no network) or 'none'."""
+    tracker: Any = "wandb"
+    """'wandb', 'mlflow', 'tensorboard' or 'none', or a list of several (W&B: WANDB_MODE=offline works
+    with no network; MLflow: MLFLOW_TRACKING_URI, e.g. file:/path or your server)."""
     project: str = "gastro-dist"
+    """W&B project, MLflow experiment, TensorBoard folder under RUN/tensorboard."""
     entity: str | None = None
+    """W&B team or user (default: your W&B default)."""
     run_name: str | None = None
+    """Name of the run in the trackers (default: the run folder's name)."""
     tags: list[str] = field(default_factory=list)
+    """Tags of the run (W&B tags; MLflow tags)."""
+    group: str | None = None
+    """Runs to show side by side (W&B group, MLflow parent run); `compare` sets it to its --out folder's name."""
     log_every_steps: int = 10
     """Training-loss log interval in optimizer steps."""
 
     def __post_init__(self) -> None:
-        _check(self.tracker in ("wandb", "none"), f"tracker must be 'wandb' or 'none', not {self.tracker!r}")
+        names = [self.tracker] if isinstance(self.tracker, str) else self.tracker
+        _check(isinstance(names, list) and all(isinstance(n, str) for n in names),
+               f"tracker must be a name or a list of names, not {self.tracker!r}")
+        unknown = sorted(set(names) - set(TRACKERS) - {"none"})
+        _check(not unknown, f"unknown tracker {', '.join(unknown)}: use {', '.join(TRACKERS)} or none (or a list)")
+        self.tracker = [name for name in dict.fromkeys(names) if name != "none"]
         _check(self.log_every_steps >= 1, "log_every_steps must be >= 1")
 
 
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The backbone and its new head."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Input pipeline: sizes, batches, workers, augmentation."""
     head: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=5, optimizer="adamw", lr=1e-3, unfreeze="none"))
     """Phase 1: the new head on a frozen backbone."""
     finetune: PhaseConfig = field(default_factory=lambda: PhaseConfig(
         epochs=20, optimizer="sgd", lr=1e-2, backbone_lr=1e-3, warmup_epochs=1.0, unfreeze="all"))
     """Phase 2: fine-tuning from phase 1's best weights."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment trackers and what they log."""
     mixed_precision: str = "bf16"
     """'bf16', 'fp16' or 'no' (bf16 needs Ampere or newer; on CPU 'no' is fastest)."""
     grad_accum_steps: int = 1
@@ -168,9 +187,11 @@ class TrainConfig:
     grad_clip_norm: float = 1.0
     """Clip the global gradient norm (0 disables)."""
     label_smoothing: float = 0.1
+    """Cross-entropy label smoothing in training (validation reports the plain cross-entropy)."""
     class_weights: Any = "none"
     """'none', 'balanced' (inverse training-class frequency) or a list with one weight per class."""
     seed: int = 0
+    """Seed of weights initialisation, data order and augmentation (each process offsets it by its rank)."""
     checkpoint_every_steps: int = 0
     """Also save the training state every N optimizer steps inside an epoch (0: end of epoch only)."""
     keep_checkpoints: int = 2
@@ -280,17 +301,18 @@ def _parse_number(text: str, kind: type) -> Any:
         return text
 
 
+def plain_value(value: Any) -> Any:
+    """A config value as plain YAML/JSON data (tuples become lists)."""
+    if isinstance(value, (tuple, list)):
+        return [plain_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain_value(v) for k, v in value.items()}
+    return value
+
+
 def to_dict(config: Any) -> dict[str, Any]:
-    """Plain nested dict of a config (tuples become lists), for YAML/JSON and trackers."""
-    def plain(value: Any) -> Any:
-        if isinstance(value, tuple):
-            return [plain(v) for v in value]
-        if isinstance(value, list):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-    return plain(dataclasses.asdict(config))
+    """Plain nested dict of a config, for YAML/JSON and trackers."""
+    return plain_value(dataclasses.asdict(config))
 
 
 # ---------------------------------------------------------------- YAML and overrides
@@ -329,6 +351,38 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     apply_overrides(data, overrides or [])
     return from_dict(TrainConfig, data)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string right below it in this file), by field name."""
+    source = Path(__file__).read_text(encoding="utf-8")
+    body = next(node for node in ast.parse(source).body if isinstance(node, ast.ClassDef) and node.name == cls.__name__).body
+    return {node.target.id: " ".join(following.value.value.split())
+            for node, following in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)}
+
+
+def describe_config(config: Any, defaults: Any = None, indent: str = "") -> str:
+    """The resolved config as YAML, each key with its one-line doc and, where it differs, its default."""
+    defaults = defaults if defaults is not None else type(config)()
+    docs = field_docs(type(config))
+    lines = []
+    for f in dataclasses.fields(config):
+        value, default = getattr(config, f.name), getattr(defaults, f.name)
+        comment = docs.get(f.name, "")
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{indent}{f.name}:  # {comment}")
+            lines.append(describe_config(value, default, indent + "  "))
+            continue
+        if value != default:
+            comment += f" (default: {_inline_yaml(default)})"
+        lines.append(f"{indent}{f.name}: {_inline_yaml(value)}  # {comment}")
+    return "\n".join(lines)
+
+
+def _inline_yaml(value: Any) -> str:
+    return yaml.safe_dump([plain_value(value)], default_flow_style=True, width=10**6).strip()[1:-1]
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:

@@ -70,6 +70,7 @@ _OPTIONAL_FIELDS = {
     "dropout": (_is_number, "a number"),
     "pretrained": (lambda v: isinstance(v, str), "a string"),
     "source_checkpoint": (lambda v: isinstance(v, str), "a string"),
+    "interpolation": (lambda v: v in ("bilinear", "bicubic"), "'bilinear' or 'bicubic'"),
 }
 
 
@@ -85,10 +86,17 @@ class ModelMeta:
     dropout: float = 0.0
     pretrained: str = "none"
     source_checkpoint: str = ""
+    interpolation: str = "bilinear"
+    """Resize filter the pretrained weights were trained with (the pipeline resizes bilinearly)."""
     format: str = field(default="safetensors state_dict of the model with its new head")
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(name=self.architecture, pretrained=self.pretrained, dropout=self.dropout)
+
+    def export_metadata(self) -> dict:
+        """What an exported model carries beside classes, mean, std and input size."""
+        return {"architecture": self.architecture, "interpolation": self.interpolation,
+                "eval_crop_ratio": self.eval_crop_ratio}
 
     def data_config(self, batch_size: int = 32, num_workers: int = 0) -> DataConfig:
         """The evaluation preprocessing this model was validated with."""

@@ -7,7 +7,7 @@
 #   GASTRO_DIST_PROCS_PER_NODE=N      processes per node (default: GPUs per node, 1 when none)
 #   GASTRO_DIST_MASTER_ADDR=ADDR      rendezvous address (default: first node's name or NodeAddr)
 #   GASTRO_DIST_PORT=PORT             rendezvous port (default: 20000 + job id % 12000)
-#   GASTRO_DIST_LAUNCH_ARGS="..."     extra `accelerate launch` flags, e.g. "--mixed_precision bf16"
+#   GASTRO_DIST_LAUNCH_ARGS="..."     extra `accelerate launch` flags, e.g. "--max_restarts 0" (precision: the run config)
 #   GASTRO_DIST_ACCELERATE_CONFIG=F   an accelerate config file, e.g. launch/deepspeed_zero2.yaml (DeepSpeed ZeRO-2)
 #   GASTRO_DIST_SRUN_ARGS="..."       extra `srun` flags, e.g. "--label"
 #   GASTRO_DIST_MAX_RESTARTS=N        stop requeueing after N restarts (default 50)

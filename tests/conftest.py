@@ -3,6 +3,7 @@ synth and pack commands, and the overrides that shrink a training run to seconds
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ def one_torch_thread():
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the trainer's own thread choice steps aside for it
     yield
     torch.set_num_threads(previous)
 

@@ -171,7 +171,10 @@ def test_kill_at_random_moments_always_leaves_a_loadable_checkpoint(synthetic_sh
     for _ in range(6):
         process = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    start_new_session=True)
-        time.sleep(rng.uniform(3.0, 9.0))  # start-up takes ~3 s; after that, anywhere in training
+        deadline = time.time() + 120  # start-up (imports, the shard scan) takes seconds on a loaded machine
+        while not (run / "metrics.jsonl").is_file() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 5.0))  # then anywhere in training
         if process.poll() is not None:
             break
         os.killpg(process.pid, signal.SIGKILL)

@@ -338,7 +338,6 @@ def test_export_of_a_timm_vit_matches_pytorch_and_embeds_its_metadata(tmp_path, 
 
 # ---------------------------------------------------------------- the trainer, end to end
 @pytest.mark.slow  # end to end: trains both phases
-@pytest.mark.xfail(reason="trainer integration pending", strict=False)
 def test_both_phases_of_a_timm_vit_through_the_cli(synthetic_shards, tmp_path):
     """Train a ViT from a saved random state (layer decay in fine-tuning), then rebuild it from model.json."""
     from gastro_dist.cli import main

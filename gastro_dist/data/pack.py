@@ -33,7 +33,6 @@ from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from gastro_dist import UserError
@@ -54,6 +53,7 @@ from gastro_dist.data.pseudonym import METHOD, Pseudonymiser, load_pseudonymiser
 from gastro_dist.data.shard_index import INDEX_FILE
 from gastro_dist.data.video import VIDEO_EXTENSIONS, opened_video, require_pyav, video_frames
 from gastro_dist.files import file_type
+from gastro_dist.progress import progress
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -782,11 +782,6 @@ class _Workers:
             yield from pending.popleft().result()
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=console, transient=True, disable=not console.is_terminal)
-
-
 def _read_inputs(inputs: _Inputs, options: _ReadOptions, max_workers: int, pseudonyms: Pseudonymiser,
                  console: Console) -> list[_Input]:
     """Fill sha256, samples and frame counts of the usable inputs (a DICOM's PatientID stands in for a
@@ -794,11 +789,11 @@ def _read_inputs(inputs: _Inputs, options: _ReadOptions, max_workers: int, pseud
     tasks = _tasks(inputs.candidates)
     jobs = [[(item.path, item.kind, item.segment_s) for item in task] for task in tasks]
     valid = []
-    with _Workers(min(max_workers, len(tasks))) as workers, _progress(console) as progress:
-        bar = progress.add_task("reading", total=len(inputs.candidates))
+    with _Workers(min(max_workers, len(tasks))) as workers, progress(console, unit="files", transient=True) as bar:
+        reading = bar.add_task("reading", total=len(inputs.candidates))
         results = workers.map_in_order(functools.partial(_read_task, options=options), jobs)
         for item, result in zip((item for task in tasks for item in task), results):
-            progress.advance(bar)
+            bar.advance(reading)
             reason = result.reason
             if reason is None and item.patient_id is None and result.patient_id:
                 patient_id = _nfc(result.patient_id)
@@ -1009,12 +1004,12 @@ def _write_shards(splits: dict[str, list[_Input]], classes: list[str], out_dir: 
 
     samples_per_file: dict[str, Counter] = {split: Counter() for split in SPLITS}
     writer, writer_split = None, None
-    with contextlib.ExitStack() as spool_files, _progress(console) as progress:
+    with contextlib.ExitStack() as spool_files, progress(console, unit="samples", transient=True) as bar:
         spool = {path.name: spool_files.enter_context(path.open("rb")) for path in spool_dir.iterdir()}
         try:
-            task = progress.add_task("writing shards", total=len(ordered))
+            writing = bar.add_task("writing shards", total=len(ordered))
             for split, position, item, sample in ordered:
-                progress.advance(task)
+                bar.advance(writing)
                 if split != writer_split:  # opened lazily: a split with no samples gets no tar at all
                     if writer is not None:
                         writer.close()

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from gastro_dist import UserError
 from gastro_dist.config import DataConfig
 from gastro_dist.data.images import BadImage, decode_rgb, open_image
 from gastro_dist.data.shard_index import INDEX_FILE, BadIndex, ShardFile, load_shard_index
 from gastro_dist.data.shard_reader import ShardReadError, iter_shard_samples, scan_shard
+from gastro_dist.progress import progress
 
 SAMPLE_MEMBERS = ("cls", "jpg", "json")
 SAMPLE_JSON_FIELDS = ("label", "patient_id", "source", "sha256", "orig_size", "stored_size")
@@ -50,15 +50,14 @@ def verify_shards(shard_dir: str | Path, max_member_mb: int = DataConfig.max_mem
     num_samples = num_shards = 0
     num_listed_samples = sum(index.count(split) for split in index.splits)
     console = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True, disable=not console.is_terminal) as progress:
-        task = progress.add_task("verifying", total=num_listed_samples)
+    with progress(console, unit="samples", transient=True) as bar:
+        task = bar.add_task("verifying", total=num_listed_samples)
         for split in index.splits:
             per_class: Counter = Counter()
             for shard in index.shards(split):
                 num_shard_samples = _check_shard(shard, split, index.classes, per_class, seen, problems,
                                                  max_member_mb << 20)
-                progress.advance(task, num_shard_samples)
+                bar.advance(task, num_shard_samples)
                 num_samples += num_shard_samples
                 num_shards += 1
             listed_count = splits_json.get(split, {}).get("count") if isinstance(splits_json.get(split), dict) else None

@@ -39,7 +39,7 @@ from torch import nn
 from torchvision import models
 
 from gastro_dist import UserError
-from gastro_dist.models.backbones import is_timm_model
+from gastro_dist.models.backbones import is_timm_model, model_logits
 
 # Families whose deepest stage is their ``features`` Sequential's last block.
 _LAST_FEATURE_BLOCK = (models.EfficientNet, models.MobileNetV2, models.MobileNetV3, models.ConvNeXt)
@@ -178,9 +178,7 @@ def grad_cam(
         # Gradients reach the activations through the input, whatever the parameters' flags.
         images = images.detach().to(device).requires_grad_(True)
         with torch.enable_grad():
-            logits = model(images)
-            if isinstance(logits, (tuple, list)):
-                logits = logits[0]
+            logits, _ = model_logits(model(images))
             classes = _explained_classes(class_index, logits)
             score = logits.gather(1, classes[:, None]).sum()  # images are independent in eval mode
             activation = captured["activation"]

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
 from accelerate import Accelerator
 
 from gastro_dist import RunFailure, UserError
-from gastro_dist.config import DataConfig
+from gastro_dist.config import DataConfig, TrackingConfig
 from gastro_dist.data.augmentation import eval_transform
 from gastro_dist.data.shard_index import ShardIndex, load_shard_index
 from gastro_dist.data.shard_reader import ShardReadError, iter_shard_samples
@@ -25,7 +26,9 @@ from gastro_dist.evaluation.inference import (TrainedModel, check_output_folder,
 from gastro_dist.evaluation.metrics import dummy_baselines, evaluate_predictions, operating_point
 from gastro_dist.evaluation.report import write_report
 from gastro_dist.files import csv_text, distinct_names, safe_name
-from gastro_dist.run_dir import write_run_json
+from gastro_dist.progress import progress
+from gastro_dist.run_dir import RunDir, write_run_json
+from gastro_dist.tracking import RunLog, accelerator_tracking_kwargs, check_trackers_installed, tracking_of_run
 from gastro_dist.training.distributed import checked_shard_index
 from gastro_dist.training.predict import predict_split
 
@@ -35,10 +38,11 @@ POSITIVE_CLASS = "gastric_cancer"  # the cancer-versus-benign view's class, when
 def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Path, split: str = "test",
                  checkpoint: str = "best", num_bootstrap: int = 1000, seed: int = 0,
                  cancer_sensitivity: float | None = None, positive_class: str | None = None,
-                 cam_misclassified: int = 0, batch_size: int = 64, num_workers: int = 2) -> dict:
+                 cam_misclassified: int = 0, batch_size: int = 64, num_workers: int = 2, track: bool = True) -> dict:
     """Evaluate RUN on a split of the shards; returns metrics.json's content (on every rank).
 
     `positive_class` None means gastric_cancer if the model has that class, else no cancer view.
+    With `track`, the metrics, figures and report also go to the training run's trackers (RUN/tracking.json).
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if cancer_sensitivity is not None and not 0 < cancer_sensitivity <= 1:
@@ -57,7 +61,11 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
     if cancer_sensitivity is not None and index.count("val") == 0:
         raise UserError(f"--cancer-sensitivity picks its threshold on the val split, which is empty in {shards_dir}; "
                         "re-pack with --val-fraction above 0, or leave the option out")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    tracking = tracking_of_run(RunDir(run_dir)) if track else None
+    if tracking is not None:
+        check_trackers_installed(tracking)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              **(accelerator_tracking_kwargs(tracking, RunDir(run_dir)) if tracking else {}))
     model = trained.model.to(accelerator.device)
     data_cfg = trained.data_config(batch_size=batch_size, num_workers=num_workers)
     classes = index.classes
@@ -65,7 +73,8 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
     # counts and sha256 of the shards read first: the plan asks only for samples that are there
     scanned_splits = sorted({split, "val"} if cancer_sensitivity is not None else {split})
     index, shard_problems = checked_shard_index(accelerator, index, scanned_splits, data_cfg.max_member_mb)
-    predicted = predict_split(accelerator, model, index, data_cfg, split, with_meta=True)
+    predicted = predict_split(accelerator, model, index, data_cfg, split, with_meta=True,
+                              progress_label=f"predicting the {split} split")
     predicted["missing"] += num_listed - index.count(split)
     predictions, rejected = _usable_predictions(predicted, len(classes))
     if not predictions["keys"]:
@@ -82,8 +91,10 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
     metas, meta_problems = _sample_metadata(predictions["meta"], predictions["keys"])
     groups = np.array([m.get("patient_id") or key for m, key in zip(metas, predictions["keys"])], dtype=object)
     labels, probs = predictions["labels"], predictions["probs"]
-    metrics = evaluate_predictions(labels, probs, classes, groups=groups, num_bootstrap=num_bootstrap,
-                                   seed=seed, positive_class=positive_class)
+    with progress(Console(stderr=True), unit="resamples", transient=True) as bar:
+        task = bar.add_task("bootstrap", total=num_bootstrap)
+        metrics = evaluate_predictions(labels, probs, classes, groups=groups, num_bootstrap=num_bootstrap, seed=seed,
+                                       positive_class=positive_class, on_resamples=lambda n: bar.advance(task, n))
     train_counts = index.per_class("train") if "train" in index.splits else {}
     train_labels = np.repeat(np.arange(len(classes)), [int(train_counts.get(c, 0)) for c in classes]) if train_counts else None
     baselines = dummy_baselines(labels, classes, groups=groups, seed=seed, train_labels=train_labels,
@@ -114,8 +125,28 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
     paths = write_report(out_dir, metrics, labels, probs, classes, title=f"{trained.architecture} on {split}",
                          details=details, baselines=baselines, operating_point=op, cam_images=cam_images)
     print(f"report: {paths['markdown']}  (html: {paths['html']})")
+    if tracking is not None:
+        _log_to_training_run(accelerator, RunDir(run_dir), tracking, split, result, paths, out_dir, cam_images)
     accelerator.wait_for_everyone()
     return result
+
+
+def _log_to_training_run(accelerator: Accelerator, run_dir: RunDir, tracking: TrackingConfig, split: str,
+                         result: dict, report_paths: dict[str, Path], out_dir: Path,
+                         cam_images: list[tuple[str, str]]) -> None:
+    """The evaluation's numbers, figures and files, added to the run that trained the model."""
+    run_log = RunLog(accelerator, run_dir, tracking)
+    numbers = {key: value for key, value in result.items()
+               if key not in ("details", "skipped_samples", "metadata_problems", "confusion_matrix", "calibration")}
+    run_log.log(split, numbers)
+    figures = {f"{split}/{name}": report_paths[name] for name in ("confusion_matrix", "roc", "calibration")}
+    figures.update({f"{split}/cam/{Path(path).stem}": out_dir / path for path, _ in cam_images})
+    run_log.log_images(figures)
+    run_log.log_files(f"evaluation-{run_dir.path.name}-{split}", "evaluation",
+                      [report_paths["html"], report_paths["markdown"], out_dir / "metrics.json",
+                       out_dir / "predictions.csv"])
+    run_log.close()
+    print(f"logged to the training run's trackers: {', '.join(tracking.tracker)}")
 
 
 def _check_at_least(option: str, value: int, minimum: int) -> None:

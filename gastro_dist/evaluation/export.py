@@ -30,6 +30,7 @@ from torch import nn
 
 import gastro_dist
 from gastro_dist import UserError
+from gastro_dist.models.backbones import model_logits
 
 EXPORT_FORMATS = ("onnx", "torchscript")
 INPUT_NAME = "images"
@@ -49,9 +50,7 @@ class ExportedClassifier(nn.Module):
         self.probabilities = probabilities
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.model(images)
-        if isinstance(logits, (tuple, list)):
-            logits = logits[0]
+        logits, _ = model_logits(self.model(images))
         return torch.softmax(logits, dim=1) if self.probabilities else logits
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from rich.console import Console
 from torch import nn
 
 from gastro_dist import UserError
@@ -19,6 +20,7 @@ from gastro_dist.data.augmentation import eval_transform
 from gastro_dist.data.images import BadImage, is_image_path, load_rgb, read_image_file
 from gastro_dist.data.shard_reader import ShardReadError, iter_shard_samples
 from gastro_dist.files import csv_text
+from gastro_dist.progress import progress
 from gastro_dist.models.backbones import build_model, model_logits
 from gastro_dist.run_dir import ModelMeta, RunDir
 from gastro_dist.training import checkpoint as ckpt
@@ -59,7 +61,8 @@ def load_trained_model(run_dir: str | Path, checkpoint: str = "best") -> Trained
         if not weights.exists():
             raise UserError(f"--checkpoint {weights} not found; use best, last, or a .safetensors file / checkpoint folder")
     try:
-        model, _ = build_model(meta.model_config(), num_classes=len(meta.classes), load_pretrained=False)
+        model, _ = build_model(meta.model_config(), num_classes=len(meta.classes), load_pretrained=False,
+                               image_size=meta.image_size)
     except UserError as err:  # an architecture this installation does not have
         raise UserError(f"{run.model_json}: {err}") from None
     state = ckpt.load_weights(weights)
@@ -192,17 +195,26 @@ def predict_files(trained: TrainedModel, inputs: list[str | Path], out_csv: str 
             batch.clear()
 
         pending: list[tuple[str, torch.Tensor]] = []
-        for item in iter_inputs(inputs):
-            error = item.error
-            if error is None:
-                try:
-                    pending.append((item.path, transform(load_rgb(item.data))))
-                except BadImage as bad:
-                    error = bad.reason
-            if error is not None:
-                writer.writerow([csv_text(item.path), "", "", *[""] * len(classes), error])
-                counts["errors"] += 1
-            if len(pending) >= batch_size:
-                flush(pending)
+        with progress(Console(stderr=True), unit="images", transient=True) as bar:
+            task = bar.add_task("predicting")
+            for item in iter_inputs(inputs):
+                bar.advance(task)
+                error = _add_input(item, transform, pending)
+                if error is not None:
+                    writer.writerow([csv_text(item.path), "", "", *[""] * len(classes), error])
+                    counts["errors"] += 1
+                if len(pending) >= batch_size:
+                    flush(pending)
         flush(pending)
     return counts
+
+
+def _add_input(item: InputImage, transform, pending: list[tuple[str, torch.Tensor]]) -> str | None:
+    """Queue one input's preprocessed image for prediction, or return why it cannot be read."""
+    if item.error is not None:
+        return item.error
+    try:
+        pending.append((item.path, transform(load_rgb(item.data))))
+    except BadImage as bad:
+        return bad.reason
+    return None

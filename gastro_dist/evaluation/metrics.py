@@ -5,6 +5,7 @@ vectorised path (checked against scikit-learn in the tests). What is reported: R
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 
@@ -25,13 +26,15 @@ def evaluate_predictions(
     seed: int = 0,
     positive_class: str | None = "gastric_cancer",
     ci_level: float = 0.95,
+    on_resamples: Callable[[int], None] | None = None,
 ) -> dict:
     """All metrics of one set of predictions as a JSON-serialisable dict (undefined values are None).
 
     ``y_true`` holds class indices into ``classes``; ``probs`` is N x len(classes) softmax output;
     ``groups`` (patient ids, any dtype) makes the bootstrap resample patients instead of images.
     ``num_bootstrap=0`` skips the confidence intervals (``ci`` is then None); ``positive_class``
-    None (or a class not in ``classes``) leaves out the cancer-vs-benign view.
+    None (or a class not in ``classes``) leaves out the cancer-vs-benign view. ``on_resamples(n)`` is
+    called as each chunk of n bootstrap resamples is done (for a progress display).
 
     Keys: num_samples, num_groups, classes, accuracy, balanced_accuracy, per_class_accuracy,
     confusion_matrix, per_class, macro_f1, macro_auc, mcc, ece, calibration, cancer_vs_benign
@@ -107,7 +110,7 @@ def evaluate_predictions(
 
     if num_bootstrap > 0:
         units = group_ids if group_ids is not None else np.arange(len(y_true))
-        replicates = _bootstrap_statistics(data, units, num_bootstrap, seed)
+        replicates = _bootstrap_statistics(data, units, num_bootstrap, seed, on_resamples)
         metrics["ci"] = _confidence_intervals(replicates, classes, positive_index, ci_level)
         metrics["bootstrap"] = {
             "num_resamples": int(num_bootstrap),
@@ -332,7 +335,7 @@ def _weighted_auc(weights: np.ndarray, order: np.ndarray, level_ends: np.ndarray
 
 
 def _bootstrap_statistics(data: _PreparedPredictions, unit_of_image: np.ndarray, num_resamples: int,
-                          seed: int) -> dict[str, np.ndarray]:
+                          seed: int, on_resamples: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """Statistics of ``num_resamples`` replicates drawing units (patients or images) with replacement."""
     rng = np.random.default_rng(seed)
     num_units = int(unit_of_image.max() + 1)
@@ -342,6 +345,8 @@ def _bootstrap_statistics(data: _PreparedPredictions, unit_of_image: np.ndarray,
         size = min(chunk, num_resamples - start)
         drawn = rng.integers(0, num_units, size=(size, num_units))
         parts.append(_replicate_statistics(data, _row_bincount(drawn, num_units)[:, unit_of_image]))
+        if on_resamples is not None:
+            on_resamples(size)
     return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 

@@ -6,12 +6,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from gastro_dist.progress import LineProgress, progress
 
-def epoch_progress(console: Console, enabled: bool) -> Progress:
-    """A bar per epoch with the running loss and images/s (`Progress.add_task(..., loss=, ips=)`)."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+
+def epoch_progress(console: Console, enabled: bool) -> Progress | LineProgress:
+    """A bar per epoch with the running loss and images/s (`add_task(..., loss=, ips=)`); plain lines in logs."""
+    return progress(console, TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled)
+                    TimeElapsedColumn(), TimeRemainingColumn(), enabled=enabled,
+                    describe_fields=lambda fields: f"loss {fields['loss']:.3f} {fields['ips']:,.0f} img/s")
 
 
 def print_epoch(console: Console, phase: str, epoch: int, epochs: int, scores: dict, improved: bool) -> None:

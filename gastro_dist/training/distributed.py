@@ -17,6 +17,8 @@ from gastro_dist import UserError
 from gastro_dist.config import TrainConfig
 from gastro_dist.data.shard_index import ShardFile, ShardIndex
 from gastro_dist.data.shard_reader import ShardScan, checked_index, scan_shard
+from gastro_dist.run_dir import RunDir
+from gastro_dist.tracking import accelerator_tracking_kwargs, check_trackers_installed
 
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; the SLURM script requeues on it
 
@@ -30,14 +32,15 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def make_accelerator(config: TrainConfig) -> Accelerator:
+def make_accelerator(config: TrainConfig, run_dir: RunDir) -> Accelerator:
     # With no CUDA, cpu=True makes several launched processes use gloo (MULTI_CPU) instead of
     # each one silently running alone.
     cpu = not torch.cuda.is_available()
     mixed_precision = config.mixed_precision
     if cpu and mixed_precision == "fp16":
         raise UserError("mixed_precision=fp16 needs a GPU; use mixed_precision=bf16 or no on CPU")
-    log_with = "wandb" if config.tracking.tracker == "wandb" else None
+    check_launcher_precision(mixed_precision)
+    check_trackers_installed(config.tracking)
     handlers = []
     if deepspeed_requested():
         check_deepspeed_setup(config)
@@ -48,7 +51,8 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
             os.environ.pop("ACCELERATE_USE_CPU", None)
             cpu = False
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with, kwargs_handlers=handlers)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=handlers,
+                              **accelerator_tracking_kwargs(config.tracking, run_dir))
     if accelerator.state.deepspeed_plugin is not None:
         # There is no prepared DataLoader for the plugin to read batch sizes from (ours stay outside
         # prepare()), so the values DeepSpeed checks (train_batch_size = micro * accumulation * world)
@@ -59,6 +63,29 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         ds_config.pop("train_batch_size", None)  # DeepSpeed derives it: micro * accumulation * world
         ds_config["gradient_clipping"] = config.grad_clip_norm
     return accelerator
+
+
+def use_cpu_cores_fairly(accelerator: Accelerator) -> int:
+    """On the CPU, each process's torch threads = the cores it may run on (its affinity: SLURM's and
+    cgroups' limits) / the processes on this machine, unless OMP_NUM_THREADS says otherwise. Returns
+    the thread count. More threads than cores only makes them wait on each other."""
+    if accelerator.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    torch.set_num_threads(max(1, cores // max(local_processes, 1)))
+    return torch.get_num_threads()
+
+
+def check_launcher_precision(mixed_precision: str) -> None:
+    """The run config decides the precision (it is saved with the run, so a resume keeps it).
+    `accelerate launch --mixed_precision` (or its config file) may repeat it, not contradict it; its
+    default, "no", cannot be told from "not given" and is ignored."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched not in ("no", mixed_precision):
+        raise UserError(f"accelerate launch asks for mixed precision {launched} but the run config says "
+                        f"mixed_precision={mixed_precision}; the run config decides: add mixed_precision={launched} "
+                        "to the command (or the YAML), or drop the launcher's --mixed_precision")
 
 
 def check_deepspeed_setup(config: TrainConfig) -> None:
@@ -123,6 +150,47 @@ def checked_shard_index(accelerator: Accelerator, listed: ShardIndex, splits: li
         return [per_rank[i % world][i // world] for i in range(len(shards))]
 
     return checked_index(listed, splits, max_member_mb << 20, scan_all)
+
+
+def system_facts(accelerator: Accelerator, shards_index_sha256: str) -> dict:
+    """What a run ran on, for its record: versions, devices of every process, the project's commit
+    and the shard set's identity. All processes call this (the device names are gathered)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str | None:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+
+    device = accelerator.device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    devices = gather_object([device_name]) if accelerator.num_processes > 1 else [device_name]
+    return {
+        "versions": {name: installed(name) for name in ("gastro-dist", "torch", "torchvision", "accelerate",
+                                                       "webdataset", "timm", "deepspeed")}
+        | {"python": platform.python_version(), "cuda": torch.version.cuda,
+           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None},
+        "devices": devices, "world_size": accelerator.num_processes,
+        "num_machines": num_machines(accelerator.num_processes),
+        "git_commit": _project_commit(), "shards_index_sha256": shards_index_sha256,
+    }
+
+
+def _project_commit() -> str | None:
+    """The commit of the gastro-dist checkout this runs from, if it is one (not an installed wheel)."""
+    import subprocess
+
+    source = Path(__file__).resolve().parents[2]
+    if not (source / ".git").exists():
+        return None
+    try:
+        result = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None
 
 
 def end_process_group() -> None:

@@ -8,25 +8,17 @@ import torch
 from torch import nn
 
 from gastro_dist.config import PhaseConfig
+from gastro_dist.models.backbones import HeadSpec
+from gastro_dist.models.param_groups import build_param_groups
 
 
-def build_optimizer(model: nn.Module, head_names: set[str], phase: PhaseConfig) -> torch.optim.Optimizer:
-    """Param groups: head / backbone, each split into decayed weights and undecayed biases and norms."""
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        is_head = name in head_names
-        decay = param.ndim > 1
-        groups.setdefault((is_head, decay), []).append(param)
-    param_groups = [
-        {"params": params, "lr": phase.lr if is_head else phase.backbone_lr,
-         "weight_decay": phase.weight_decay if decay else 0.0}
-        for (is_head, decay), params in sorted(groups.items())
-    ]
+def build_optimizer(model: nn.Module, spec: HeadSpec, phase: PhaseConfig) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or AdamW over the phase's parameter groups (`models.param_groups`: head and backbone
+    learning rates, no weight decay on biases and norms, optional layer-wise decay)."""
+    groups = build_param_groups(model, spec, phase)
     if phase.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=phase.lr, momentum=phase.momentum, nesterov=True)
-    return torch.optim.AdamW(param_groups, lr=phase.lr)
+        return torch.optim.SGD(groups, lr=phase.lr, momentum=phase.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=phase.lr)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):

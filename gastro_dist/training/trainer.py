@@ -8,6 +8,7 @@ per-class accuracies) and `last` weights per phase; re-run, it resumes inside th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -20,21 +21,23 @@ from rich.progress import Progress
 from torch import nn
 
 from gastro_dist import RunFailure, UserError
-from gastro_dist.config import PhaseConfig, TrainConfig, save_config
+from gastro_dist.config import DataConfig, PhaseConfig, TrainConfig, save_config, to_dict
 from gastro_dist.data.augmentation import DeviceAugmentation
 from gastro_dist.data.decode import CorruptSample
 from gastro_dist.data.epoch_plan import train_steps_per_epoch
 from gastro_dist.data.loaders import train_loader
 from gastro_dist.data.shard_index import ShardIndex, load_shard_index
-from gastro_dist.models.backbones import build_model, check_model_config, head_parameter_names, model_logits
+from gastro_dist.models.backbones import (PREPROCESSING_FIELDS, build_model, check_model_config, model_logits,
+                                         resolve_preprocessing, sync_batchnorm)
 from gastro_dist.models.freezing import keep_frozen_batchnorm_in_eval, set_trainable
+from gastro_dist.progress import LineProgress
 from gastro_dist.run_dir import ModelMeta, RunDir
-from gastro_dist.tracking import RunLog
+from gastro_dist.tracking import RunLog, log_final_model
 from gastro_dist.training import checkpoint as ckpt
 from gastro_dist.training.checkpoint import TrainerState
 from gastro_dist.training.console import epoch_progress, print_epoch, print_phase_table
 from gastro_dist.training.distributed import (Preempted, PreemptionWatch, checked_shard_index, make_accelerator,
-                                              num_machines)
+                                              num_machines, system_facts, use_cpu_cores_fairly)
 from gastro_dist.training.optim import build_optimizer, warmup_cosine
 from gastro_dist.training.predict import accuracy_summary, predict_split
 
@@ -86,6 +89,9 @@ class Trainer:
     """One run: setup, then each phase (epochs of train steps + validation), then the final model."""
 
     def __init__(self, config: TrainConfig, shards_dir: str | Path, run_dir: str | Path):
+        check_model_config(config.model)
+        self.preprocessing = resolve_preprocessing(config.model.name, config.data, _set_by_config(config.data))
+        config = dataclasses.replace(config, data=self.preprocessing.data_config(config.data))
         self.config = config
         self.shards_dir = Path(shards_dir)
         self.run_dir = RunDir(run_dir)
@@ -96,11 +102,11 @@ class Trainer:
                 raise UserError(f"the {split} split in {shards_dir} is empty; re-pack with more images or a larger --val-fraction")
         self.classes = listed.classes
         check_run_dir(self.run_dir, config, listed)
-        check_model_config(config.model)
         loss_weights = class_weights_tensor(config, listed)
 
-        self.accelerator = make_accelerator(config)
+        self.accelerator = make_accelerator(config, self.run_dir)
         self.world_size = self.accelerator.num_processes
+        use_cpu_cores_fairly(self.accelerator)
         self.console = Console(soft_wrap=True)  # whole lines: log files and grep see each message once
         self.index, self.shard_problems = self._check_shard_files(listed)
         self.micro_steps_per_epoch = train_steps_per_epoch(self.index.count("train"), self.world_size,
@@ -108,12 +114,12 @@ class Trainer:
         if config.max_steps_per_epoch:
             self.micro_steps_per_epoch = min(self.micro_steps_per_epoch, config.max_steps_per_epoch)
         set_seed(config.seed, device_specific=True)
-        self.model, self.spec = build_model(config.model, num_classes=len(self.classes))
+        self.model, self.spec = build_model(config.model, num_classes=len(self.classes),
+                                            image_size=config.data.image_size)
         if config.model.sync_batchnorm and self.world_size > 1:
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.model = sync_batchnorm(self.model)
         if config.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.head_names = head_parameter_names(self.model, self.spec)
         self.criterion = nn.CrossEntropyLoss(
             weight=loss_weights.to(self.accelerator.device) if loss_weights is not None else None,
             label_smoothing=config.label_smoothing)
@@ -158,7 +164,8 @@ class Trainer:
             return self.run_dir.read_summary()
         self._prepare_run_dir()
         self._start_summary(resume)
-        self.run_log = RunLog(self.accelerator, self.run_dir, self.config)
+        self.run_log = RunLog(self.accelerator, self.run_dir, self.config.tracking, to_dict(self.config))
+        self.run_log.log_facts("system", self.summary["system"])
         self.total_optimizer_steps = resume[0].total_optimizer_steps if resume else 0
         try:
             for phase_name, phase in self.config.phases():
@@ -205,6 +212,7 @@ class Trainer:
             # what `check_run_dir` compares when this folder is run again
             "model": self.config.model.name, "classes": self.classes, "image_size": self.config.data.image_size,
             "shards": str(self.shards_dir.resolve()), "shards_index_sha256": self.index.index_sha256,
+            "system": system_facts(self.accelerator, self.index.index_sha256),
         })
         summary.setdefault("phases", {})
         summary.setdefault("resumes", [])
@@ -232,9 +240,11 @@ class Trainer:
                 architecture=self.config.model.name, classes=self.classes, image_size=self.config.data.image_size,
                 eval_crop_ratio=self.config.data.eval_crop_ratio, mean=list(self.config.data.mean),
                 std=list(self.config.data.std), dropout=self.config.model.dropout,
-                pretrained=self.config.model.pretrained, source_checkpoint=f"{final_phase}-best"))
+                pretrained=self.config.model.pretrained, source_checkpoint=f"{final_phase}-best",
+                interpolation=self.preprocessing.interpolation))
             self.summary["status"] = "completed"
             self._write_summary()
+            log_final_model(self.run_log, self.run_dir)
             self.console.print(f"[bold green]done[/]: run outputs in {self.run_dir} "
                                "(model.safetensors, summary.json, metrics.jsonl)")
         self.run_log.close()
@@ -245,7 +255,7 @@ class Trainer:
         """Freeze per config, train the phase's epochs with validation, keep best/last weights."""
         config, accelerator = self.config, self.accelerator
         set_trainable(self.model, self.spec, phase.unfreeze)
-        optimizer = build_optimizer(self.model, self.head_names, phase)
+        optimizer = build_optimizer(self.model, self.spec, phase)
         steps_per_epoch = math.ceil(self.micro_steps_per_epoch / config.grad_accum_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
             steps_per_epoch * phase.epochs, round(phase.warmup_epochs * steps_per_epoch), phase.min_lr_ratio))
@@ -269,9 +279,10 @@ class Trainer:
                 task = progress.add_task(f"{phase_name} epoch {state.epoch + 1}/{phase.epochs}", total=self.micro_steps_per_epoch,
                                          completed=state.micro_step, loss=float("nan"), ips=0.0)
                 epoch_start = time.perf_counter()
-                images_seen += self.train_epoch(state, phase, ddp_model, optimizer, scheduler, progress, task)
+                epoch_images = self.train_epoch(state, phase, ddp_model, optimizer, scheduler, progress, task)
+                images_seen += epoch_images
                 epoch_time = time.perf_counter() - epoch_start
-                self.end_epoch(state, phase, ddp_model, scheduler, epoch_time)
+                self.end_epoch(state, phase, ddp_model, optimizer, scheduler, epoch_time, epoch_images)
                 phase_summary["epoch_time_s"].append(round(epoch_time, 3))
                 progress.remove_task(task)
 
@@ -312,7 +323,7 @@ class Trainer:
 
     # ------------------------------------------------------------ one epoch
     def train_epoch(self, state: TrainerState, phase: PhaseConfig, ddp_model, optimizer, scheduler,
-                    progress: Progress, task) -> int:
+                    progress: Progress | LineProgress, task: int) -> int:
         """Train from the state's position to the end of the epoch; returns images processed (all ranks)."""
         config, accelerator = self.config, self.accelerator
         positions = self._resume_positions(state) or [0] * max(config.data.num_workers, 1)
@@ -328,6 +339,7 @@ class Trainer:
         # make the host wait for the GPU and stall the input pipeline.
         loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
         window_start, window_images, images_seen = time.perf_counter(), 0, 0
+        shown: dict[str, float] = {}  # the last logged loss and images/s, for the progress bar
         for batch in loader:
             if state.micro_step >= self.micro_steps_per_epoch:  # max_steps_per_epoch cut the epoch short
                 break
@@ -360,14 +372,14 @@ class Trainer:
                                                "optimizer_step": state.optimizer_steps, "loss": mean_loss,
                                                "lr": optimizer.param_groups[-1]["lr"], "images_per_s": images_per_s},
                                      step=state.total_optimizer_steps)
-                    progress.update(task, loss=mean_loss, ips=images_per_s)
+                    shown = {"loss": mean_loss, "ips": images_per_s}
                     images_seen += window_images
                     window_start, window_images, loss_count = time.perf_counter(), 0, 0
                     loss_sum.zero_()
                 if config.checkpoint_every_steps and state.optimizer_steps % config.checkpoint_every_steps == 0 \
                         and state.micro_step < self.micro_steps_per_epoch:
                     self.save_state(state, scheduler, positions)
-            progress.update(task, completed=state.micro_step)
+            progress.update(task, completed=state.micro_step, **shown)
         if state.micro_step != self.micro_steps_per_epoch:
             raise RuntimeError(f"rank {accelerator.process_index} ran {state.micro_step} of {self.micro_steps_per_epoch} steps")
         return images_seen + window_images
@@ -409,7 +421,8 @@ class Trainer:
                            f"({state.phase} epoch {state.epoch + 1}, step {state.micro_step}); weights from before the "
                            f"divergence are in {path}; lower the learning rate or check the data, then re-run to resume")
 
-    def end_epoch(self, state: TrainerState, phase: PhaseConfig, ddp_model, scheduler, epoch_time_s: float) -> None:
+    def end_epoch(self, state: TrainerState, phase: PhaseConfig, ddp_model, optimizer, scheduler, epoch_time_s: float,
+                  epoch_images: int) -> None:
         """Validate, keep best/last weights, log, report skipped samples, save the training state."""
         try:
             val = predict_split(self.accelerator, ddp_model, self.index, self.config.data, "val",
@@ -435,11 +448,19 @@ class Trainer:
             if improved:
                 ckpt.save_weights(unwrapped, self.run_dir.phase_weights(state.phase, "best"), meta)
             print_epoch(self.console, state.phase, state.epoch, phase.epochs, scores, improved)
-        self.run_log.log("val", {"phase": state.phase, "epoch": state.epoch, "epoch_time_s": epoch_time_s, **scores},
-                         step=state.total_optimizer_steps)
+        learning_rates = {group.get("name", f"group{i}"): group["lr"] for i, group in enumerate(optimizer.param_groups)}
+        self.run_log.log("val", {"phase": state.phase, "epoch": state.epoch, "epoch_time_s": epoch_time_s,
+                                 "images_per_s": epoch_images / max(epoch_time_s, 1e-9), "lr": learning_rates,
+                                 "best_macro_accuracy": state.best_score, **scores},
+                         step=state.total_optimizer_steps, epoch=self._epochs_before(state.phase) + state.epoch)
         self._report_skipped(state)
         state.phase_done = state.epoch >= phase.epochs
         self.save_state(state, scheduler, [])
+
+    def _epochs_before(self, phase_name: str) -> int:
+        """Epochs of the phases before `phase_name`: with them, the epoch axis runs over the whole run."""
+        names = [name for name, _ in self.config.phases()]
+        return sum(phase.epochs for name, phase in self.config.phases()[:names.index(phase_name)])
 
     def _report_skipped(self, state: TrainerState) -> None:
         """Gather every rank's skipped-sample reasons; log them and keep a tally in summary.json."""
@@ -474,3 +495,11 @@ def _phase_finished(resume: tuple[TrainerState, Path] | None, phase_name: str) -
 def _epoch_seed(phase_name: str, epoch: int) -> int:
     """Distinct data order per phase and epoch."""
     return ckpt.PHASE_ORDER.index(phase_name) * 100_000 + epoch
+
+
+def _set_by_config(data: DataConfig) -> set[str]:
+    """The preprocessing fields a config sets, taken as those that differ from the defaults: the others
+    come from the model's pretrained configuration (timm's; torchvision's are the defaults themselves).
+    A value set to exactly the default cannot be told apart, and yields to the model's own."""
+    defaults = DataConfig()
+    return {key for key in PREPROCESSING_FIELDS if getattr(data, key) != getattr(defaults, key)}

@@ -60,7 +60,7 @@ def test_every_field_type_is_coerced(override, field_path, value):
     ("head.warmup_epochs=-1", "warmup_epochs must be >= 0"),
     ("head.min_lr_ratio=2", "min_lr_ratio must be in [0, 1]"),
     ("head.unfreeze=some", "unfreeze must be 'none', 'all' or a positive number"),
-    ("tracking.tracker=comet", "tracker must be"),
+    ("tracking.tracker=comet", "unknown tracker comet"),
     ("tracking.log_every_steps=0", "log_every_steps must be >= 1"),
     ("mixed_precision=fp8", "mixed_precision must be"),
     ("grad_accum_steps=0", "grad_accum_steps must be >= 1"),
@@ -113,3 +113,51 @@ def test_every_config_field_has_a_default():
     for section in (TrainConfig, *{f.type for f in dataclasses.fields(TrainConfig) if isinstance(f.type, type)}):
         for f in dataclasses.fields(section):
             assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING, f.name
+
+
+def _sections(cls: type) -> list[type]:
+    found = [cls]
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            found += _sections(type(default))
+    return found
+
+
+def test_every_config_field_has_a_one_line_doc_and_config_show_lists_it():
+    from gastro_dist.config import describe_config, field_docs
+
+    shown = describe_config(TrainConfig())
+    for section in _sections(TrainConfig):
+        docs = field_docs(section)
+        for f in dataclasses.fields(section):
+            assert docs.get(f.name), f"{section.__name__}.{f.name} has no docstring: `config show` cannot explain it"
+            assert f"{f.name}: " in shown and docs[f.name] in shown
+
+
+def test_config_show_is_yaml_that_loads_back_to_the_same_config():
+    import yaml
+
+    from gastro_dist.config import describe_config
+
+    config = _load("head.lr=1e-3", "tracking.tracker=[wandb,mlflow]")
+    assert from_dict(TrainConfig, yaml.safe_load(describe_config(config))) == config
+
+
+def test_config_commands_through_the_cli(tmp_path, capsys):
+    from gastro_dist.cli import main
+
+    assert main(["config", "show", "finetune.epochs=40"]) == 0
+    assert "epochs: 40  # Epochs of this phase (0 skips it). (default: 20)" in capsys.readouterr().out
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("head:\n  lr: 1e-3\n")
+    bad.write_text("head:\n  lr: fast\n")
+    assert main(["config", "check", str(good)]) == 0
+    assert main(["config", "check", str(bad)]) == 2
+    assert "head.lr" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, expected", [("wandb", ["wandb"]), ("none", []), ("[wandb,mlflow,wandb]", ["wandb", "mlflow"]),
+                                             ("[tensorboard,none]", ["tensorboard"])])
+def test_trackers_are_a_name_or_a_list(value, expected):
+    assert _load(f"tracking.tracker={value}").tracking.tracker == expected
