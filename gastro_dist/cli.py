@@ -32,10 +32,14 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_pack(args: argparse.Namespace) -> int:
     from gastro_dist.data.pack import PackSettings, pack_dataset
 
+    if args.folds is not None and args.val_fraction is not None:
+        raise UserError("--folds and --val-fraction exclude each other: with folds, each fold is the validation "
+                        "split once; leave out --val-fraction")
     settings = PackSettings(
-        val_fraction=args.val_fraction,
+        val_fraction=PackSettings.val_fraction if args.val_fraction is None else args.val_fraction,
         test_per_class=args.test_per_class,
         test_fraction=args.test_fraction,
+        folds=args.folds,
         resize_short=args.resize_short,
         input_size=args.input_size,
         quality=args.quality,
@@ -92,10 +96,15 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
                         "to SRC); with or without --manifest, only the listed rows are packed")
     p.add_argument("--class-map", type=Path, default=None,
                    help="YAML/JSON mapping folder names (or relative folder paths) to class names; unmapped folders are skipped")
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of the non-test images per class in the validation split (whole patients)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="share of the non-test images per class in the validation split, whole patients "
+                        "(default 0.1; not with --folds)")
     p.add_argument("--test-per-class", type=int, default=None, help="exactly N test images per class (the study used 150)")
     p.add_argument("--test-fraction", type=float, default=0.0, help="test share when --test-per-class is not given")
+    p.add_argument("--folds", type=int, default=None, metavar="K",
+                   help="cross-validation: every non-test image goes to one of K folds (whole patients, each fold "
+                        "with its share of every class) instead of train and val; the test split stays as without "
+                        "--folds; train with data.fold=N, or every fold with `gastro-dist cv`")
     p.add_argument("--resize-short", type=int, default=None,
                    help="store the shorter side at PX (default: what --input-size needs; 0 keeps originals)")
     p.add_argument("--input-size", type=int, default=224, help="model input size the shards are meant for (224, 299)")

@@ -85,6 +85,10 @@ class DataConfig:
     """Per-channel (RGB) mean subtracted after scaling pixels to [0, 1]: the pretrained weights' own."""
     std: tuple[float, float, float] = IMAGENET_STD
     """Per-channel (RGB) standard deviation the pixels are divided by."""
+    fold: int | None = None
+    """Cross-validation fold to validate on, for shards packed with --folds K (which need it): fold N is
+    the val split and the other folds train (0..K-1; `gastro-dist cv` sets it per fold). null: the
+    pack's own train and val splits."""
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 32, "image_size must be >= 32")
@@ -100,6 +104,7 @@ class DataConfig:
         _check(not (self.decode_on == "device" and self.hue_jitter > 0),
                "hue_jitter needs data.decode_on=workers (hue is shifted in the workers)")
         _check(len(self.mean) == 3 and len(self.std) == 3, "mean and std need 3 values (RGB)")
+        _check(self.fold is None or self.fold >= 0, f"fold must be a fold number >= 0 or null, got {self.fold}")
 
 
 @dataclass

@@ -50,7 +50,7 @@ from gastro_dist.data.images import (
     shrink_to_short_side,
 )
 from gastro_dist.data.pseudonym import METHOD, Pseudonymiser, load_pseudonymiser
-from gastro_dist.data.shard_index import INDEX_FILE
+from gastro_dist.data.shard_index import INDEX_FILE, fold_of_split, fold_split
 from gastro_dist.data.video import VIDEO_EXTENSIONS, opened_video, require_pyav, video_frames
 from gastro_dist.files import file_type
 from gastro_dist.progress import progress
@@ -78,6 +78,7 @@ class PackSettings:
     val_fraction: float = 0.1
     test_per_class: int | None = None
     test_fraction: float = 0.0
+    folds: int | None = None  # --folds K: train+val become K patient-grouped, stratified folds (val_fraction unused)
     resize_short: int | None = None  # None: round(input_size / 0.875); 0: keep original sizes
     input_size: int = 224
     quality: int = 90
@@ -97,8 +98,10 @@ class PackSettings:
             problems.append(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.test_fraction < 1.0:
             problems.append(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
-        elif self.val_fraction + self.test_fraction >= 1.0:
+        elif self.val_fraction + self.test_fraction >= 1.0 and not self.folds:
             problems.append("--val-fraction plus --test-fraction must be below 1 to leave training images")
+        if self.folds is not None and self.folds < 2:
+            problems.append(f"--folds must be at least 2, got {self.folds}")
         if self.test_per_class is not None:
             if self.test_per_class < 1:
                 problems.append(f"--test-per-class must be at least 1, got {self.test_per_class}")
@@ -958,6 +961,7 @@ def _take_exact_test(groups: list[_Group], classes: list[str], per_class: int, r
 def _assign_splits(kept: list[_Input], dropped: list[_Input], classes: list[str],
                    settings: PackSettings) -> dict[str, list[_Input]]:
     """Test first (exact per class, or a fraction), then a stratified val fraction of the rest; rest is train.
+    With --folds K the rest goes to K folds instead (the test split is the same as without folds).
 
     Quotas count samples, so a video counts with its frames."""
     groups = _group_inputs(kept, dropped)
@@ -968,6 +972,8 @@ def _assign_splits(kept: list[_Input], dropped: list[_Input], classes: list[str]
         test, _ = _fill_quotas(groups, _fraction_quota(groups, settings.test_fraction), rng, top_up_empty=True)
     remaining = [index for index in range(len(groups)) if index not in test]
     remaining_groups = [groups[index] for index in remaining]
+    if settings.folds:
+        return _fold_splits(groups, test, remaining_groups, settings)
     val_positions, _ = _fill_quotas(remaining_groups, _fraction_quota(remaining_groups, settings.val_fraction), rng,
                                     top_up_empty=True)
     val = {remaining[position] for position in val_positions}
@@ -976,6 +982,48 @@ def _assign_splits(kept: list[_Input], dropped: list[_Input], classes: list[str]
         splits["test" if index in test else "val" if index in val else "train"].extend(group.items)
     _check_disjoint(splits)
     return splits
+
+
+def _fold_splits(groups: list[_Group], test: set[int], remaining_groups: list[_Group],
+                 settings: PackSettings) -> dict[str, list[_Input]]:
+    """fold-0 .. fold-(K-1) from the groups outside the test split, then test."""
+    fold_of_group = assign_folds([group.class_counts for group in remaining_groups], settings.folds,
+                                 random.Random(f"{settings.seed}:folds"))
+    splits: dict[str, list[_Input]] = {fold_split(fold): [] for fold in range(settings.folds)}
+    for group, fold in zip(remaining_groups, fold_of_group):
+        splits[fold_split(fold)].extend(group.items)
+    splits["test"] = [item for index in sorted(test) for item in groups[index].items]
+    _check_disjoint(splits)
+    return splits
+
+
+def assign_folds(class_counts: list[Counter], num_folds: int, rng: random.Random) -> list[int]:
+    """The fold of each group (given as its samples per class), with StratifiedGroupKFold's aim: whole
+    groups, and every fold as close as possible to an equal share of every class.
+
+    Greedy, largest group first (equal sizes in seeded random order): each group goes to the fold where
+    it adds least to the squared distance from the equal shares, i.e. the smallest sum over its classes
+    of (its samples of the class x the fold's samples of the class); ties go to the fold with fewer
+    samples, then the lower number. One-image groups thus keep each class's folds within one image of
+    each other; a larger group can make a class's folds differ by up to its size.
+    """
+    if len(class_counts) < num_folds:
+        raise UserError(f"--folds {num_folds} needs at least {num_folds} patients (or images without a patient id) "
+                        f"outside the test split, and there are {len(class_counts)}; use fewer folds")
+    order = list(range(len(class_counts)))
+    rng.shuffle(order)
+    order.sort(key=lambda index: -sum(class_counts[index].values()))  # stable: shuffled within each size
+    in_fold = [Counter() for _ in range(num_folds)]
+    size_of_fold = [0] * num_folds
+    fold_of = [0] * len(class_counts)
+    for index in order:
+        counts = class_counts[index]
+        fold = min(range(num_folds), key=lambda f: (sum(n * in_fold[f][cls] for cls, n in counts.items()),
+                                                    size_of_fold[f], f))
+        fold_of[index] = fold
+        in_fold[fold].update(counts)
+        size_of_fold[fold] += sum(counts.values())
+    return fold_of
 
 
 def _check_disjoint(splits: dict[str, list[_Input]]) -> None:
@@ -996,13 +1044,13 @@ def _write_shards(splits: dict[str, list[_Input]], classes: list[str], out_dir: 
     import webdataset as wds  # imports torch: only the parent pays for it, and only once shards are written
 
     ordered = []
-    for split in SPLITS:
+    for split in splits:
         samples = [(item, sample) for item in sorted(splits[split], key=lambda item: item.order)
                    for sample in item.samples]
         random.Random(f"{settings.seed}:{split}:order").shuffle(samples)  # so every shard mixes classes and videos
         ordered.extend((split, position, item, sample) for position, (item, sample) in enumerate(samples))
 
-    samples_per_file: dict[str, Counter] = {split: Counter() for split in SPLITS}
+    samples_per_file: dict[str, Counter] = {split: Counter() for split in splits}
     writer, writer_split = None, None
     with contextlib.ExitStack() as spool_files, progress(console, unit="samples", transient=True) as bar:
         spool = {path.name: spool_files.enter_context(path.open("rb")) for path in spool_dir.iterdir()}
@@ -1022,7 +1070,8 @@ def _write_shards(splits: dict[str, list[_Input]], classes: list[str], out_dir: 
                         "sha256": item.sha256, "orig_size": list(sample.orig_size),
                         "stored_size": list(sample.stored_size), "source_kind": item.kind,
                         "frame_index": sample.frame_index, "frame_time_s": sample.frame_time_s,
-                        "segment_s": list(item.segment_s) if item.segment_s else None, "pseudonymised": pseudonymised}
+                        "segment_s": list(item.segment_s) if item.segment_s else None, "pseudonymised": pseudonymised,
+                        "fold": fold_of_split(split)}
                 writer.write({
                     "__key__": f"{split}_{position:07d}_{item.sha256[:12]}",
                     "jpg": spool_file.read(sample.jpg.length),
@@ -1034,7 +1083,7 @@ def _write_shards(splits: dict[str, list[_Input]], classes: list[str], out_dir: 
             if writer is not None:
                 writer.close()
     return {split: [{"file": name, "count": count, "sha256": file_sha256(out_dir / name)}
-                    for name, count in samples_per_file[split].items()] for split in SPLITS}
+                    for name, count in samples_per_file[split].items()] for split in splits}
 
 
 def file_sha256(path: Path) -> str:
@@ -1056,7 +1105,7 @@ def _build_index(src: Path, listings: list[tuple[_Listing, Path]], label_for: di
                  shards: dict[str, list[dict]], conflicts: list[dict], settings: PackSettings,
                  pseudonyms: Pseudonymiser) -> dict:
     split_info = {}
-    for split in SPLITS:
+    for split in splits:
         per_class = _samples_per_class(splits[split])
         split_info[split] = {
             "count": sum(per_class.values()),
@@ -1064,7 +1113,7 @@ def _build_index(src: Path, listings: list[tuple[_Listing, Path]], label_for: di
             "patients": len({item.patient_id for item in splits[split] if item.patient_id is not None}),
             "shards": shards[split],
         }
-    packed_inputs = [item for split in SPLITS for item in splits[split]]
+    packed_inputs = [item for items in splits.values() for item in items]
     moving = [item for item in packed_inputs if item.frame_counts is not None]
     totals = {
         "files_seen": files_seen,
@@ -1088,7 +1137,7 @@ def _build_index(src: Path, listings: list[tuple[_Listing, Path]], label_for: di
         "classes": classes,
         "splits": split_info,
         "settings": {**asdict(settings), "resize_short": settings.stored_short_side_px,
-                     "max_image_pixels": DEFAULT_MAX_PIXELS},
+                     "max_image_pixels": DEFAULT_MAX_PIXELS, **({"val_fraction": None} if settings.folds else {})},
         "totals": totals,
         "rejected_by_reason": dict(Counter(_reason_kind(entry) for entry in inputs.rejected).most_common()),
         "skipped_by_reason": dict(Counter(_reason_kind(entry) for entry in inputs.skipped).most_common()),
@@ -1105,16 +1154,21 @@ def _build_index(src: Path, listings: list[tuple[_Listing, Path]], label_for: di
 def _print_summary(index: dict, console: Console) -> None:
     table = Table(title="packed images per split")
     table.add_column("class")
-    for split in SPLITS:
+    splits = index["splits"]
+    for split in splits:
         table.add_column(split, justify="right")
     table.add_column("total", justify="right")
-    splits = index["splits"]
     for cls in index["classes"]:
-        counts = [splits[split]["per_class"][cls] for split in SPLITS]
+        counts = [splits[split]["per_class"][cls] for split in splits]
         table.add_row(cls, *map(str, counts), str(sum(counts)))
-    table.add_row("[bold]all", *(f"[bold]{splits[split]['count']}" for split in SPLITS),
+    table.add_row("[bold]all", *(f"[bold]{splits[split]['count']}" for split in splits),
                   f"[bold]{index['totals']['packed']}")
     console.print(table)
+    for split, info in splits.items():
+        absent = [cls for cls, count in info["per_class"].items() if count == 0]
+        if fold_of_split(split) is not None and absent:
+            console.print(f"[yellow]warning:[/] {split} has no image of {', '.join(absent)} (too few patients): "
+                          "validating on it gives no accuracy for that class")
     totals = index["totals"]
     console.print(f"files seen {totals['files_seen']} = packed {totals['files_packed']} + rejected "
                   f"{totals['rejected']} (incl. {totals['duplicates_dropped']} duplicate copies) + skipped "

@@ -14,6 +14,7 @@ from typing import Any
 from gastro_dist import RunFailure, UserError
 
 INDEX_FILE = "index.json"
+FOLD_PREFIX = "fold-"  # a pack made with --folds K has splits fold-0 .. fold-(K-1) instead of train and val
 _PLAIN_SHARD_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}\.tar")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -37,6 +38,7 @@ class ShardIndex:
     per_class_counts: dict[str, dict[str, int]]
     stored_short_side: int = 0  # pack's --resize-short: no stored image has a longer short side (0: originals kept)
     index_sha256: str = ""  # of index.json's bytes: identifies the shard set wherever it is copied
+    num_folds: int = 0  # pack's --folds: splits fold-0 .. fold-(K-1) replace train and val (0: no folds)
 
     def shards(self, split: str) -> list[ShardFile]:
         if split not in self.splits:
@@ -113,7 +115,61 @@ def _parse_index(root: Path, data: Any, index_sha256: str) -> ShardIndex:
     if not _is_count(stored_short_side):
         raise ValueError(f"settings.resize_short {stored_short_side!r} is not a whole number >= 0")
     return ShardIndex(root=root, classes=list(classes), splits=splits, per_class_counts=per_class_counts,
-                      stored_short_side=stored_short_side, index_sha256=index_sha256)
+                      stored_short_side=stored_short_side, index_sha256=index_sha256,
+                      num_folds=_parse_folds(data, splits))
+
+
+# ---------------------------------------------------------------- cross-validation folds
+def fold_split(fold: int) -> str:
+    """The split name of fold `fold` in a pack made with --folds (also its shard files' prefix)."""
+    return f"{FOLD_PREFIX}{fold}"
+
+
+def fold_of_split(split: str) -> int | None:
+    """The fold number of a split name (`fold-3` -> 3), None for any other split."""
+    number = split.removeprefix(FOLD_PREFIX)
+    if number == split or not number.isdigit() or number != str(int(number)):
+        return None
+    return int(number)
+
+
+def _parse_folds(data: dict, splits: dict[str, tuple[ShardFile, ...]]) -> int:
+    """settings.folds, checked against the splits: K folds means exactly fold-0 .. fold-(K-1), no train or val."""
+    num_folds = (data.get("settings") or {}).get("folds") or 0
+    if not _is_count(num_folds) or num_folds == 1:
+        raise ValueError(f"settings.folds {num_folds!r} is not a number of folds >= 2 (or null)")
+    present = sorted(split for split in splits if fold_of_split(split) is not None)
+    expected = sorted(fold_split(fold) for fold in range(num_folds))
+    if present != expected:
+        raise ValueError(f"settings.folds is {num_folds or 'null'} but the fold splits are {present or 'none'}")
+    if num_folds and {"train", "val"} & set(splits):
+        raise ValueError("a pack with folds has fold splits instead of train and val, yet lists train or val")
+    return num_folds
+
+
+def select_fold(index: ShardIndex, fold: int | None) -> ShardIndex:
+    """The splits a training run reads (`data.fold`): the pack's own train and val; or, for a pack made
+    with --folds K and fold i, "val" = fold i and "train" = the other folds, one after the other (the
+    fold splits themselves are left out of this view; test stays)."""
+    if fold is None:
+        if index.num_folds:
+            raise UserError(f"{index.root} was packed with --folds {index.num_folds}, so it has no train and val "
+                            f"splits: pass data.fold=N (0..{index.num_folds - 1}) to validate on fold N and train on "
+                            "the others, or run every fold with `gastro-dist cv`")
+        return index
+    if not index.num_folds:
+        raise UserError(f"data.fold={fold} but {index.root} was packed without --folds; re-pack with --folds K, or "
+                        "leave data.fold unset")
+    if not 0 <= fold < index.num_folds:
+        raise UserError(f"data.fold={fold} but {index.root} has {index.num_folds} folds: choose 0..{index.num_folds - 1}")
+    training = [fold_split(other) for other in range(index.num_folds) if other != fold]
+    splits = {split: shards for split, shards in index.splits.items() if fold_of_split(split) is None}
+    splits["train"] = tuple(shard for split in training for shard in index.splits[split])
+    splits["val"] = index.splits[fold_split(fold)]
+    per_class = {split: counts for split, counts in index.per_class_counts.items() if split in splits}
+    per_class["train"] = {cls: sum(index.per_class_counts[split][cls] for split in training) for cls in index.classes}
+    per_class["val"] = dict(index.per_class_counts[fold_split(fold)])
+    return replace(index, splits=splits, per_class_counts=per_class)
 
 
 def _is_count(value: Any) -> bool:

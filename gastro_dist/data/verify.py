@@ -1,5 +1,6 @@
 """`gastro-dist verify`: a finished pack re-read with the training reader and checked against its
-index.json, sample by sample (the rules: shards/README.md); damage is reported, never a traceback."""
+index.json, sample by sample (the rules: shards/README.md), cross-validation folds included (each
+sample's fold, no patient or image in two folds); damage is reported, never a traceback."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from rich.console import Console
 from gastro_dist import UserError
 from gastro_dist.config import DataConfig
 from gastro_dist.data.images import BadImage, decode_rgb, open_image
-from gastro_dist.data.shard_index import INDEX_FILE, BadIndex, ShardFile, load_shard_index
+from gastro_dist.data.shard_index import INDEX_FILE, BadIndex, ShardFile, fold_of_split, load_shard_index
 from gastro_dist.data.shard_reader import ShardReadError, iter_shard_samples, scan_shard
 from gastro_dist.progress import progress
 
@@ -120,6 +121,7 @@ def _check_sample(key: str, members: dict[str, bytes], split: str, classes: list
     elif class_index != classes.index(label):
         problems.append(f"{key}: cls {class_index} but label {label!r} has index {classes.index(label)}")
     per_class[label] += 1
+    problems.extend(_fold_problems(key, meta, split))
     try:
         img = open_image(members["jpg"])
         if list(img.size) != list(meta["stored_size"]):
@@ -132,6 +134,17 @@ def _check_sample(key: str, members: dict[str, bytes], split: str, classes: list
         if value is not None and split_of.setdefault(value, split) != split:
             problems.append(f"{key}: {what} {value} is in both {split_of[value]} and {split}")
     return problems
+
+
+def _fold_problems(key: str, meta: dict, split: str) -> list[str]:
+    """A sample of split fold-i says fold i in its json; any other sample says null (or, packed before
+    folds existed, nothing)."""
+    fold, recorded = fold_of_split(split), meta.get("fold")
+    if fold is None:
+        return [] if recorded is None else [f"{key}: json fold is {recorded!r} but {split} is not a fold"]
+    if type(recorded) is not int or recorded != fold:
+        return [f"{key}: json fold is {recorded!r} but the sample is in {split}"]
+    return []
 
 
 def _report(problems: list[str], num_samples: int, num_shards: int, max_listed: int = 20) -> None:

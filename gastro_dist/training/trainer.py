@@ -26,7 +26,7 @@ from gastro_dist.data.augmentation import DeviceAugmentation
 from gastro_dist.data.decode import CorruptSample
 from gastro_dist.data.epoch_plan import train_steps_per_epoch
 from gastro_dist.data.loaders import train_loader
-from gastro_dist.data.shard_index import ShardIndex, load_shard_index
+from gastro_dist.data.shard_index import ShardIndex, load_shard_index, select_fold
 from gastro_dist.models.backbones import (PREPROCESSING_FIELDS, build_model, check_model_config, model_logits,
                                          resolve_preprocessing, sync_batchnorm)
 from gastro_dist.models.freezing import keep_frozen_batchnorm_in_eval, set_trainable
@@ -60,11 +60,11 @@ def class_weights_tensor(config: TrainConfig, index: ShardIndex) -> torch.Tensor
 
 def check_run_dir(run_dir: RunDir, config: TrainConfig, index: ShardIndex) -> None:
     """A run folder that already holds a run (finished or not) continues only with the same model,
-    classes, input size and shard set: anything else would mix two runs' weights and files. Checked
-    before anything in the folder is written."""
+    classes, input size, shard set and validation fold: anything else would mix two runs' weights and
+    files. Checked before anything in the folder is written."""
     previous = run_dir.read_summary()
     now = {"model": config.model.name, "classes": index.classes, "image_size": config.data.image_size,
-           "shards_index_sha256": index.index_sha256}
+           "fold": config.data.fold, "shards_index_sha256": index.index_sha256}
     changed = [key for key, value in now.items() if key in previous and previous[key] != value]
     if changed:
         details = "; ".join(f"{key} was {previous[key]!r}, now {now[key]!r}" for key in changed
@@ -96,7 +96,7 @@ class Trainer:
         self.shards_dir = Path(shards_dir)
         self.run_dir = RunDir(run_dir)
         # Everything a user can get wrong is checked before the accelerator touches a device.
-        listed = load_shard_index(shards_dir)
+        listed = select_fold(load_shard_index(shards_dir), config.data.fold)  # data.fold: train/val from folds
         for split in ("train", "val"):
             if split not in listed.splits or listed.count(split) == 0:
                 raise UserError(f"the {split} split in {shards_dir} is empty; re-pack with more images or a larger --val-fraction")
@@ -211,7 +211,8 @@ class Trainer:
             "mixed_precision": self.config.mixed_precision, "device": self.accelerator.device.type,
             # what `check_run_dir` compares when this folder is run again
             "model": self.config.model.name, "classes": self.classes, "image_size": self.config.data.image_size,
-            "shards": str(self.shards_dir.resolve()), "shards_index_sha256": self.index.index_sha256,
+            "fold": self.config.data.fold, "shards": str(self.shards_dir.resolve()),
+            "shards_index_sha256": self.index.index_sha256,
             "system": system_facts(self.accelerator, self.index.index_sha256),
         })
         summary.setdefault("phases", {})
