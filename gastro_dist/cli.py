@@ -308,6 +308,47 @@ def add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_export)
 
 
+# ---------------------------------------------------------------- cross-validation
+def _cmd_cv(args: argparse.Namespace) -> int:
+    from gastro_dist.cv import cross_validate
+    from gastro_dist.training.distributed import PREEMPT_EXIT_CODE, Preempted
+
+    try:
+        cross_validate(args.config, args.shards, args.out, overrides=args.overrides, folds=args.folds,
+                       collect=args.collect, num_bootstrap=args.bootstrap, seed=args.seed, track=not args.no_track)
+    except Preempted:
+        print(f"gastro-dist cv: preempted; checkpoint saved under {args.out}; run the same command again to resume",
+              file=sys.stderr)
+        return PREEMPT_EXIT_CODE
+    return 0
+
+
+def add_cv_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cv", help="K-fold cross-validation on shards packed with --folds K: a run per fold, "
+                                  "out-of-fold and test metrics, their spread across folds, the fold ensemble",
+                       description="Trains OUT/fold-N with data.fold=N for each chosen fold (one after the other), "
+                                   "evaluates it on fold N (out-of-fold) and on the test split, and once every fold "
+                                   "is done writes OUT/cv.json and OUT/cv.md. Re-running resumes unfinished folds "
+                                   "and skips finished ones. On SLURM: slurm/cv.sbatch, one fold per array task.")
+    p.add_argument("--config", type=Path, required=True, help="YAML config, the same for every fold")
+    p.add_argument("--shards", required=True, help="shard folder packed with `gastro-dist pack --folds K`, or its URL")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for the fold runs (OUT/fold-0 ...), cv.json, cv.md and the pooled predictions")
+    p.add_argument("--folds", default="all", metavar="all|N,M",
+                   help="folds to train and evaluate now, e.g. 0,2 (the summary waits until all are done)")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: evaluate the finished folds not evaluated yet and write the summary "
+                        "(fails if a fold has no finished run)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples for the patient-level 95%% CIs of each evaluation, the pooled "
+                        "out-of-fold metrics and the ensemble (0: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    p.add_argument("--no-track", action="store_true", help="do not add the evaluations to the fold runs' trackers")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides for every fold (not data.fold: --folds chooses the folds)")
+    p.set_defaults(handler=_cmd_cv)
+
+
 # ---------------------------------------------------------------- config
 def _cmd_config_show(args: argparse.Namespace) -> int:
     from gastro_dist.config import describe_config, load_config
@@ -372,6 +413,8 @@ EXAMPLES = {
     "cam": "gastro-dist cam --run runs/r50 frame.jpg --out cams/",
     "export": "gastro-dist export --run runs/r50 --format onnx --out r50.onnx",
     "config": "gastro-dist config show --config configs/resnet50.yaml",
+    "cv": "gastro-dist cv --config configs/resnet50.yaml --shards /data/shards-5fold --out runs/cv-r50\n"
+          "its shards: gastro-dist pack /data/gastro --out /data/shards-5fold --folds 5 --test-per-class 150",
     "bench": "gastro-dist bench loader --shards /data/shards --workers 8",
 }
 
@@ -383,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_training_commands(sub)
     add_evaluation_commands(sub)
+    add_cv_commands(sub)
     add_config_commands(sub)
     add_bench_commands(sub)
     for name, command in sub.choices.items():

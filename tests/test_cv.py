@@ -1,0 +1,119 @@
+"""`gastro-dist cv` end to end on CPU: two folds of tiny synthetic shards trained fold by fold through the
+real CLI, out-of-fold predictions for every train+val image, the fold ensemble on the test split, the
+spread across folds, and re-running that trains and evaluates only what is missing."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from imagefactory import read_split
+
+from conftest import REPO, TINY_TRAIN_OVERRIDES
+from gastro_dist.cli import main
+from gastro_dist.evaluation.metrics import evaluate_predictions
+
+pytestmark = pytest.mark.slow  # end to end: packs, trains and evaluates
+
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+
+
+@pytest.fixture(scope="module")
+def fold_shards(synthetic_source, tmp_path_factory) -> Path:
+    from gastro_dist.data.pack import PackSettings, pack_dataset
+
+    out = tmp_path_factory.mktemp("cv-shards") / "shards"
+    settings = PackSettings(folds=2, test_per_class=3, input_size=48, resize_short=56, shard_size=8, workers=1, seed=0)
+    pack_dataset(synthetic_source, out, settings, manifest=synthetic_source / "manifest.csv")
+    return out
+
+
+def _cv(shards: Path, out: Path, *extra: str) -> int:
+    return main(["cv", "--config", SMOKE, "--shards", str(shards), "--out", str(out), "--bootstrap", "20",
+                 "--no-track", *extra, *TINY_TRAIN_OVERRIDES])
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _probs(row: dict, classes: list[str]) -> np.ndarray:
+    return np.array([float(row[f"prob_{c}"]) for c in classes])
+
+
+def test_cv_fold_by_fold_then_the_summary(fold_shards, tmp_path, capsys):
+    out = tmp_path / "cv"
+    assert _cv(fold_shards, out, "data.fold=1") == 2  # cv sets data.fold itself
+    assert _cv(fold_shards, out, "--folds", "2") == 2  # folds 0 and 1 only
+    assert "data.fold" in capsys.readouterr().err
+
+    # One fold now (as one SLURM array task does): no summary while fold 1 is missing, and --collect trains nothing.
+    assert _cv(fold_shards, out, "--folds", "0") == 0
+    assert (out / "fold-0" / "cv-fold.json").is_file() and not (out / "cv.json").exists()
+    assert "fold(s) 1 of 2 not trained and evaluated yet" in capsys.readouterr().out
+    assert _cv(fold_shards, out, "--collect") == 2
+    assert "fold(s) 1 have no finished run" in capsys.readouterr().err
+
+    # Then all folds: fold 0 is neither trained nor evaluated again, fold 1 is, and the summary is written.
+    fold0_events = (out / "fold-0" / "metrics.jsonl").read_text()
+    fold0_predictions = (out / "fold-0" / "oof" / "predictions.csv").stat().st_mtime_ns
+    assert _cv(fold_shards, out) == 0
+    assert (out / "fold-0" / "metrics.jsonl").read_text() == fold0_events
+    assert (out / "fold-0" / "oof" / "predictions.csv").stat().st_mtime_ns == fold0_predictions
+    assert "fold 0 already trained and evaluated" in capsys.readouterr().out
+
+    result = json.loads((out / "cv.json").read_text())
+    classes = result["classes"]
+    assert result["num_folds"] == 2 and [row["fold"] for row in result["folds"]] == [0, 1]
+    for fold in (0, 1):
+        summary = json.loads((out / f"fold-{fold}" / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["fold"] == fold
+
+    # Out of fold: every train+val sample exactly once, predicted by the model of the fold it is in.
+    oof = _rows(out / "oof_predictions.csv")
+    fold_of_key = {s["key"]: fold for fold in (0, 1) for s in read_split(fold_shards, f"fold-{fold}")}
+    assert sorted(row["key"] for row in oof) == sorted(fold_of_key)
+    assert all(int(row["fold"]) == fold_of_key[row["key"]] for row in oof)
+    assert result["out_of_fold"]["num_samples"] == result["out_of_fold"]["num_listed"] == len(fold_of_key)
+    labels = np.array([classes.index(row["true_label"]) for row in oof])
+    probs = np.array([_probs(row, classes) for row in oof])
+    pooled = evaluate_predictions(y_true=labels, probs=probs, classes=classes, num_bootstrap=0)
+    assert result["out_of_fold"]["mcc"] == pytest.approx(pooled["mcc"], abs=1e-9)
+    assert result["out_of_fold"]["ci"] is not None and result["out_of_fold"]["bootstrap"]["unit"] == "patient"
+
+    # The ensemble: the mean of the two fold models' test probabilities, sample by sample.
+    per_fold = [{row["key"]: _probs(row, classes) for row in _rows(out / f"fold-{fold}" / "test" / "predictions.csv")}
+                for fold in (0, 1)]
+    ensemble = _rows(out / "test_ensemble_predictions.csv")
+    assert len(ensemble) == len(read_split(fold_shards, "test")) == result["ensemble_test"]["num_samples"] == 9
+    for row in ensemble:
+        assert _probs(row, classes) == pytest.approx((per_fold[0][row["key"]] + per_fold[1][row["key"]]) / 2,
+                                                     abs=2e-6)
+    correct = [classes.index(row["true_label"]) == int(_probs(row, classes).argmax()) for row in ensemble]
+    assert result["ensemble_test"]["accuracy"] == pytest.approx(np.mean(correct))
+
+    # Across folds: each fold's own numbers, their mean, SD and the t-interval around the mean.
+    for where in ("val", "test"):
+        for name in ("mcc", "accuracy"):
+            values = [row[where][name] for row in result["folds"]]
+            spread = result["across_folds"][where][name]
+            assert spread["values"] == values and spread["mean"] == pytest.approx(np.mean(values))
+            assert spread["sd"] == pytest.approx(np.std(values, ddof=1))
+            assert spread["ci_lower"] <= spread["mean"] <= spread["ci_upper"]
+        assert set(result["across_folds"][where]["per_class_accuracy"]) == set(classes)
+    markdown = (out / "cv.md").read_text()
+    assert "| metric | fold 0 | fold 1 | mean ± SD | 95% interval |" in markdown
+    assert "## Pooled out-of-fold predictions" in markdown and "## Fold ensemble on the test split" in markdown
+
+    # A fold whose model changed since its evaluation is evaluated again (and only that fold).
+    record = json.loads((out / "fold-1" / "cv-fold.json").read_text())
+    (out / "fold-1" / "cv-fold.json").write_text(json.dumps({**record, "model_sha256": "0" * 64}))
+    fold1_predictions = (out / "fold-1" / "test" / "predictions.csv").stat().st_mtime_ns
+    assert _cv(fold_shards, out) == 0
+    assert (out / "fold-1" / "test" / "predictions.csv").stat().st_mtime_ns != fold1_predictions
+    assert (out / "fold-0" / "oof" / "predictions.csv").stat().st_mtime_ns == fold0_predictions
+    assert json.loads((out / "cv.json").read_text())["folds"] == result["folds"]
