@@ -133,7 +133,7 @@ def time_batches(per_image_batches: Iterable) -> LoaderRun:
     return LoaderRun(batches, images, timed_images, wall_s, worker_cpu_s, time.process_time() - main_before)
 
 
-def shard_batches(shard_dir: Path, data, min_batches: int) -> Iterator:
+def shard_batches(shard_dir: str | Path, data, min_batches: int) -> Iterator:
     """The label tensor of each `train_loader` batch (one per image, decoded or not: `data.decode_on`),
     whole epochs until at least `min_batches`: every image a worker reads is consumed, so its CPU time
     is counted for an image."""
@@ -177,12 +177,13 @@ def _one_thread_like_a_worker(active: bool) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def bench_loader(shards: Path, *, source: Path | None, num_workers: int, num_batches: int, batch_size: int,
+def bench_loader(shards: str | Path, *, source: Path | None, num_workers: int, num_batches: int, batch_size: int,
                  image_size: int, decode_on: str = "workers") -> dict[str, Any]:
     from gastro_dist.config import DataConfig
+    from gastro_dist.data.locations import location_record
     from gastro_dist.data.shard_index import load_shard_index
 
-    load_shard_index(shards)  # mistakes in either folder are reported before anything runs
+    where = location_record(load_shard_index(shards).root)  # mistakes in either folder are reported before anything runs
     if source is not None and not source.is_dir():
         raise UserError(f"--source {source} is not a folder of class folders")
     data = DataConfig(image_size=image_size, batch_size=batch_size, num_workers=num_workers, decode_on=decode_on)
@@ -198,7 +199,7 @@ def bench_loader(shards: Path, *, source: Path | None, num_workers: int, num_bat
                              if baseline and num_workers else None),
         "workers": num_workers, "image_size": image_size, "batch_size": batch_size, "batches_asked": num_batches,
         "decode_on": decode_on,
-        "shards": {"dir": str(shards), **shard_run},
+        "shards": {"dir": where, **shard_run},  # a URL without its credentials
         "baseline": {"dir": str(source), **baseline} if baseline else None,
         "machine": {**machine, "load_average_after": [round(x, 2) for x in os.getloadavg()]},
     }
@@ -328,7 +329,7 @@ def synthetic_batches(batch_size: int, image_size: int, device) -> Iterator[tupl
         yield images, labels
 
 
-def loader_batches(shards: Path, data, device, channels_last: bool) -> Iterator[tuple[Any, Any]]:
+def loader_batches(shards: str | Path, data, device, channels_last: bool) -> Iterator[tuple[Any, Any]]:
     """`train_loader` batches, epoch after epoch, moved to the device and augmented there as the trainer does."""
     from gastro_dist.data.augmentation import DeviceAugmentation
     from gastro_dist.data.loaders import train_loader
@@ -382,7 +383,7 @@ def matmul_flops_per_s(device, dtype, size: int = MATMUL_SIZE, repeats: int = 20
 
 
 def bench_train(model_name: str, *, batch_size: int, image_size: int, precision: str, channels_last: bool,
-                compile_model: bool, steps: int, warmup: int, shards: Path | None, num_workers: int,
+                compile_model: bool, steps: int, warmup: int, shards: str | Path | None, num_workers: int,
                 decode_on: str = "workers", device: str | None = None,
                 compile_backend: str = "inductor") -> dict[str, Any]:
     import torch
@@ -458,7 +459,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
 
     q = bench_sub.add_parser("loader", help="images/s of the training input pipeline (and of a plain ImageFolder)")
-    q.add_argument("--shards", type=Path, required=True, help="folder written by `gastro-dist pack`")
+    q.add_argument("--shards", required=True, help="folder written by `gastro-dist pack`, or its URL (https://, s3://, gs://)")
     q.add_argument("--source", type=Path, default=None,
                    help="the original image tree (class folders): also time ImageFolder + DataLoader over it")
     q.add_argument("--workers", type=int, default=4, help="DataLoader workers, for both pipelines")
@@ -486,7 +487,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
                    help="where to train (default: cuda when a GPU is visible, else cpu); cuda fails when none is")
     q.add_argument("--steps", type=int, default=50, help="timed optimizer steps")
     q.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, cuDNN autotuning)")
-    q.add_argument("--shards", type=Path, default=None, help="also time the step fed by the training input pipeline")
+    q.add_argument("--shards", default=None, help="also time the step fed by the training input pipeline (a folder or a URL)")
     q.add_argument("--workers", type=int, default=4, help="DataLoader workers for --shards")
     q.add_argument("--decode-on", choices=("workers", "device"), default="workers",
                    help="data.decode_on for --shards: 'device' decodes and crops on the GPU")

@@ -132,7 +132,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_pack)
 
     p = sub.add_parser("verify", help="re-read every shard and check it against index.json")
-    p.add_argument("dir", type=Path, help="the --out folder of a finished `gastro-dist pack`")
+    p.add_argument("dir", help="the --out folder of a finished `gastro-dist pack`, or its URL (https://, s3://, gs://)")
     p.add_argument("--max-member-mb", type=int, default=None,
                    help="largest shard member read (default: the training default, data.max_member_mb)")
     p.set_defaults(handler=_cmd_verify)
@@ -167,7 +167,8 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:
                        description="Runs alone, or under `accelerate launch [flags] -m gastro_dist train ...`. "
                                    "Re-running with the same --out resumes from its newest checkpoint.")
     p.add_argument("--config", type=Path, required=True, help="YAML config, e.g. configs/resnet50.yaml")
-    p.add_argument("--shards", type=Path, required=True, help="folder written by `gastro-dist pack`")
+    p.add_argument("--shards", required=True,
+                   help="folder written by `gastro-dist pack`, or its URL (https://, s3://, gs://; shards/README.md)")
     p.add_argument("--out", type=Path, required=True, help="run folder (created; resumed when it holds checkpoints)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. head.epochs=2 data.batch_size=64")
     p.set_defaults(handler=_cmd_train)
@@ -249,7 +250,7 @@ def add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("evaluate", help="clinical metrics with patient-level CIs, predictions.csv and a report")
     run_args(p)
-    p.add_argument("--shards", type=Path, required=True, help="shard folder (`gastro-dist pack --out`)")
+    p.add_argument("--shards", required=True, help="shard folder (`gastro-dist pack --out`), or its URL")
     p.add_argument("--split", default="test", choices=("test", "val", "train"), help="split to evaluate")
     p.add_argument("--out", type=Path, required=True, help="folder for metrics.json, predictions.csv, report.md/html, PNGs")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (0: none)")
@@ -440,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
+    from gastro_dist.data.locations import redact_argv
+
+    sys.argv[:] = redact_argv(sys.argv)  # trackers record the command line: a shard URL's credentials stay out
     try:
         return int(args.handler(args) or 0)
     except UserError as err:

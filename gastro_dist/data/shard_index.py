@@ -8,15 +8,16 @@ import json
 import re
 import unicodedata
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from gastro_dist import RunFailure, UserError
+from gastro_dist.data.locations import Location, RemoteFetchError, RemoteNotFound, ShardURL, fetch_bytes, shard_location
 
 INDEX_FILE = "index.json"
 FOLD_PREFIX = "fold-"  # a pack made with --folds K has splits fold-0 .. fold-(K-1) instead of train and val
 _PLAIN_SHARD_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}\.tar")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_REMOTE_INDEX_BYTES = 1 << 30  # index.json fetched from a URL: a stream that never ends is refused here
 
 
 class BadIndex(RunFailure):
@@ -25,14 +26,14 @@ class BadIndex(RunFailure):
 
 @dataclass(frozen=True)
 class ShardFile:
-    path: Path
+    path: Location  # a local file, or a URL (see data/locations.py)
     count: int
     sha256: str = ""
 
 
 @dataclass(frozen=True)
 class ShardIndex:
-    root: Path
+    root: Location
     classes: list[str]
     splits: dict[str, tuple[ShardFile, ...]]
     per_class_counts: dict[str, dict[str, int]]
@@ -59,14 +60,11 @@ class ShardIndex:
         return replace(self, splits={**self.splits, split: shards})
 
 
-def load_shard_index(shard_dir: str | Path) -> ShardIndex:
-    root = Path(shard_dir)
-    if not root.is_dir():
-        raise UserError(f"shard directory {root} not found; create it with `gastro-dist pack SRC --out {root}`")
+def load_shard_index(shard_dir: str | Location) -> ShardIndex:
+    """The index of a local shard folder or of one at a URL (https://, s3://, gs://)."""
+    root = shard_location(shard_dir)
+    raw = read_index_bytes(root)
     path = root / INDEX_FILE
-    if not path.is_file():
-        raise UserError(f"{root} has no {INDEX_FILE} (not a finished pack); run `gastro-dist pack SRC --out {root}`")
-    raw = path.read_bytes()
     try:
         data = json.loads(raw.decode("utf-8"))
         return _parse_index(root, data, hashlib.sha256(raw).hexdigest())
@@ -76,7 +74,24 @@ def load_shard_index(shard_dir: str | Path) -> ShardIndex:
                        f"run `gastro-dist verify {root}` or re-pack the data") from None
 
 
-def _parse_index(root: Path, data: Any, index_sha256: str) -> ShardIndex:
+def read_index_bytes(root: Location) -> bytes:
+    """index.json's bytes, from a local shard folder or fetched from a URL."""
+    if isinstance(root, ShardURL):
+        try:
+            return fetch_bytes(root / INDEX_FILE, MAX_REMOTE_INDEX_BYTES)
+        except RemoteNotFound:
+            raise UserError(f"{root / INDEX_FILE} not found: {root} is not a finished pack (or not a shard folder)") from None
+        except RemoteFetchError as err:
+            raise RunFailure(str(err)) from None
+    if not root.is_dir():
+        raise UserError(f"shard directory {root} not found; create it with `gastro-dist pack SRC --out {root}`")
+    path = root / INDEX_FILE
+    if not path.is_file():
+        raise UserError(f"{root} has no {INDEX_FILE} (not a finished pack); run `gastro-dist pack SRC --out {root}`")
+    return path.read_bytes()
+
+
+def _parse_index(root: Location, data: Any, index_sha256: str) -> ShardIndex:
     """Every field a reader relies on, checked: a ValueError/TypeError/KeyError names what is wrong."""
     if not isinstance(data, dict):
         raise TypeError("index.json must hold a JSON object")

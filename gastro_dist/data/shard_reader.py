@@ -1,6 +1,7 @@
 """The one tar reader that training, evaluation, prediction and `verify` share, and the check of
-shard files against their index: only regular files are opened, only our members (`SHARD_MEMBERS`)
-below a size cap are read, sample keys must be plain names, nothing is unpickled."""
+shard files against their index: only regular files are opened (or URLs streamed, with retries), only
+our members (`SHARD_MEMBERS`) below a size cap are read, sample keys must be plain names, nothing is
+unpickled."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import hashlib
 import re
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, NamedTuple
 
 from gastro_dist import RunFailure
+from gastro_dist.data.locations import Location, RemoteFetchError, open_location
 from gastro_dist.data.shard_index import INDEX_FILE, ShardFile, ShardIndex
-from gastro_dist.files import NotRegularFile, open_regular_file
+from gastro_dist.files import NotRegularFile
 
 SHARD_MEMBERS = frozenset({"jpg", "png", "cls", "json"})
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,199}")
@@ -83,21 +84,27 @@ def iter_tar_samples(stream: BinaryIO, max_member_bytes: int,
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
         if ours:
             yield TarSample(key, found, problem or f"cut short: {err}")
+        if isinstance(err, RemoteFetchError):  # the download failed, not the tar data
+            raise ShardReadError(str(err)) from None
         raise ShardReadError(f"unreadable tar data: {type(err).__name__}: {err}") from None
     if ours:
         yield TarSample(key, found, problem)
 
 
-def iter_shard_samples(path: Path, max_member_bytes: int,
+def iter_shard_samples(path: Location, max_member_bytes: int,
                        members: frozenset[str] = SHARD_MEMBERS) -> Iterator[TarSample]:
-    """`iter_tar_samples` of a shard file, opened only if it is a regular file."""
+    """`iter_tar_samples` of a shard file (opened only if it is a regular file) or URL."""
     with _open_shard(path) as stream:
         yield from iter_tar_samples(stream, max_member_bytes, members)
 
 
-def _open_shard(path: Path) -> BinaryIO:
+def _open_shard(path: Location) -> BinaryIO:
+    """The one place shards are opened: a local regular file, or a URL streamed with retries
+    (`locations.open_location`); a shard that cannot be opened or fetched is a `ShardReadError`."""
     try:
-        return open_regular_file(path)
+        return open_location(path)
+    except RemoteFetchError as err:
+        raise ShardReadError(str(err)) from None
     except OSError as err:
         raise ShardReadError(err.strerror if isinstance(err, NotRegularFile) else f"cannot open: {err.strerror or err}") from None
 
@@ -107,11 +114,17 @@ class _HashingReader:
     """A read-only stream that hashes what passes through it (one read both counts and hashes)."""
 
     def __init__(self, stream: BinaryIO):
-        self.stream, self.digest = stream, hashlib.sha256()
+        self.stream, self.digest, self.num_bytes = stream, hashlib.sha256(), 0
+        self.fetch_error: RemoteFetchError | None = None  # a shard at a URL whose download failed midway
 
     def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
+        try:
+            data = self.stream.read(size)
+        except RemoteFetchError as err:
+            self.fetch_error = err
+            raise
         self.digest.update(data)
+        self.num_bytes += len(data)
         return data
 
     def drain(self) -> None:
@@ -126,6 +139,7 @@ class ShardScan:
     num_samples: int  # samples the reader yields, broken ones included: each takes a position in the shard
     sha256_matches: bool | None  # None: index.json records no sha256
     problem: str | None  # the file could not be read to its end
+    num_bytes: int = 0  # bytes read (a download, for a shard at a URL)
 
     def problems(self) -> list[str]:
         name = self.shard.path.name
@@ -139,23 +153,32 @@ class ShardScan:
         return found
 
 
-def scan_shard(shard: ShardFile, max_member_bytes: int) -> ShardScan:
-    """Read one shard once: count its samples and hash its bytes."""
-    num_samples, problem, matches = 0, None, None
+def scan_shard(shard: ShardFile, max_member_bytes: int,
+               on_sample: Callable[[TarSample], None] | None = None) -> ShardScan:
+    """Read one shard once: count its samples and hash its bytes; `on_sample` sees each sample on the
+    way (what `verify` checks, without a second read of the file)."""
+    num_samples, problem, matches, num_bytes = 0, None, None, 0
     try:
         with _open_shard(shard.path) as raw:
             stream = _HashingReader(raw)
             try:
-                for _ in iter_tar_samples(stream, max_member_bytes):
+                for sample in iter_tar_samples(stream, max_member_bytes):
                     num_samples += 1
+                    if on_sample is not None:
+                        on_sample(sample)
             except ShardReadError as err:
                 problem = str(err)
-            stream.drain()
-            if shard.sha256:
+            if stream.fetch_error is None:
+                try:
+                    stream.drain()
+                except RemoteFetchError as err:
+                    problem = problem or str(err)
+            if shard.sha256 and stream.fetch_error is None:  # a download that failed says nothing of the file
                 matches = stream.digest.hexdigest() == shard.sha256
+            num_bytes = stream.num_bytes
     except ShardReadError as err:
         problem = str(err)
-    return ShardScan(shard, num_samples, matches, problem)
+    return ShardScan(shard, num_samples, matches, problem, num_bytes)
 
 
 def checked_index(index: ShardIndex, splits: list[str], max_member_bytes: int,

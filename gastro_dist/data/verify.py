@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,10 @@ from rich.console import Console
 from gastro_dist import UserError
 from gastro_dist.config import DataConfig
 from gastro_dist.data.images import BadImage, decode_rgb, open_image
-from gastro_dist.data.shard_index import INDEX_FILE, BadIndex, ShardFile, fold_of_split, load_shard_index
-from gastro_dist.data.shard_reader import ShardReadError, iter_shard_samples, scan_shard
+from gastro_dist.data.locations import Location, ShardURL, shard_location
+from gastro_dist.data.shard_index import (INDEX_FILE, BadIndex, ShardFile, fold_of_split, load_shard_index,
+                                          read_index_bytes)
+from gastro_dist.data.shard_reader import TarSample, scan_shard
 from gastro_dist.progress import progress
 
 SAMPLE_MEMBERS = ("cls", "jpg", "json")
@@ -32,14 +35,16 @@ class _Seen:
     split_of_sha256: dict[str, str] = field(default_factory=dict)
 
 
-def verify_shards(shard_dir: str | Path, max_member_mb: int = DataConfig.max_member_mb) -> list[str]:
-    """Check a pack folder; returns the problems found (empty: all good) and prints a one-line verdict."""
-    shard_dir = Path(shard_dir)
-    if not (shard_dir / INDEX_FILE).is_file():
+def verify_shards(shard_dir: str | Location, max_member_mb: int = DataConfig.max_member_mb) -> list[str]:
+    """Check a pack folder (local, or at a URL); returns the problems found (empty: all good) and prints
+    a one-line verdict."""
+    shard_dir = shard_location(shard_dir)
+    if isinstance(shard_dir, Path) and not (shard_dir / INDEX_FILE).is_file():
         raise UserError(f"{shard_dir / INDEX_FILE} not found: not a finished pack; pass the --out folder of a completed `pack`")
+    started = time.monotonic()
     try:
         index = load_shard_index(shard_dir)
-        raw = json.loads((shard_dir / INDEX_FILE).read_text(encoding="utf-8"))
+        raw = json.loads(read_index_bytes(shard_dir).decode("utf-8"))
         totals, splits_json = raw.get("totals") or {}, raw["splits"]
     except BadIndex as err:
         problems = [str(err)]
@@ -48,7 +53,7 @@ def verify_shards(shard_dir: str | Path, max_member_mb: int = DataConfig.max_mem
 
     problems: list[str] = []
     seen = _Seen()
-    num_samples = num_shards = 0
+    num_samples = num_shards = num_bytes = 0
     num_listed_samples = sum(index.count(split) for split in index.splits)
     console = Console(stderr=True)
     with progress(console, unit="samples", transient=True) as bar:
@@ -56,10 +61,11 @@ def verify_shards(shard_dir: str | Path, max_member_mb: int = DataConfig.max_mem
         for split in index.splits:
             per_class: Counter = Counter()
             for shard in index.shards(split):
-                num_shard_samples = _check_shard(shard, split, index.classes, per_class, seen, problems,
-                                                 max_member_mb << 20)
+                num_shard_samples, num_shard_bytes = _check_shard(shard, split, index.classes, per_class, seen,
+                                                                  problems, max_member_mb << 20)
                 bar.advance(task, num_shard_samples)
                 num_samples += num_shard_samples
+                num_bytes += num_shard_bytes
                 num_shards += 1
             listed_count = splits_json.get(split, {}).get("count") if isinstance(splits_json.get(split), dict) else None
             if listed_count is not None and listed_count != index.count(split):
@@ -69,33 +75,34 @@ def verify_shards(shard_dir: str | Path, max_member_mb: int = DataConfig.max_mem
                 problems.append(f"{split}: per-class counts {dict(sorted(per_class.items()))} differ from index.json "
                                 f"{listed_per_class}")
     listed_files = {shard.path.name for split in index.splits for shard in index.shards(split)}
-    for stray in sorted(path.name for path in shard_dir.glob("*.tar") if path.name not in listed_files):
+    local_files = shard_dir.glob("*.tar") if isinstance(shard_dir, Path) else []  # a folder at a URL is not listed
+    for stray in sorted(path.name for path in local_files if path.name not in listed_files):
         problems.append(f"{stray}: not listed in index.json")
     packed = totals.get("packed") if isinstance(totals, dict) else None
     if packed is not None and packed != num_listed_samples:
         problems.append(f"index.json totals say {packed} packed, its shard list says {num_listed_samples}")
+    if isinstance(shard_dir, ShardURL):  # what checking a remote pack costs: every shard downloaded once
+        print(f"read {num_bytes / 1e6:,.1f} MB from {shard_dir} in {time.monotonic() - started:,.1f} s")
     _report(problems, num_samples, num_shards)
     return problems
 
 
 def _check_shard(shard: ShardFile, split: str, classes: list[str], per_class: Counter, seen: _Seen,
-                 problems: list[str], max_member_bytes: int) -> int:
-    """Append this shard's problems; returns how many samples it holds."""
+                 problems: list[str], max_member_bytes: int) -> tuple[int, int]:
+    """Append this shard's problems; returns how many samples it holds and how many bytes were read."""
     name = shard.path.name
-    scan = scan_shard(shard, max_member_bytes)  # count and sha256 in one read, as the trainer does
-    problems.extend(scan.problems())
-    if scan.num_samples == 0:
-        return 0
-    try:
-        for sample in iter_shard_samples(shard.path, max_member_bytes):
-            if sample.problem:
-                problems.append(f"{name}: {sample.key!r}: {sample.problem}")
-                continue
-            sample_problems = _check_sample(sample.key, sample.members, split, classes, per_class, seen)
-            problems.extend(f"{name}: {problem}" for problem in sample_problems)
-    except ShardReadError:
-        pass  # the scan reported it
-    return scan.num_samples
+    sample_problems: list[str] = []
+
+    def check(sample: TarSample) -> None:
+        if sample.problem:
+            sample_problems.append(f"{name}: {sample.key!r}: {sample.problem}")
+        else:
+            found = _check_sample(sample.key, sample.members, split, classes, per_class, seen)
+            sample_problems.extend(f"{name}: {problem}" for problem in found)
+
+    scan = scan_shard(shard, max_member_bytes, on_sample=check)  # count, sha256 and samples in one read
+    problems.extend(scan.problems() + sample_problems)
+    return scan.num_samples, scan.num_bytes
 
 
 def _check_sample(key: str, members: dict[str, bytes], split: str, classes: list[str], per_class: Counter,

@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from gastro_dist import RunFailure, UserError
 from gastro_dist.config import DataConfig, TrackingConfig
 from gastro_dist.data.augmentation import eval_transform
+from gastro_dist.data.locations import location_record
 from gastro_dist.data.shard_index import ShardIndex, load_shard_index
 from gastro_dist.data.shard_reader import ShardReadError, iter_shard_samples
 from gastro_dist.data.images import BadImage, load_rgb
@@ -57,9 +58,9 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
         raise UserError(f"the shards' classes {index.classes} differ from the model's {trained.classes}; "
                         "evaluate on shards packed from the same class folders")
     if index.count(split) == 0:
-        raise UserError(f"the {split} split of {shards_dir} is empty; pack with --test-per-class N, or pass --split val")
+        raise UserError(f"the {split} split of {index.root} is empty; pack with --test-per-class N, or pass --split val")
     if cancer_sensitivity is not None and index.count("val") == 0:
-        raise UserError(f"--cancer-sensitivity picks its threshold on the val split, which is empty in {shards_dir}; "
+        raise UserError(f"--cancer-sensitivity picks its threshold on the val split, which is empty in {index.root}; "
                         "re-pack with --val-fraction above 0, or leave the option out")
     tracking = tracking_of_run(RunDir(run_dir)) if track else None
     if tracking is not None:
@@ -108,7 +109,7 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
     _write_predictions_csv(out_dir / "predictions.csv", predictions["keys"], metas, labels, probs, classes)
     cam_images = _misclassified_cams(trained, index, split, predictions, cam_misclassified, out_dir) if cam_misclassified else []
     details = {"run": str(run_dir), "model": trained.architecture, "checkpoint": trained.checkpoint,
-               "shards": str(shards_dir), "split": split, "images": len(labels),
+               "shards": location_record(index.root), "split": split, "images": len(labels),
                "patients": len(set(groups.tolist())), "input size": trained.image_size}
     num_skipped = predictions["missing"] + len(rejected)
     result = {**metrics, "details": details, "baselines": baselines, "operating_point": op,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from accelerate.utils import InitProcessGroupKwargs, gather_object
 
 from gastro_dist import UserError
 from gastro_dist.config import TrainConfig
+from gastro_dist.data.locations import ShardURL
 from gastro_dist.data.shard_index import ShardFile, ShardIndex
 from gastro_dist.data.shard_reader import ShardScan, checked_index, scan_shard
 from gastro_dist.run_dir import RunDir
@@ -141,15 +143,22 @@ class PreemptionWatch:
 def checked_shard_index(accelerator: Accelerator, listed: ShardIndex, splits: list[str],
                         max_member_mb: int) -> tuple[ShardIndex, list[str]]:
     """`shards.checked_index`, each process reading a share of the shards; every process gets the
-    same result, so that all plan the same epoch."""
+    same result, so that all plan the same epoch. For shards at a URL this downloads each once: the
+    main process says how much and how long."""
     rank, world = accelerator.process_index, accelerator.num_processes
+    started, scans = time.monotonic(), []
 
     def scan_all(shards: list[ShardFile]) -> list[ShardScan]:
         mine = [scan_shard(shard, max_member_mb << 20) for shard in shards[rank::world]]
         per_rank = gather_object([mine]) if world > 1 else [mine]
-        return [per_rank[i % world][i // world] for i in range(len(shards))]
+        scans.extend(per_rank[i % world][i // world] for i in range(len(shards)))
+        return scans[len(scans) - len(shards):]
 
-    return checked_index(listed, splits, max_member_mb << 20, scan_all)
+    checked = checked_index(listed, splits, max_member_mb << 20, scan_all)
+    if isinstance(listed.root, ShardURL) and accelerator.is_main_process:
+        print(f"checked {len(scans)} shards against index.json: read {sum(s.num_bytes for s in scans) / 1e6:,.1f} MB "
+              f"from {listed.root} in {time.monotonic() - started:,.1f} s", flush=True)
+    return checked
 
 
 def system_facts(accelerator: Accelerator, shards_index_sha256: str) -> dict:

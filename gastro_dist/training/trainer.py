@@ -26,6 +26,7 @@ from gastro_dist.data.augmentation import DeviceAugmentation
 from gastro_dist.data.decode import CorruptSample
 from gastro_dist.data.epoch_plan import train_steps_per_epoch
 from gastro_dist.data.loaders import train_loader
+from gastro_dist.data.locations import location_record, shard_location
 from gastro_dist.data.shard_index import ShardIndex, load_shard_index, select_fold
 from gastro_dist.models.backbones import (PREPROCESSING_FIELDS, build_model, check_model_config, model_logits,
                                          resolve_preprocessing, sync_batchnorm)
@@ -93,13 +94,13 @@ class Trainer:
         self.preprocessing = resolve_preprocessing(config.model.name, config.data, _set_by_config(config.data))
         config = dataclasses.replace(config, data=self.preprocessing.data_config(config.data))
         self.config = config
-        self.shards_dir = Path(shards_dir)
+        self.shards_dir = shard_location(shards_dir)  # a folder or a URL; str() holds no credentials
         self.run_dir = RunDir(run_dir)
         # Everything a user can get wrong is checked before the accelerator touches a device.
         listed = select_fold(load_shard_index(shards_dir), config.data.fold)  # data.fold: train/val from folds
         for split in ("train", "val"):
             if split not in listed.splits or listed.count(split) == 0:
-                raise UserError(f"the {split} split in {shards_dir} is empty; re-pack with more images or a larger --val-fraction")
+                raise UserError(f"the {split} split in {self.shards_dir} is empty; re-pack with more images or a larger --val-fraction")
         self.classes = listed.classes
         check_run_dir(self.run_dir, config, listed)
         loss_weights = class_weights_tensor(config, listed)
@@ -211,7 +212,7 @@ class Trainer:
             "mixed_precision": self.config.mixed_precision, "device": self.accelerator.device.type,
             # what `check_run_dir` compares when this folder is run again
             "model": self.config.model.name, "classes": self.classes, "image_size": self.config.data.image_size,
-            "fold": self.config.data.fold, "shards": str(self.shards_dir.resolve()),
+            "fold": self.config.data.fold, "shards": location_record(self.shards_dir),
             "shards_index_sha256": self.index.index_sha256,
             "system": system_facts(self.accelerator, self.index.index_sha256),
         })

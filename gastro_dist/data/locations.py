@@ -1,0 +1,287 @@
+"""Where a shard set lives, a local folder or a URL (https://, http://, s3://, gs://), and the one way
+bytes come from there: a local file opened only if it is a regular file, a remote one streamed front to
+back with retries. Credentials stay out of every message and record: `str()` of a URL drops them."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import importlib.util
+import netrc
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from gastro_dist import UserError, __version__
+from gastro_dist.files import open_regular_file
+
+HTTP_SCHEMES = frozenset({"http", "https"})
+# scheme -> the fsspec implementation it needs (the `remote` extra)
+FSSPEC_SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
+FETCH_ATTEMPTS = 5  # attempts in a row that make no progress before a file counts as unfetchable
+RETRY_BACKOFF_S = 0.5  # wait before the 2nd attempt, doubled for each further one (0.5 + 1 + 2 + 4 s)
+SOCKET_TIMEOUT_S = 60.0  # a connection silent this long is dropped and retried
+STREAM_BLOCK_BYTES = 8 << 20  # read-ahead of s3:// and gs:// streams (ranged GETs of this size)
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_TRANSIENT_HTTP_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+# errors of these libraries (the fsspec stores) are transport failures worth another attempt
+_REMOTE_LIBRARIES = frozenset({"aiohttp", "botocore", "aiobotocore", "s3fs", "gcsfs", "google", "fsspec", "urllib3"})
+
+
+class RemoteFetchError(OSError):
+    """A file at a URL that could not be fetched (after the retries, where retrying can help)."""
+
+
+class RemoteNotFound(RemoteFetchError):
+    """The store answered that there is no such file (HTTP 404, no such key)."""
+
+
+@dataclass(frozen=True, repr=False)
+class ShardURL:
+    """A shard folder or file at a URL, used where a local one is a Path: `/ name`, `.name`, and a
+    `str()` without credentials (no user:password@, no query), so that messages and run records never
+    hold them. Only the openers here read `url` itself."""
+
+    url: str
+
+    def __truediv__(self, name: str) -> ShardURL:
+        parts = urlsplit(self.url)
+        return ShardURL(urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{name}", fragment="")))
+
+    @property
+    def name(self) -> str:
+        return urlsplit(self.url).path.rstrip("/").rpartition("/")[2]
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.url).scheme.lower()
+
+    def __str__(self) -> str:
+        parts = urlsplit(self.url)
+        return urlunsplit((parts.scheme, _host(parts.netloc), parts.path, "", ""))
+
+    def __repr__(self) -> str:
+        return f"ShardURL({str(self)!r})"
+
+
+Location = Path | ShardURL
+
+
+def shard_location(value: str | Location) -> Location:
+    """A --shards argument: a URL of a supported store, else a local path. Raises UserError for a URL
+    of another scheme, or of a store whose fsspec implementation is not installed."""
+    if isinstance(value, (Path, ShardURL)):
+        return value
+    if not _URL.match(value):
+        return Path(value)
+    location = ShardURL(value)
+    parts = urlsplit(value)
+    if location.scheme not in HTTP_SCHEMES and location.scheme not in FSSPEC_SCHEMES:
+        raise UserError(f"{location.scheme}:// is not a supported shard location: use a local folder, or an "
+                        "https://, http://, s3:// or gs:// URL of a shard folder")
+    if not _host(parts.netloc):
+        raise UserError(f"{location} names no {'host' if location.scheme in HTTP_SCHEMES else 'bucket'}")
+    module = FSSPEC_SCHEMES.get(location.scheme)
+    if module and importlib.util.find_spec(module) is None:
+        raise UserError(f"{location.scheme}:// shards are read through {module}, which is not installed: "
+                        "pip install 'gastro-dist[remote]'")
+    return location
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """The command line with every URL that holds credentials (user:password@, a query) in its public form:
+    what W&B records as the run's arguments, and any later reader of sys.argv, sees no secret."""
+
+    def public(arg: str) -> str:
+        option, equals, value = arg.partition("=") if not _URL.match(arg) else ("", "", arg)
+        if not _URL.match(value):
+            return arg
+        parts = urlsplit(value)
+        if "@" not in parts.netloc and not parts.query:
+            return arg
+        return f"{option}{equals}{ShardURL(value)}"
+
+    return [public(arg) for arg in argv]
+
+
+def location_record(location: Location) -> str:
+    """What a run records as its shards: the absolute folder, or the URL without credentials."""
+    return str(location) if isinstance(location, ShardURL) else str(location.resolve())
+
+
+def open_location(location: Location) -> BinaryIO:
+    """A binary stream of the file: `files.open_regular_file` for a local path, a `_RemoteStream` for a
+    URL. Raises OSError (`RemoteFetchError` for a URL: its message names the URL without credentials)."""
+    if isinstance(location, ShardURL):
+        return _RemoteStream(location)
+    return open_regular_file(location)
+
+
+def fetch_bytes(location: ShardURL, max_bytes: int) -> bytes:
+    """The whole file at a URL (index.json); RemoteFetchError when it is larger than `max_bytes`."""
+    with _RemoteStream(location) as stream:
+        data = bytearray()
+        while len(data) <= max_bytes:
+            chunk = stream.read(1 << 20)
+            if not chunk:
+                return bytes(data)
+            data += chunk
+    raise RemoteFetchError(f"{location} is larger than {max_bytes:,} bytes")
+
+
+class _RemoteStream:
+    """A file at a URL read front to back. A failed open, or a connection lost midway (an error, or the
+    data ending before the size the store announced), is retried from the byte reached after a backoff,
+    until `FETCH_ATTEMPTS` attempts in a row have brought nothing. A store that answers "no such file"
+    or "access denied" is not retried. A file that changes between attempts (another ETag) is an error:
+    its two halves would not belong together."""
+
+    def __init__(self, location: ShardURL):
+        self.location = location
+        self.opener = _open_http if location.scheme in HTTP_SCHEMES else _open_fsspec
+        self.stream: Any = None
+        self.offset, self.size, self.version = 0, None, None
+        self._with_retries(lambda: b"")  # opened now: a file that cannot be fetched fails here, not in the tar reader
+
+    def read(self, size: int = -1) -> bytes:
+        return self._with_retries(lambda: self._read_once(size))
+
+    def _read_once(self, size: int) -> bytes:
+        data = self.stream.read(size)
+        if not data and size != 0 and self.size is not None and self.offset < self.size:
+            raise ConnectionError(f"the connection ended after {self.offset:,} of {self.size:,} bytes")
+        self.offset += len(data)
+        return data
+
+    def _with_retries(self, action: Callable[[], bytes]) -> bytes:
+        for attempt in range(1, FETCH_ATTEMPTS + 1):
+            try:
+                if self.stream is None:
+                    self._open()
+                return action()
+            except RemoteFetchError:
+                self._drop_stream()
+                raise
+            except Exception as err:  # noqa: BLE001 - sorted by _failure: transport errors retried, others raised
+                self._drop_stream()
+                reason, retry = _failure(err)
+                if not retry or attempt == FETCH_ATTEMPTS:
+                    tries = f" ({attempt} attempts)" if attempt > 1 else ""
+                    error = RemoteNotFound if _is_not_found(err) else RemoteFetchError
+                    raise error(f"cannot fetch {self.location}: {self._public(reason)}{tries}") from None
+                time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
+
+    def _open(self) -> None:
+        self.stream, size, version = self.opener(self.location.url, self.offset)
+        if self.offset and None not in (version, self.version) and version != self.version:
+            raise RemoteFetchError(f"{self.location} changed while it was being read; read it again")
+        self.size, self.version = size, version
+
+    def _drop_stream(self) -> None:
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection may fail again; it is dropped either way
+                pass
+
+    def _public(self, text: str) -> str:
+        """An error text with the URL as given (credentials and all) replaced by its public form."""
+        return text.replace(self.location.url, str(self.location))
+
+    def close(self) -> None:
+        self._drop_stream()
+
+    def __enter__(self) -> _RemoteStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _failure(err: BaseException) -> tuple[str, bool]:
+    """(reason in words, whether another attempt may help); errors that are neither transport nor store
+    errors (a bug) are raised as they are."""
+    if isinstance(err, urllib.error.HTTPError):
+        err.close()  # its body is not read
+        return f"HTTP {err.code} {err.reason}", err.code in _TRANSIENT_HTTP_STATUS
+    if isinstance(err, urllib.error.URLError):
+        return str(err.reason), True
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return f"{'not found' if isinstance(err, FileNotFoundError) else 'access denied'} ({err})", False
+    if isinstance(err, (OSError, http.client.HTTPException, EOFError)):
+        return f"{type(err).__name__}: {err}", True
+    if type(err).__module__.split(".")[0] in _REMOTE_LIBRARIES:
+        return f"{type(err).__name__}: {err}", True
+    raise err
+
+
+def _is_not_found(err: BaseException) -> bool:
+    return isinstance(err, FileNotFoundError) or (isinstance(err, urllib.error.HTTPError) and err.code in (404, 410))
+
+
+def _host(netloc: str) -> str:
+    return netloc.rpartition("@")[2]
+
+
+# ---------------------------------------------------------------- the stores
+def _open_http(url: str, offset: int) -> tuple[BinaryIO, int | None, str | None]:
+    """(response, file size, ETag or Last-Modified) of a GET from `offset` on. A server that ignores the
+    Range header sends the whole file again: its first `offset` bytes are read and dropped."""
+    parts = urlsplit(url)
+    request = urllib.request.Request(urlunsplit((parts.scheme, _host(parts.netloc), parts.path, parts.query, "")),
+                                     headers={"User-Agent": f"gastro-dist/{__version__}"})
+    credentials = _http_credentials(parts.username, parts.password, parts.hostname)
+    if credentials:  # never sent on to where a redirect points
+        request.add_unredirected_header("Authorization", "Basic " + base64.b64encode(credentials.encode()).decode())
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    response = urllib.request.urlopen(request, timeout=SOCKET_TIMEOUT_S)
+    version = response.headers.get("ETag") or response.headers.get("Last-Modified")
+    if response.status == 206:
+        start, _, total = response.headers.get("Content-Range", "").removeprefix("bytes ").partition("-")
+        if start != str(offset):
+            response.close()
+            raise ConnectionError(f"asked for the bytes from {offset:,}, the server sent a range from {start}")
+        total = total.rpartition("/")[2]
+        return response, int(total) if total.isdigit() else None, version
+    length = response.headers.get("Content-Length")
+    skipped = 0
+    while skipped < offset:
+        chunk = response.read(min(offset - skipped, 1 << 20))
+        if not chunk:
+            raise ConnectionError(f"the connection ended after {skipped:,} bytes, before byte {offset:,}")
+        skipped += len(chunk)
+    return response, int(length) if length and length.isdigit() else None, version
+
+
+def _http_credentials(user: str | None, password: str | None, host: str | None) -> str | None:
+    """'user:password' from the URL, else from ~/.netrc (or $NETRC), as curl and requests take them."""
+    if user is not None:
+        return f"{unquote(user)}:{unquote(password or '')}"
+    try:
+        found = netrc.netrc(os.environ.get("NETRC")).authenticators(host or "")
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return f"{found[0]}:{found[2]}" if found else None
+
+
+def _open_fsspec(url: str, offset: int) -> tuple[BinaryIO, int | None, str | None]:
+    """An s3:// or gs:// object through fsspec (s3fs, gcsfs: credentials from their usual environment:
+    AWS_* variables, ~/.aws, instance roles; GOOGLE_APPLICATION_CREDENTIALS, gcloud)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    stream = fs.open(path, "rb", block_size=STREAM_BLOCK_BYTES, cache_type="readahead")
+    if offset:
+        stream.seek(offset)
+    details = getattr(stream, "details", None) or {}
+    version = details.get("ETag") or details.get("etag") or details.get("generation")
+    return stream, stream.size, None if version is None else str(version)
