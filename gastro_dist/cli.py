@@ -190,7 +190,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     evaluate_run(args.run, args.shards, args.out, split=args.split, checkpoint=args.checkpoint,
                  num_bootstrap=args.bootstrap, seed=args.seed, cancer_sensitivity=args.cancer_sensitivity,
                  positive_class=args.positive_class, cam_misclassified=args.cam_misclassified,
-                 batch_size=args.batch_size, num_workers=args.workers, track=not args.no_track)
+                 batch_size=args.batch_size, num_workers=args.workers, track=not args.no_track,
+                 patient_aggregation=args.patient_aggregation)
     return 0
 
 
@@ -234,7 +235,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     trained = load_trained_model(args.run, args.checkpoint)
     path = export_model(trained.model, args.format, args.out, input_size=trained.image_size, classes=trained.classes,
                         mean=trained.meta.mean, std=trained.meta.std, output=args.output,
-                        metadata=trained.meta.export_metadata())
+                        metadata=trained.meta.export_metadata(), temperature=trained.temperature)
     try:
         difference = check_export(trained.model, path, args.format, trained.image_size)
     except RuntimeError as err:
@@ -248,7 +249,8 @@ def add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--run", type=Path, required=True, help="a finished training run folder")
         p.add_argument("--checkpoint", default="best", help="best (default), last, or a weights file / checkpoint folder")
 
-    p = sub.add_parser("evaluate", help="clinical metrics with patient-level CIs, predictions.csv and a report")
+    p = sub.add_parser("evaluate", help="clinical metrics per image and per patient with patient-level CIs, "
+                                        "predictions.csv, a report and MODEL_CARD.md")
     run_args(p)
     p.add_argument("--shards", required=True, help="shard folder (`gastro-dist pack --out`), or its URL")
     p.add_argument("--split", default="test", choices=("test", "val", "train"), help="split to evaluate")
@@ -260,7 +262,10 @@ def add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--positive-class", default=None,
                    help="class of the cancer-versus-rest view (default: gastric_cancer when the model has it)")
     p.add_argument("--cam-misclassified", type=int, default=0, metavar="N",
-                   help="Grad-CAM overlays of the N most confident mistakes per class in the report")
+                   help="Grad-CAM panels of the N most confident mistakes per class in the report's gallery")
+    p.add_argument("--patient-aggregation", choices=("mean", "max"), default="mean",
+                   help="a patient's probabilities in the per-patient metrics: the mean over its frames, or for "
+                        "the positive class the largest (the other classes share the rest)")
     p.add_argument("--batch-size", type=int, default=64, help="images per process per forward pass")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes reading the shards, per process")
     p.add_argument("--no-track", action="store_true",

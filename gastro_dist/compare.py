@@ -1,26 +1,36 @@
 """`compare`: the study's experiment. Trains several configs on the same shards, evaluates each on
-the same split, and writes the study's table (model x per-class accuracy) beside our other metrics."""
+the same split, and writes the study's table (model x per-class accuracy) beside our other metrics,
+and a paired comparison of every two models on the same images (McNemar, DeLong, paired bootstrap,
+Holm: `evaluation.paired`) with a forest plot, in comparison.json, comparison.md and comparison.html."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from accelerate import PartialState
 from accelerate.state import AcceleratorState
 
 from gastro_dist import UserError
 from gastro_dist.config import load_config
 from gastro_dist.data.shard_index import load_shard_index
-from gastro_dist.evaluation.evaluate import evaluate_run
+from gastro_dist.evaluation.evaluate import POSITIVE_CLASS, evaluate_run, read_predictions_csv
+from gastro_dist.evaluation.paired import compare_models, significance_sentences
+from gastro_dist.evaluation.report import Heading, Images, Paragraph, Table, render_html, render_markdown, \
+    save_forest_plot
 from gastro_dist.run_dir import write_run_json
 from gastro_dist.tracking import group_run
 from gastro_dist.training.trainer import train
 
+# The reference study's classes: its published figures are quoted only next to a model of these classes.
+STUDY_CLASSES = frozenset({"gastric_cancer", "gastric_ulcer", "chronic_gastritis"})
+FOREST_PLOT = "comparison_forest.png"
+
 
 def compare_configs(config_paths: list[str | Path], shards_dir: str | Path, out_dir: str | Path,
                     overrides: list[str] | None = None, split: str = "test", num_bootstrap: int = 1000,
-                    track: bool = True) -> dict:
-    """Train and evaluate each config on the same shards; write comparison.md and comparison.json.
+                    track: bool = True, seed: int = 0) -> dict:
+    """Train and evaluate each config on the same shards; write comparison.md, .html and .json.
     The runs are one group in the trackers (W&B group, MLflow parent run) named after --out."""
     out_dir = Path(out_dir)
     if num_bootstrap < 0:
@@ -29,16 +39,16 @@ def compare_configs(config_paths: list[str | Path], shards_dir: str | Path, out_
     for _, config in configs:
         config.tracking.group = config.tracking.group or out_dir.resolve().name
     with group_run(configs[0][1].tracking, PartialState().is_main_process):
-        return _train_and_evaluate(configs, shards_dir, out_dir, split, num_bootstrap, track)
+        return _train_and_evaluate(configs, shards_dir, out_dir, split, num_bootstrap, track, seed)
 
 
 def _train_and_evaluate(configs: list, shards_dir: str | Path, out_dir: Path, split: str, num_bootstrap: int,
-                        track: bool) -> dict:
+                        track: bool, seed: int) -> dict:
     index = load_shard_index(shards_dir)
     if split not in index.splits or index.count(split) == 0:
         print(f"{shards_dir} has no {split} split: comparing on the val split")
         split = "val"
-    rows = []
+    rows, eval_dirs = [], {}
     for name, config in configs:
         run_dir = out_dir / name
         summary = train(config, shards_dir, run_dir)
@@ -47,17 +57,50 @@ def _train_and_evaluate(configs: list, shards_dir: str | Path, out_dir: Path, sp
         # way to forget the previous one's settings, so its private reset is used (accelerate's own tests do).
         AcceleratorState._reset_state()
         metrics = evaluate_run(run_dir, shards_dir, run_dir / "eval", split=split, num_bootstrap=num_bootstrap,
-                               track=track)
+                               seed=seed, track=track)
         AcceleratorState._reset_state()
         if metrics:
             rows.append(_comparison_row(name, config, summary, metrics, train_time))
-    result = {"split": split, "shards": str(shards_dir), "classes": index.classes, "models": rows}
+            eval_dirs[name] = run_dir / "eval"
+    result = {"split": split, "shards": str(shards_dir), "classes": index.classes, "models": rows, "paired": None}
     if rows:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_run_json(out_dir / "comparison.json", result)
-        (out_dir / "comparison.md").write_text(comparison_markdown(result), encoding="utf-8")
-        print(f"comparison: {out_dir / 'comparison.md'}")
+        if len(eval_dirs) > 1:
+            result["paired"] = paired_comparison_of_runs(eval_dirs, index.classes, num_bootstrap=num_bootstrap,
+                                                         seed=seed)
+        write_comparison(out_dir, result)
+        print(f"comparison: {out_dir / 'comparison.md'}  (html: {out_dir / 'comparison.html'})")
     return result
+
+
+def paired_comparison_of_runs(eval_dirs: dict[str, Path], classes: list[str], num_bootstrap: int = 1000,
+                              seed: int = 0, positive_class: str | None = None) -> dict:
+    """`paired.compare_models` on the predictions.csv of several `evaluate` folders (name -> folder):
+    the images all of them scored (matched by key), resampled by the patients (bootstrap units) the
+    first one records. `positive_class` None: gastric_cancer when present."""
+    predictions = {name: read_predictions_csv(Path(folder) / "predictions.csv", classes)
+                   for name, folder in eval_dirs.items()}
+    first = next(iter(predictions.values()))
+    common = set(first["keys"])
+    for scored in predictions.values():
+        common &= set(scored["keys"])
+    keys = [key for key in first["keys"] if key in common]
+    aligned = {}
+    for name, scored in predictions.items():
+        position = {key: k for k, key in enumerate(scored["keys"])}
+        aligned[name] = np.array([position[key] for key in keys], dtype=np.int64)
+    labels = first["labels"][aligned[next(iter(aligned))]]
+    for name, rows in aligned.items():
+        if not np.array_equal(predictions[name]["labels"][rows], labels):
+            raise UserError(f"{eval_dirs[name]}/predictions.csv gives other true labels for the same images than "
+                            f"{next(iter(eval_dirs.values()))}: they were not evaluated on the same shards")
+    if positive_class is None:
+        positive_class = POSITIVE_CLASS if POSITIVE_CLASS in classes else None
+    comparison = compare_models(labels, {name: predictions[name]["probs"][rows] for name, rows in aligned.items()},
+                                classes, groups=first["groups"][aligned[next(iter(aligned))]],
+                                positive_class=positive_class, num_bootstrap=num_bootstrap, seed=seed)
+    comparison["num_images_not_in_all"] = int(len(set().union(*(set(p["keys"]) for p in predictions.values())))
+                                              - len(keys))
+    return comparison
 
 
 def _comparison_row(name: str, config, summary: dict, metrics: dict, train_time_s: float) -> dict:
@@ -68,6 +111,8 @@ def _comparison_row(name: str, config, summary: dict, metrics: dict, train_time_
         "per_class_accuracy": metrics["per_class_accuracy"], "per_class_accuracy_ci": ci.get("per_class_accuracy"),
         "accuracy": metrics["accuracy"], "accuracy_ci": ci.get("accuracy"), "macro_f1": metrics["macro_f1"],
         "mcc": metrics["mcc"], "macro_auc": metrics["macro_auc"], "ece": metrics["ece"],
+        "ece_debiased": metrics.get("ece_debiased"), "brier": metrics.get("brier"),
+        "temperature": (metrics.get("temperature_scaling") or {}).get("temperature"),
         "cancer_vs_benign": metrics.get("cancer_vs_benign"),
         "train_time_s": round(train_time_s, 1),
         "train_images_per_s": {p: phases[p].get("images_per_s") for p in phases},
@@ -75,28 +120,91 @@ def _comparison_row(name: str, config, summary: dict, metrics: dict, train_time_
     }
 
 
+def write_comparison(out_dir: Path, result: dict) -> None:
+    """comparison.json, the forest plot (with a paired comparison), comparison.md and comparison.html."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_run_json(out_dir / "comparison.json", result)
+    if result.get("paired"):
+        save_forest_plot(result["paired"], out_dir / FOREST_PLOT)
+    blocks = comparison_blocks(result)
+    (out_dir / "comparison.md").write_text(render_markdown(blocks), encoding="utf-8")
+    (out_dir / "comparison.html").write_text(render_html(blocks, f"Backbone comparison ({result['split']} split)",
+                                                         out_dir), encoding="utf-8")
+
+
 def comparison_markdown(result: dict) -> str:
+    return render_markdown(comparison_blocks(result))
+
+
+def comparison_blocks(result: dict) -> list:
     classes = result["classes"]
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    lines = [f"# Backbone comparison ({result['split']} split)", "",
-             "Share of each class's images recognised correctly (the study's table), with 95% patient-level bootstrap CIs.", "",
-             "| model | " + " | ".join(classes) + " | overall |", "|---|" + "---:|" * (len(classes) + 1)]
+    num = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    accuracy_rows = []
     for row in result["models"]:
         cells = []
         for c in classes:
             ci = (row.get("per_class_accuracy_ci") or {}).get(c)
             interval = f" ({pct(ci['lower'])}–{pct(ci['upper'])})" if ci and ci.get("lower") is not None else ""
             cells.append(pct(row["per_class_accuracy"].get(c)) + interval)
-        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {pct(row['accuracy'])} |")
-    lines += ["", "| model | macro F1 | MCC | macro AUC | ECE | cancer sens. | cancer spec. | cancer AUC | train time (s) | train images/s |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        accuracy_rows.append([row["name"], *cells, pct(row["accuracy"])])
+    other_rows = []
     for row in result["models"]:
         cvb = row.get("cancer_vs_benign") or {}
         ips = row["train_images_per_s"].get("finetune") or row["train_images_per_s"].get("head")
-        num = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-        lines.append(f"| {row['name']} | {num(row['macro_f1'])} | {num(row['mcc'])} | {num(row['macro_auc'])} | "
-                     f"{num(row['ece'])} | {pct(cvb.get('sensitivity'))} | {pct(cvb.get('specificity'))} | "
-                     f"{num(cvb.get('auc'))} | {row['train_time_s']} | {'n/a' if ips is None else f'{ips:.0f}'} |")
-    lines += ["", "MCC is scikit-learn's multiclass matthews_corrcoef. Reference study (ResNet50): "
-              "gastric cancer 93%, gastric ulcer 92%, chronic gastritis 88%.", ""]
-    return "\n".join(lines)
+        other_rows.append([row["name"], num(row["macro_f1"]), num(row["mcc"]), num(row["macro_auc"]),
+                           num(row.get("ece_debiased")), num(row.get("brier")), pct(cvb.get("sensitivity")),
+                           pct(cvb.get("specificity")), num(cvb.get("auc")), str(row["train_time_s"]),
+                           "n/a" if ips is None else f"{ips:.0f}"])
+    notes = "MCC is scikit-learn's multiclass matthews_corrcoef; ECE is the debiased expected calibration error."
+    if set(classes) == STUDY_CLASSES:
+        notes += " Reference study (ResNet50): gastric cancer 93%, gastric ulcer 92%, chronic gastritis 88%."
+    blocks = [Heading(f"Backbone comparison ({result['split']} split)", level=1),
+              Paragraph("Share of each class's images recognised correctly (the study's table), with 95% "
+                        "patient-level bootstrap CIs."),
+              Table(["model", *classes, "overall"], accuracy_rows),
+              Table(["model", "macro F1", "MCC", "macro AUC", "ECE", "Brier", "cancer sens.", "cancer spec.",
+                     "cancer AUC", "train time (s)", "train images/s"], other_rows),
+              Paragraph(notes)]
+    if result.get("paired"):
+        blocks += paired_blocks(result["paired"])
+    return blocks
+
+
+def paired_blocks(paired: dict) -> list:
+    """The paired comparison: its table, the forest plot and a sentence per difference."""
+    level = f"{paired['level']:.0%}"
+    signed = lambda v: "n/a" if v is None else f"{v:+.3f}"  # noqa: E731
+    points = lambda v: "n/a" if v is None else f"{100 * v:+.1f}"  # noqa: E731
+    p = lambda v: "n/a" if v is None else ("<0.001" if v < 0.001 else f"{v:.3f}")  # noqa: E731
+
+    def interval(entry: dict, fmt) -> str:
+        ci = entry["ci"]
+        bounds = "n/a" if ci is None else f"{fmt(ci['lower'])} to {fmt(ci['upper'])}"
+        return f"{fmt(entry['difference'])} ({bounds})"
+
+    rows = []
+    for pair in paired["pairs"]:
+        delong = pair["delong"] or {}
+        rows.append([f"{pair['a']} − {pair['b']}", interval(pair["accuracy_difference"], points),
+                     f"{p(pair['mcnemar']['p_value'])} ({p(pair['mcnemar'].get('p_holm'))})",
+                     interval(pair["macro_auc_difference"], signed), interval(pair["cancer_auc_difference"], signed),
+                     f"{p(delong.get('p_value'))} ({p(delong.get('p_holm'))})" if delong else "n/a"])
+    unit = "patients" if paired["unit"] == "patient" else "images"
+    method = (f"All {paired['num_images']} images every model scored"
+              + (f" ({paired['num_images_not_in_all']} scored by only some were left out)"
+                 if paired.get("num_images_not_in_all") else "")
+              + f", compared pairwise (a − b). McNemar's exact test compares which images each model gets right "
+              "(it treats images as independent); DeLong's test compares the "
+              f"{paired['positive_class'] or 'binary'}-vs-rest AUCs"
+              + (", its variance clustered by patient (Obuchowski 1997)" if paired["unit"] == "patient" else "")
+              + f". Each test's p-values are Holm-adjusted across the {len(paired['pairs'])} pairs (in brackets) "
+              f"and read at {paired['alpha']}. The {level} CIs of the differences come from {paired['num_resamples']} "
+              f"paired bootstrap resamples of the {paired['num_units']} {unit} (seed {paired['seed']}); the macro "
+              "AUC difference has a CI but no test.")
+    return [Heading("Paired comparison"), Paragraph(method),
+            Table(["pair (a − b)", f"accuracy, points ({level} CI)", "McNemar p (Holm)",
+                   f"macro AUC ({level} CI)", f"cancer AUC ({level} CI)", "DeLong p (Holm)"], rows),
+            Images([(FOREST_PLOT, "Differences between the models with their CIs; the dashed line is no "
+                                  "difference")]),
+            *[Paragraph(sentence) for sentence in significance_sentences(paired)]]

@@ -71,6 +71,7 @@ _OPTIONAL_FIELDS = {
     "pretrained": (lambda v: isinstance(v, str), "a string"),
     "source_checkpoint": (lambda v: isinstance(v, str), "a string"),
     "interpolation": (lambda v: v in ("bilinear", "bicubic"), "'bilinear' or 'bicubic'"),
+    "temperature": (lambda v: _is_number(v) and v > 0, "a positive number"),
 }
 
 
@@ -88,6 +89,9 @@ class ModelMeta:
     source_checkpoint: str = ""
     interpolation: str = "bilinear"
     """Resize filter the pretrained weights were trained with (the pipeline resizes bilinearly)."""
+    temperature: float = 1.0
+    """Temperature scaling fitted on the validation split: probabilities are softmax(logits / temperature);
+    1.0 for runs trained before it was fitted."""
     format: str = field(default="safetensors state_dict of the model with its new head")
 
     def model_config(self) -> ModelConfig:

@@ -13,8 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from scipy.special import softmax
+from sklearn import metrics as skm
+
 from conftest import REPO, TINY_TRAIN_OVERRIDES
 from gastro_dist.cli import main
+from gastro_dist.evaluation.evaluate import read_predictions_csv
+from gastro_dist.evaluation.metrics import evaluate_predictions, patient_level
+from gastro_dist.training.calibration import calibrated_probabilities
 
 pytestmark = pytest.mark.slow  # end to end: trains, packs or launches processes
 
@@ -49,10 +55,24 @@ def test_evaluate_writes_metrics_predictions_and_report(trained_run, synthetic_s
     with (out / "predictions.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == metrics["num_samples"]
-    assert {"key", "source", "patient_id", "true_label", "predicted_label", *[f"prob_{c}" for c in classes]} <= set(rows[0])
+    assert {"key", "source", "patient_id", "group", "true_label", "predicted_label", *[f"prob_{c}" for c in classes],
+            *[f"logit_{c}" for c in classes]} <= set(rows[0])
     assert all(abs(sum(float(r[f"prob_{c}"]) for c in classes) - 1) < 1e-4 for r in rows)
+    # Temperature scaling: fitted at the end of training, stored in model.json, applied here.
+    temperature = json.loads((trained_run / "model.json").read_text())["temperature"]
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert summary["calibration"]["temperature"] == temperature > 0
+    assert summary["calibration"]["nll_after"] <= summary["calibration"]["nll_before"]
+    assert metrics["temperature_scaling"]["temperature"] == temperature
+    # The synthetic patients have several images: patient-level metrics beside the per-image ones.
+    patients = metrics["patient_level"]
+    assert patients["aggregation"] == "mean" and patients["metrics"]["num_samples"] == patients["num_cases"]
+    assert patients["num_patients"] == metrics["num_groups"] < metrics["num_samples"]
+    card = (out / "MODEL_CARD.md").read_text()
+    assert card.startswith("# Model card") and "NOT FOR DIAGNOSIS" in card and "## Caveats and recommendations" in card
+    assert "Model card" in (out / "report.html").read_text()
     report = (out / "report.md").read_text()
-    assert "matthews_corrcoef" in report
+    assert "matthews_corrcoef" in report and "## Per image and per patient" in report and "## Calibration" in report
     for png in ("confusion_matrix.png", "roc.png"):
         with Image.open(out / png) as image:
             assert image.size[0] > 200 and image.size[1] > 200
@@ -61,6 +81,47 @@ def test_evaluate_writes_metrics_predictions_and_report(trained_run, synthetic_s
     assert len(cams) == len(classes_with_mistakes)  # --cam-misclassified 1: one per class that has mistakes
     for cam in cams:
         assert f"cam/{cam.name}" in report
+        with Image.open(cam) as panel:  # the stored frame (short side 56 px) beside the overlay, a caption below
+            assert panel.width >= 2 * 56 and panel.height > 56 + 20
+    if cams:
+        assert "<div class='gallery'>" in (out / "report.html").read_text()
+
+
+def test_metrics_json_is_recomputed_exactly_from_predictions_csv(trained_run, synthetic_shards, tmp_path):
+    """predictions.csv holds every probability at full precision: scikit-learn recomputes metrics.json from it,
+    and so does the bootstrap, interval for interval."""
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--run", str(trained_run), "--shards", str(synthetic_shards), "--split", "val",
+                 "--out", str(out), "--bootstrap", "100", "--workers", "0", "--no-track"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    classes = metrics["classes"]
+    table = read_predictions_csv(out / "predictions.csv", classes)
+    y, probs, logits = table["labels"], table["probs"], table["logits"]
+    temperature = metrics["temperature_scaling"]["temperature"]
+    assert np.array_equal(calibrated_probabilities(logits, temperature), probs)  # bit for bit
+    predicted = probs.argmax(axis=1)
+    labels = list(range(len(classes)))
+    exact = dict(rel=0, abs=1e-12)
+    assert metrics["accuracy"] == pytest.approx(skm.accuracy_score(y, predicted), **exact)
+    assert metrics["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, predicted), **exact)
+    assert metrics["confusion_matrix"] == skm.confusion_matrix(y, predicted, labels=labels).tolist()
+    assert metrics["macro_f1"] == pytest.approx(skm.f1_score(y, predicted, average="macro"), **exact)
+    assert metrics["mcc"] == pytest.approx(skm.matthews_corrcoef(y, predicted), **exact)
+    for k, name in enumerate(classes):
+        assert metrics["per_class"][name]["auc"] == pytest.approx(skm.roc_auc_score(y == k, probs[:, k]), **exact)
+    assert metrics["macro_auc"] == pytest.approx(skm.roc_auc_score(y, probs, multi_class="ovr"), **exact)
+    assert metrics["brier"] == pytest.approx(skm.brier_score_loss(y, probs, labels=labels, scale_by_half=False), **exact)
+    assert metrics["nll"] == pytest.approx(skm.log_loss(y, probs, labels=labels), **exact)
+    before = metrics["temperature_scaling"]["before"]
+    assert before["brier"] == pytest.approx(
+        skm.brier_score_loss(y, softmax(logits, axis=1), labels=labels, scale_by_half=False), **exact)
+    # The CIs too: the same units (the group column) and seed give the same resamples.
+    again = evaluate_predictions(y, probs, classes, groups=table["groups"], num_bootstrap=100, seed=0)
+    assert again["ci"] == metrics["ci"] and again["ece"] == metrics["ece"]
+    cases = patient_level(y, probs, table["groups"])
+    patient = evaluate_predictions(cases["labels"], cases["probs"], classes, cases["groups"], num_bootstrap=100)
+    assert patient["accuracy"] == metrics["patient_level"]["metrics"]["accuracy"]
+    assert patient["ci"] == metrics["patient_level"]["metrics"]["ci"]
 
 
 def test_evaluate_under_two_processes_counts_every_sample_once(trained_run, synthetic_shards, tmp_path):
@@ -109,8 +170,9 @@ def test_cam_overlays(trained_run, synthetic_source, tmp_path):
     image = next((synthetic_source / "gastric_cancer").glob("*.jpg"))
     out = tmp_path / "cams"
     assert main(["cam", "--run", str(trained_run), str(image), "--out", str(out), "--class", "gastric_ulcer"]) == 0
-    with Image.open(out / f"{image.stem}_cam.png") as overlay:
-        assert overlay.size == (48, 48) and overlay.mode == "RGB"
+    with Image.open(image) as frame, Image.open(out / f"{image.stem}_cam.png") as panel:
+        # the frame at its own resolution (not the 48 px input) beside the overlay, a caption below
+        assert panel.width >= 2 * frame.width and panel.height > frame.height and panel.mode == "RGB"
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
@@ -118,7 +180,8 @@ def test_export_round_trip_through_the_cli(trained_run, tmp_path, fmt, capsys):
     out = tmp_path / f"model.{fmt}"
     assert main(["export", "--run", str(trained_run), "--format", fmt, "--out", str(out)]) == 0
     sidecar = json.loads(Path(f"{out}.json").read_text())
-    assert sidecar["classes"] == json.loads((trained_run / "model.json").read_text())["classes"]
+    model_json = json.loads((trained_run / "model.json").read_text())
+    assert sidecar["classes"] == model_json["classes"] and sidecar["temperature"] == model_json["temperature"]
     assert "max difference" in capsys.readouterr().out
 
 
@@ -137,3 +200,11 @@ def test_compare_writes_the_study_table(synthetic_shards, tmp_path):
     for row in comparison["models"]:
         assert set(row["per_class_accuracy"]) == set(comparison["classes"])
         assert row["train_time_s"] > 0
+    (pair,) = comparison["paired"]["pairs"]
+    assert (pair["a"], pair["b"]) == ("smoke", "mobilenet")
+    assert {"p_value", "p_holm", "significant"} <= set(pair["mcnemar"]) and pair["delong"]["method"]
+    assert comparison["paired"]["unit"] == "patient"
+    assert "## Paired comparison" in table and "significantly different" in table
+    assert "Reference study (ResNet50)" in table  # the study's three classes
+    assert (out / "comparison_forest.png").is_file()
+    assert "data:image/png;base64," in (out / "comparison.html").read_text()

@@ -9,6 +9,7 @@ import torchvision
 
 from gastro_dist import UserError
 from gastro_dist.evaluation.export import check_export, export_model
+from gastro_dist.evaluation.inference import predict_probabilities
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -38,7 +39,7 @@ def test_round_trip_matches_pytorch(tmp_path, resnet, fmt, suffix):
     assert sidecar["mean"] == list(MEAN) and sidecar["std"] == list(STD)
     assert sidecar["input_layout"] == "NCHW float32, RGB, normalised: (x/255 - mean)/std"
     assert sidecar["output"] == "probabilities" and "softmax" in sidecar["output_meaning"]
-    assert sidecar["opset"] == (17 if fmt == "onnx" else None)
+    assert sidecar["opset"] == (17 if fmt == "onnx" else None) and sidecar["temperature"] == 1.0
     assert sidecar["torch_version"] == torch.__version__
 
 
@@ -86,3 +87,25 @@ def test_check_export_reports_a_mismatch(tmp_path, resnet):
     changed = torchvision.models.resnet18(weights=None, num_classes=len(CLASSES))
     with pytest.raises(RuntimeError, match="differs from PyTorch"):
         check_export(changed, out_file, "torchscript", 64)
+
+
+@pytest.mark.parametrize("fmt,suffix", [("onnx", ".onnx"), ("torchscript", ".pt")])
+def test_exported_probabilities_are_predicts_with_the_temperature(tmp_path, resnet, fmt, suffix):
+    """The run's temperature is inside the exported graph: its probabilities are `predict`'s."""
+    temperature = 2.5
+    out_file = export_model(resnet, fmt, tmp_path / f"model{suffix}", 64, CLASSES, MEAN, STD, temperature=temperature)
+    assert json.loads((tmp_path / f"model{suffix}.json").read_text())["temperature"] == temperature
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    if fmt == "onnx":
+        session = onnxruntime.InferenceSession(str(out_file), providers=["CPUExecutionProvider"])
+        exported = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    else:
+        exported = torch.jit.load(str(out_file))(images)
+    reference = resnet.eval()
+    predicted = predict_probabilities(reference, images, temperature=temperature)
+    resnet.train()
+    assert (exported - predicted).abs().max().item() < 1e-5
+    untempered = predict_probabilities(resnet.eval(), images)
+    resnet.train()
+    assert (exported - untempered).abs().max().item() > 1e-3  # the temperature did change them
+    assert check_export(resnet, out_file, fmt, 64) <= 1e-4  # checked against PyTorch with the same temperature

@@ -150,6 +150,72 @@ def test_agrees_with_scikit_learn(seed, num_classes):
     assert m["mcc"] == pytest.approx(skm.matthews_corrcoef(y_true, predicted), abs=1e-9)
     assert m["macro_auc"] == pytest.approx(
         skm.roc_auc_score(y_true, probs, multi_class="ovr", average="macro"), abs=1e-9)
+    # Brier's multiclass score (sum over classes, 0 to 2) and the log loss, as scikit-learn computes them.
+    assert m["brier"] == pytest.approx(skm.brier_score_loss(y_true, probs, labels=labels, scale_by_half=False),
+                                       abs=1e-12)
+    assert m["nll"] == pytest.approx(skm.log_loss(y_true, probs, labels=labels), abs=1e-12)
+
+
+def test_brier_worked_by_hand():
+    # (0.8, 0.2) for class 0: (0.2^2 + 0.2^2) = 0.08; (0.3, 0.7) for class 0: 0.7^2 + 0.7^2 = 0.98.
+    m = evaluate_predictions(np.array([0, 0]), np.array([[0.8, 0.2], [0.3, 0.7]]), ["a", "b"], num_bootstrap=0)
+    assert m["brier"] == pytest.approx((0.08 + 0.98) / 2)
+    assert m["nll"] == pytest.approx(-(np.log(0.8) + np.log(0.3)) / 2)
+
+
+def test_debiased_ece_interval_contains_its_estimate_where_the_percentile_interval_did_not():
+    """A calibrated model on 450 images: the plug-in ECE (0.028) is all noise, and the percentile interval of
+    its bootstrap replicates (biased once more) lies above it (0.032 - 0.082), as the report once showed ('ECE
+    0.029, 95% CI 0.034 - 0.100'). The debiased ECE's interval holds its estimate, by construction."""
+    rng = np.random.default_rng(26)
+    logits = rng.normal(0, 1.5, size=(450, 3))
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    y_true = (rng.random(450)[:, None] > np.cumsum(probs, axis=1)).sum(axis=1)  # drawn from probs: calibrated
+    m = evaluate_predictions(y_true, probs, STUDY_CLASSES, num_bootstrap=500, seed=0)
+    replicates = M._bootstrap_statistics(M.PreparedPredictions(y_true, probs), np.arange(450), 500, 0)["ece"]
+    lower, upper = np.percentile(replicates, [2.5, 97.5])
+    assert not lower <= m["ece"] <= upper  # the old interval misses its own estimate
+    interval = m["ci"]["ece_debiased"]
+    assert interval["lower"] <= m["ece_debiased"] <= interval["upper"]
+    assert m["ece_debiased"] < m["ece"]
+    for seed in range(20):  # whatever the replicates
+        y, p = random_predictions(seed, 120, 3)
+        again = evaluate_predictions(y, p, STUDY_CLASSES, np.arange(120) // 3, num_bootstrap=100, seed=seed)
+        assert again["ci"]["ece_debiased"]["lower"] <= again["ece_debiased"] <= again["ci"]["ece_debiased"]["upper"]
+
+
+def test_debiased_ece_corrects_each_bin_by_its_expected_noise():
+    # One bin of 10 images at confidence 0.95 with 9 right: gap -0.05, s^2 = 0.9 * 0.1 / 9 = 0.01, s = 0.1.
+    # E|N(-0.05, 0.1^2)| = 0.1 sqrt(2/pi) exp(-0.125) + (-0.05) erf(-0.05 / (0.1 sqrt 2)) = 0.09871...
+    # debiased = 2 * 0.05 - 0.09871 = 0.00129 (the plug-in ECE is 0.05).
+    from scipy.special import erf
+    probs = np.tile([0.95, 0.05], (10, 1))
+    y_true = np.array([0] * 9 + [1])
+    m = evaluate_predictions(y_true, probs, ["a", "b"], num_bootstrap=0)
+    expected_abs = 0.1 * np.sqrt(2 / np.pi) * np.exp(-0.125) - 0.05 * erf(-0.05 / (0.1 * np.sqrt(2)))
+    assert m["ece"] == pytest.approx(0.05)
+    assert m["ece_debiased"] == pytest.approx(2 * 0.05 - expected_abs)
+
+
+def test_patient_level_mean_and_max():
+    # Patient p1: two cancer frames (P(cancer) 0.9 and 0.3); p2: one gastritis frame and one ulcer frame.
+    classes = ["gastric_cancer", "gastric_ulcer", "chronic_gastritis"]
+    probs = np.array([[0.9, 0.05, 0.05], [0.3, 0.5, 0.2], [0.1, 0.2, 0.7], [0.2, 0.6, 0.2]])
+    y_true = np.array([0, 0, 2, 1])
+    groups = np.array(["p1", "p1", "p2", "p2"])
+    mean = M.patient_level(y_true, probs, groups, "mean")
+    assert mean["groups"].tolist() == ["p1", "p2", "p2"] and mean["labels"].tolist() == [0, 1, 2]
+    np.testing.assert_allclose(mean["probs"], [[0.6, 0.275, 0.125], [0.2, 0.6, 0.2], [0.1, 0.2, 0.7]])
+    assert mean["num_frames"].tolist() == [2, 1, 1]
+    largest = M.patient_level(y_true, probs, groups, "max", positive_index=0)
+    # p1: P(cancer) = 0.9; the other 0.1 shared as the means 0.275 : 0.125.
+    np.testing.assert_allclose(largest["probs"][0], [0.9, 0.1 * 0.275 / 0.4, 0.1 * 0.125 / 0.4])
+    np.testing.assert_allclose(largest["probs"].sum(axis=1), 1.0)
+    with pytest.raises(UserError, match="positive class"):
+        M.patient_level(y_true, probs, groups, "max")
+    # Patient-level metrics are ordinary metrics of the cases, resampled by patient.
+    m = evaluate_predictions(mean["labels"], mean["probs"], classes, mean["groups"], num_bootstrap=20)
+    assert m["num_samples"] == 3 and m["num_groups"] == 2 and m["accuracy"] == 1.0
 
 
 def test_roc_curve_matches_scikit_learn():
@@ -171,13 +237,15 @@ def test_bootstrap_intervals_contain_estimate_and_are_seeded():
     assert first["ci"] == again["ci"]
     assert first["ci"]["accuracy"] != other["ci"]["accuracy"]
     assert first["bootstrap"] == {"num_resamples": 300, "seed": 1, "level": 0.95, "method": "percentile",
+                                  "ece_method": "debiased ECE (normal approximation per bin), basic bootstrap "
+                                                "interval centred on it",
                                   "unit": "patient", "num_units": 100}
     ci = first["ci"]
 
     def contains(interval, value):
         return interval["lower"] <= value <= interval["upper"] and interval["lower"] < interval["upper"]
 
-    for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "mcc"):
+    for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "mcc", "brier", "ece_debiased"):
         assert contains(ci[name], first[name]), name
     for name in STUDY_CLASSES:
         assert contains(ci["per_class_accuracy"][name], first["per_class_accuracy"][name])
@@ -215,12 +283,14 @@ def test_weighted_replicate_equals_metrics_of_the_resampled_images():
     probs /= probs.sum(axis=1, keepdims=True)
     drawn = np.random.default_rng(0).integers(0, 80, 80)
     weights = np.bincount(drawn, minlength=80).astype(float)
-    replicate = M._replicate_statistics(M._PreparedPredictions(y_true, probs), weights[None, :])
+    replicate = M.replicate_statistics(M.PreparedPredictions(y_true, probs), weights[None, :])
     direct = evaluate_predictions(y_true[drawn], probs[drawn], list("abcd"), num_bootstrap=0)
     assert replicate["accuracy"][0] == pytest.approx(direct["accuracy"])
     assert replicate["mcc"][0] == pytest.approx(direct["mcc"])
     assert replicate["macro_f1"][0] == pytest.approx(direct["macro_f1"])
     assert replicate["ece"][0] == pytest.approx(direct["ece"])
+    assert replicate["brier"][0] == pytest.approx(direct["brier"])
+    assert max(0, replicate["ece_debiased"][0]) == pytest.approx(direct["ece_debiased"])
     for k, name in enumerate("abcd"):
         assert replicate["auc"][0, k] == pytest.approx(direct["per_class"][name]["auc"])
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gastro_dist.evaluation.metrics import dummy_baselines, evaluate_predictions, operating_point
-from gastro_dist.evaluation.report import write_report
+from gastro_dist.evaluation.metrics import dummy_baselines, evaluate_predictions, operating_point, patient_level
+from gastro_dist.evaluation.report import Heading, Paragraph, write_report
 
 STUDY_CLASSES = ["gastric_cancer", "gastric_ulcer", "chronic_gastritis"]
 
@@ -49,7 +49,7 @@ def test_full_report_for_the_study_classes(tmp_path):
         assert (f"| {name} | {recognised} | {100 * metrics['per_class_accuracy'][name]:.1f}% | "
                 f"{100 * interval['lower']:.1f}% – {100 * interval['upper']:.1f}% |") in markdown
     assert "matthews_corrcoef" in markdown and "patient-level bootstrap" in markdown
-    for section in ("## Cancer vs benign", "## Operating point", "## Baselines", "## Grad-CAM",
+    for section in ("## Cancer vs benign", "## Operating point", "## Baselines", "## Grad-CAM of misclassified images",
                     "| Sensitivity | Specificity | PPV | NPV | F1 | AUC |", "runs/a/best.safetensors"):
         assert section in markdown
     assert "](confusion_matrix.png)" in markdown and "](cam_0.png)" in markdown
@@ -59,6 +59,47 @@ def test_full_report_for_the_study_classes(tmp_path):
     assert page.count("data:image/png;base64,") == 4
     assert "src='confusion_matrix.png'" not in page
     assert "<code>matthews_corrcoef</code>" in page
+    assert page.count("<div class='gallery'>") == 1  # the Grad-CAM panels, as a gallery
+
+    # The debiased ECE is shown with an interval that holds it, next to the Brier score.
+    interval = metrics["ci"]["ece_debiased"]
+    assert (f"| ECE (15 bins, debiased) | {metrics['ece_debiased']:.3f} | {interval['lower']:.3f} – "
+            f"{interval['upper']:.3f} |") in markdown
+    assert "| Brier score (0 best, 2 worst) |" in markdown and "Kumar, Liang &amp; Ma 2019" in markdown
+
+
+def test_calibration_patient_level_and_model_card_sections(tmp_path):
+    y_true, probs = random_predictions(5, 180, 3)
+    groups = np.arange(180) // 4
+    metrics = evaluate_predictions(y_true, probs, STUDY_CLASSES, groups, num_bootstrap=50)
+    before = evaluate_predictions(y_true, probs ** 2 / (probs ** 2).sum(1, keepdims=True), STUDY_CLASSES, groups,
+                                  num_bootstrap=50)
+
+    def calibration(m):
+        return {"ece": m["ece"], "ece_debiased": m["ece_debiased"], "ece_debiased_ci": m["ci"]["ece_debiased"],
+                "brier": m["brier"], "brier_ci": m["ci"]["brier"], "nll": m["nll"]}
+
+    scaling = {"temperature": 2.0, "fit": {"num_samples": 90, "temperature": 2.0},
+               "before": calibration(before), "after": calibration(metrics)}
+    cases = patient_level(y_true, probs, groups)
+    patients = {"aggregation": "mean", "num_patients": 45, "num_cases": len(cases["labels"]),
+                "frames_per_case": {"min": 1, "median": 2.0, "max": 4},
+                "metrics": evaluate_predictions(cases["labels"], cases["probs"], STUDY_CLASSES, cases["groups"],
+                                                num_bootstrap=50)}
+    card = [Heading("Model card: x", 1), Heading("Intended use"), Paragraph("NOT FOR DIAGNOSIS.")]
+    paths = write_report(tmp_path, metrics, y_true, probs, STUDY_CLASSES, "calibrated", temperature_scaling=scaling,
+                         patient_level=patients, model_card=card)
+    markdown = paths["markdown"].read_text()
+    assert "## Calibration" in markdown and "T = 2.000" in markdown
+    assert "| Measure | Before (T = 1) | After (T = 2.000) |" in markdown
+    assert f"| ECE, plug-in | {before['ece']:.3f} | {metrics['ece']:.3f} |" in markdown
+    assert "## Per image and per patient" in markdown and "45 patients" in markdown
+    patient_accuracy = patients["metrics"]["accuracy"]
+    assert f"| Accuracy | {100 * metrics['accuracy']:.1f}% (" in markdown
+    assert f" | {100 * patient_accuracy:.1f}% (" in markdown
+    # The model card is the report's last section, one heading level down.
+    assert markdown.index("## Model card: x") > markdown.index("## Methods")
+    assert "### Intended use" in markdown and "NOT FOR DIAGNOSIS." in markdown
 
 
 @pytest.mark.parametrize("num_classes", [2, 12])

@@ -1,7 +1,9 @@
 """Grad-CAM heatmaps: which region of a gastroscopy frame drove a prediction.
 
 Owns choosing the layer to explain for each backbone family, computing Grad-CAM (Selvaraju et al.
-2017) with a forward hook and ``torch.autograd.grad``, and blending a heatmap over the original frame.
+2017) with a forward hook and ``torch.autograd.grad``, blending a heatmap over the original frame,
+and the panel clinicians read (`cam_panel`): the frame at its own resolution beside the overlay,
+the map laid on the part of the frame the network saw, with a caption.
 The model is left exactly as found: per-module training modes are restored, parameters'
 ``requires_grad`` flags and ``.grad`` are never touched (gradients flow because the input requires
 grad, so frozen backbones work), and the hook is always removed.
@@ -34,7 +36,7 @@ import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from torchvision import models
 
@@ -227,3 +229,53 @@ def overlay_heatmap(image: Image.Image | np.ndarray, cam: np.ndarray, alpha: flo
     heat = matplotlib.colormaps["jet"](np.clip(cam, 0.0, 1.0))[..., :3] * 255.0
     blended = (1.0 - alpha) * pixels + alpha * heat
     return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+
+
+def eval_crop_box(width: int, height: int, image_size: int, eval_crop_ratio: float) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) in a width x height frame of the square the evaluation preprocessing
+    feeds the network: resize the shorter side to round(image_size / eval_crop_ratio), centre-crop
+    image_size (`data.augmentation.eval_transform`). A CAM covers exactly this square."""
+    side = image_size * min(width, height) / round(image_size / eval_crop_ratio)
+    left, top = (width - side) / 2, (height - side) / 2
+    return left, top, left + side, top + side
+
+
+def cam_panel(frame: Image.Image, cam: np.ndarray, crop_box: tuple[float, float, float, float],
+              caption: list[str], alpha: float = 0.45) -> Image.Image:
+    """The frame as stored (its own resolution) beside the same frame with the CAM laid over the part
+    the network saw (`eval_crop_box`; the rest dimmed and outlined), a caption of one or more lines below.
+
+    Captions hold class names from model.json: drawn as text in the image, they cannot run as markup.
+    """
+    frame = frame.convert("RGB")
+    width, height = frame.size
+    box = tuple(int(round(v)) for v in crop_box)
+    overlay = Image.eval(frame, lambda value: value // 2)  # outside the network's view: dimmed
+    seen = frame.crop(box)
+    overlay.paste(overlay_heatmap(seen, cam, alpha=alpha), box[:2])
+    gap = max(8, width // 40)
+    font_px = max(12, min(32, height // 18))
+    font = _caption_font(font_px)
+    lines = [" ".join(line.split())[:200] for line in caption]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_width = max((int(measure.textlength(line, font=font)) for line in lines), default=0)
+    panel_width = max(2 * width + gap, text_width + 2 * gap)
+    line_height = int(font_px * 1.3)
+    panel = Image.new("RGB", (panel_width, height + gap + line_height * len(lines) + gap), "white")
+    left = (panel_width - (2 * width + gap)) // 2
+    panel.paste(frame, (left, 0))
+    panel.paste(overlay, (left + width + gap, 0))
+    draw = ImageDraw.Draw(panel)
+    x0, y0, x1, y1 = box
+    draw.rectangle((left + width + gap + x0, y0, left + width + gap + x1 - 1, y1 - 1), outline="white",
+                   width=max(1, width // 200))
+    for k, line in enumerate(lines):
+        draw.text((gap, height + gap + k * line_height), line, fill="black", font=font)
+    return panel
+
+
+def _caption_font(size_px: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size_px)  # Pillow >= 10.1 with FreeType: a scalable font
+    except (TypeError, OSError):
+        return ImageFont.load_default()

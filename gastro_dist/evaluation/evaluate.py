@@ -1,6 +1,7 @@
 """`evaluate` and `cam`: a trained run measured the way clinicians read it (predictions.csv,
-metrics.json, the report; what each holds: README "Evaluation"), with every sample the metrics
-cannot use left out and listed, and every file name built from shard content kept inside --out."""
+metrics.json, the report and MODEL_CARD.md; what each holds: README "Evaluation"), per image and per
+patient, with the run's temperature scaling applied, every sample the metrics cannot use left out
+and listed, and every file name built from shard content kept inside --out."""
 
 from __future__ import annotations
 
@@ -24,13 +25,17 @@ from gastro_dist.data.images import BadImage, load_rgb
 from gastro_dist.evaluation import cam as gradcam
 from gastro_dist.evaluation.inference import (TrainedModel, check_output_folder, default_device, file_identities,
                                               load_trained_model)
-from gastro_dist.evaluation.metrics import dummy_baselines, evaluate_predictions, operating_point
-from gastro_dist.evaluation.report import write_report
+from gastro_dist.evaluation.inference import full_precision
+from gastro_dist.evaluation.metrics import (PATIENT_AGGREGATIONS, dummy_baselines, evaluate_predictions,
+                                            operating_point, patient_level)
+from gastro_dist.evaluation.model_card import model_card_blocks
+from gastro_dist.evaluation.report import write_markdown, write_report
 from gastro_dist.files import csv_text, distinct_names, safe_name
 from gastro_dist.progress import progress
 from gastro_dist.run_dir import RunDir, write_run_json
 from gastro_dist.tracking import RunLog, accelerator_tracking_kwargs, check_trackers_installed, tracking_of_run
 from gastro_dist.training.distributed import checked_shard_index
+from gastro_dist.training.calibration import calibrated_probabilities
 from gastro_dist.training.predict import predict_split
 
 POSITIVE_CLASS = "gastric_cancer"  # the cancer-versus-benign view's class, when the model has it
@@ -39,11 +44,16 @@ POSITIVE_CLASS = "gastric_cancer"  # the cancer-versus-benign view's class, when
 def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Path, split: str = "test",
                  checkpoint: str = "best", num_bootstrap: int = 1000, seed: int = 0,
                  cancer_sensitivity: float | None = None, positive_class: str | None = None,
-                 cam_misclassified: int = 0, batch_size: int = 64, num_workers: int = 2, track: bool = True) -> dict:
+                 cam_misclassified: int = 0, batch_size: int = 64, num_workers: int = 2, track: bool = True,
+                 patient_aggregation: str = "mean") -> dict:
     """Evaluate RUN on a split of the shards; returns metrics.json's content (on every rank).
 
     `positive_class` None means gastric_cancer if the model has that class, else no cancer view.
-    With `track`, the metrics, figures and report also go to the training run's trackers (RUN/tracking.json).
+    Probabilities are softmax(logits / T) with the run's temperature T; ECE, Brier and NLL are also
+    reported at T = 1. Where samples have patient ids (or come from one video), the metrics are also
+    given per patient (`patient_aggregation`: "mean" of the frames' probabilities, or "max" for the
+    positive class). With `track`, the metrics, figures and report also go to the training run's
+    trackers (RUN/tracking.json).
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if cancer_sensitivity is not None and not 0 < cancer_sensitivity <= 1:
@@ -51,8 +61,14 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
     for option, value, minimum in (("--bootstrap", num_bootstrap, 0), ("--cam-misclassified", cam_misclassified, 0),
                                    ("--batch-size", batch_size, 1), ("--workers", num_workers, 0)):
         _check_at_least(option, value, minimum)
+    if patient_aggregation not in PATIENT_AGGREGATIONS:
+        raise UserError(f"--patient-aggregation must be one of {', '.join(PATIENT_AGGREGATIONS)}, "
+                        f"not {patient_aggregation!r}")
     trained = load_trained_model(run_dir, checkpoint)
     positive_class = _positive_class(positive_class, trained.classes, cancer_sensitivity)
+    if patient_aggregation == "max" and positive_class is None:
+        raise UserError(f"--patient-aggregation max takes the largest probability of the positive class, and the "
+                        f"model has no {POSITIVE_CLASS!r}; pass --positive-class, one of: {', '.join(trained.classes)}")
     index = load_shard_index(shards_dir)
     if index.classes != trained.classes:
         raise UserError(f"the shards' classes {index.classes} differ from the model's {trained.classes}; "
@@ -77,12 +93,14 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
     predicted = predict_split(accelerator, model, index, data_cfg, split, with_meta=True,
                               progress_label=f"predicting the {split} split")
     predicted["missing"] += num_listed - index.count(split)
-    predictions, rejected = _usable_predictions(predicted, len(classes))
+    temperature = trained.temperature
+    predictions, rejected = _usable_predictions(_calibrated(predicted, temperature), len(classes))
     if not predictions["keys"]:
         raise _nothing_usable(index, split, predictions["skipped"] + rejected)
     selection = None
     if cancer_sensitivity is not None:
-        selection, _ = _usable_predictions(predict_split(accelerator, model, index, data_cfg, "val"), len(classes))
+        selection, _ = _usable_predictions(
+            _calibrated(predict_split(accelerator, model, index, data_cfg, "val"), temperature), len(classes))
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return {}
@@ -90,12 +108,30 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
         print(f"warning: {problem}")
 
     metas, meta_problems = _sample_metadata(predictions["meta"], predictions["keys"])
-    groups = np.array([m.get("patient_id") or key for m, key in zip(metas, predictions["keys"])], dtype=object)
-    labels, probs = predictions["labels"], predictions["probs"]
+    groups = np.array([bootstrap_unit(meta, key) for meta, key in zip(metas, predictions["keys"])], dtype=object)
+    labels, probs, logits = predictions["labels"], predictions["probs"], predictions["logits"]
+    has_patients = any(not unit.startswith("image:") for unit in groups)
     with progress(Console(stderr=True), unit="resamples", transient=True) as bar:
-        task = bar.add_task("bootstrap", total=num_bootstrap)
-        metrics = evaluate_predictions(labels, probs, classes, groups=groups, num_bootstrap=num_bootstrap, seed=seed,
-                                       positive_class=positive_class, on_resamples=lambda n: bar.advance(task, n))
+        task = bar.add_task("bootstrap", total=num_bootstrap * (1 + has_patients + (temperature != 1.0)))
+
+        def metrics_of(y, p, units, positive):
+            return evaluate_predictions(y, p, classes, groups=units, num_bootstrap=num_bootstrap, seed=seed,
+                                        positive_class=positive, on_resamples=lambda n: bar.advance(task, n))
+
+        metrics = metrics_of(labels, probs, groups, positive_class)
+        uncalibrated = metrics if temperature == 1.0 else metrics_of(labels, calibrated_probabilities(logits), groups,
+                                                                     None)
+        temperature_scaling = _temperature_scaling(temperature, RunDir(run_dir), uncalibrated, metrics)
+        patients, cases = None, None
+        if has_patients:
+            cases = patient_level(labels, probs, groups, patient_aggregation,
+                                  classes.index(positive_class) if positive_class else None)
+            patients = {"aggregation": patient_aggregation, "num_patients": len(set(cases["groups"].tolist())),
+                        "num_cases": len(cases["labels"]),
+                        "frames_per_case": {"min": int(cases["num_frames"].min()),
+                                            "median": float(np.median(cases["num_frames"])),
+                                            "max": int(cases["num_frames"].max())},
+                        "metrics": metrics_of(cases["labels"], cases["probs"], cases["groups"], positive_class)}
     train_counts = index.per_class("train") if "train" in index.splits else {}
     train_labels = np.repeat(np.arange(len(classes)), [int(train_counts.get(c, 0)) for c in classes]) if train_counts else None
     baselines = dummy_baselines(labels, classes, groups=groups, seed=seed, train_labels=train_labels,
@@ -106,13 +142,18 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
                              target_sensitivity=cancer_sensitivity, positive_class=positive_class, selected_on="val")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_predictions_csv(out_dir / "predictions.csv", predictions["keys"], metas, labels, probs, classes)
+    _write_predictions_csv(out_dir / "predictions.csv", predictions["keys"], metas, groups, labels, probs, logits,
+                           classes)
+    if cases is not None:
+        _write_patient_csv(out_dir / "patient_predictions.csv", cases, classes)
     cam_images = _misclassified_cams(trained, index, split, predictions, cam_misclassified, out_dir) if cam_misclassified else []
     details = {"run": str(run_dir), "model": trained.architecture, "checkpoint": trained.checkpoint,
                "shards": location_record(index.root), "split": split, "images": len(labels),
-               "patients": len(set(groups.tolist())), "input size": trained.image_size}
+               "patients": len(set(groups.tolist())), "input size": trained.image_size,
+               "temperature": round(temperature, 4)}
     num_skipped = predictions["missing"] + len(rejected)
-    result = {**metrics, "details": details, "baselines": baselines, "operating_point": op,
+    result = {**metrics, "details": details, "temperature_scaling": temperature_scaling, "patient_level": patients,
+              "baselines": baselines, "operating_point": op,
               "mcc_definition": "scikit-learn matthews_corrcoef (multiclass R_K)",
               # count: samples of the split left out of the metrics; missing: those that could not be read
               "skipped_samples": {"count": num_skipped, "missing": predictions["missing"],
@@ -123,9 +164,12 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
               f"and {len(meta_problems)} were evaluated without their metadata "
               "(see skipped_samples and metadata_problems in metrics.json)")
     write_run_json(out_dir / "metrics.json", result)
+    card = model_card_blocks(trained.meta, RunDir(run_dir), index, result)
+    write_markdown(out_dir / "MODEL_CARD.md", card)
     paths = write_report(out_dir, metrics, labels, probs, classes, title=f"{trained.architecture} on {split}",
-                         details=details, baselines=baselines, operating_point=op, cam_images=cam_images)
-    print(f"report: {paths['markdown']}  (html: {paths['html']})")
+                         details=details, baselines=baselines, operating_point=op, cam_images=cam_images,
+                         temperature_scaling=temperature_scaling, patient_level=patients, model_card=card)
+    print(f"report: {paths['markdown']}  (html: {paths['html']}; model card: {out_dir / 'MODEL_CARD.md'})")
     if tracking is not None:
         _log_to_training_run(accelerator, RunDir(run_dir), tracking, split, result, paths, out_dir, cam_images)
     accelerator.wait_for_everyone()
@@ -139,13 +183,16 @@ def _log_to_training_run(accelerator: Accelerator, run_dir: RunDir, tracking: Tr
     run_log = RunLog(accelerator, run_dir, tracking)
     numbers = {key: value for key, value in result.items()
                if key not in ("details", "skipped_samples", "metadata_problems", "confusion_matrix", "calibration")}
+    if numbers.get("patient_level"):
+        numbers["patient_level"] = {key: value for key, value in numbers["patient_level"]["metrics"].items()
+                                    if key not in ("confusion_matrix", "calibration")}
     run_log.log(split, numbers)
     figures = {f"{split}/{name}": report_paths[name] for name in ("confusion_matrix", "roc", "calibration")}
     figures.update({f"{split}/cam/{Path(path).stem}": out_dir / path for path, _ in cam_images})
     run_log.log_images(figures)
     run_log.log_files(f"evaluation-{run_dir.path.name}-{split}", "evaluation",
                       [report_paths["html"], report_paths["markdown"], out_dir / "metrics.json",
-                       out_dir / "predictions.csv"])
+                       out_dir / "predictions.csv", out_dir / "MODEL_CARD.md"])
     run_log.close()
     print(f"logged to the training run's trackers: {', '.join(tracking.tracker)}")
 
@@ -170,6 +217,20 @@ def _positive_class(requested: str | None, classes: list[str], cancer_sensitivit
     return requested
 
 
+def _calibrated(predictions: dict, temperature: float) -> dict:
+    """`predict_split`'s result with probs = softmax(logits / temperature) in float64 (`calibrated_probabilities`).
+
+    Without logits (a caller that has only probabilities), log(probs) stands for them: it differs
+    from the logits by a constant per row, which the softmax removes.
+    """
+    logits = predictions.get("logits")
+    if logits is None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logits = np.log(np.asarray(predictions["probs"], dtype=np.float64))
+    logits = np.asarray(logits, dtype=np.float64).reshape(len(predictions["keys"]), -1)
+    return {**predictions, "logits": logits, "probs": calibrated_probabilities(logits, temperature)}
+
+
 def _usable_predictions(predictions: dict, num_classes: int) -> tuple[dict, list[str]]:
     """`predict_split`'s result without the rows metrics cannot use, and why each was left out.
 
@@ -185,7 +246,7 @@ def _usable_predictions(predictions: dict, num_classes: int) -> tuple[dict, list
                for key, label, in_range, ok in zip(keys, labels, label_ok, finite) if not (in_range and ok)]
     keep = np.flatnonzero(label_ok & finite)
     usable = {**predictions, "keys": [keys[i] for i in keep], "labels": labels[keep], "probs": probs[keep],
-              "meta": [predictions["meta"][i] for i in keep]}
+              "logits": predictions["logits"][keep], "meta": [predictions["meta"][i] for i in keep]}
     return usable, reasons
 
 
@@ -198,7 +259,8 @@ def _nothing_usable(index: ShardIndex, split: str, reasons: list[str]) -> RunFai
 
 
 def _sample_metadata(texts: list[str], keys: list[str]) -> tuple[list[dict], list[str]]:
-    """Each sample's .json member as {source, patient_id} strings, and the problems met on the way.
+    """Each sample's .json member as {source, patient_id, source_kind} strings and frame_index (an int),
+    and the problems met on the way.
 
     A sample with broken metadata is still evaluated, with the broken fields empty: its image and
     label are intact, and leaving it out would change the measured accuracy for a fault that does
@@ -215,23 +277,88 @@ def _sample_metadata(texts: list[str], keys: list[str]) -> tuple[list[dict], lis
         if not isinstance(meta, dict):
             problems.append(f"{key}: sample .json is not an object")
             meta = {}
-        wrong = [field for field in ("source", "patient_id") if not isinstance(meta.get(field, ""), (str, type(None)))]
+        wrong = [field for field in ("source", "patient_id", "source_kind")
+                 if not isinstance(meta.get(field, ""), (str, type(None)))]
+        frame_index = meta.get("frame_index")
+        if frame_index is not None and (not isinstance(frame_index, int) or isinstance(frame_index, bool)):
+            wrong.append("frame_index")
         if wrong:
-            problems.append(f"{key}: {' and '.join(wrong)} in sample .json is not text; left empty")
-        metas.append({field: meta.get(field) for field in ("source", "patient_id") if field not in wrong})
+            problems.append(f"{key}: {' and '.join(wrong)} in sample .json is not "
+                            f"{'a whole number' if wrong == ['frame_index'] else 'text'}; left empty")
+        metas.append({field: meta.get(field) for field in ("source", "patient_id", "source_kind", "frame_index")
+                      if field not in wrong})
     return metas, problems
 
 
-def _write_predictions_csv(path: Path, keys: list[str], metas: list[dict], labels: np.ndarray, probs: np.ndarray,
-                           classes: list[str]) -> None:
-    """One row per sample; text from the shards and model.json goes through `csv_text`, numbers do not."""
+def bootstrap_unit(meta: dict, key: str) -> str:
+    """The unit a sample is resampled with: its patient; without a patient id, the video (or
+    multi-frame DICOM) it is a frame of, so that one video's frames never count as independent
+    patients; else the image itself. Prefixed (patient:, source:, image:) so that the kinds never meet."""
+    if meta.get("patient_id"):
+        return f"patient:{meta['patient_id']}"
+    if meta.get("source") and (meta.get("frame_index") is not None or meta.get("source_kind") == "video"):
+        return f"source:{meta['source']}"
+    return f"image:{key}"
+
+
+def _temperature_scaling(temperature: float, run_dir: RunDir, before: dict, after: dict) -> dict:
+    """metrics.json's temperature_scaling: T, how it was fitted (summary.json), calibration at T = 1 and at T."""
+    fit = run_dir.read_summary().get("calibration")
+
+    def calibration(metrics: dict) -> dict:
+        ci = metrics.get("ci") or {}
+        return {"ece": metrics["ece"], "ece_debiased": metrics["ece_debiased"],
+                "ece_debiased_ci": ci.get("ece_debiased"), "brier": metrics["brier"], "brier_ci": ci.get("brier"),
+                "nll": metrics["nll"]}
+
+    return {"temperature": temperature, "fit": fit if isinstance(fit, dict) else None,
+            "before": calibration(before), "after": calibration(after)}
+
+
+def _write_predictions_csv(path: Path, keys: list[str], metas: list[dict], groups: np.ndarray, labels: np.ndarray,
+                           probs: np.ndarray, logits: np.ndarray, classes: list[str]) -> None:
+    """One row per sample: the probabilities metrics.json was computed from and the logits, at full
+    precision (`full_precision`), so that every metric can be recomputed from this file exactly; the
+    bootstrap unit as `group`. Text from the shards and model.json goes through `csv_text`, numbers do not."""
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["key", "source", "patient_id", "true_label", "predicted_label", *[f"prob_{c}" for c in classes]])
-        for key, meta, label, p in zip(keys, metas, labels, probs):
-            text = [key, meta.get("source") or "", meta.get("patient_id") or "", classes[label],
+        writer.writerow(["key", "source", "patient_id", "group", "true_label", "predicted_label",
+                         *[f"prob_{c}" for c in classes], *[f"logit_{c}" for c in classes]])
+        for key, meta, group, label, p, z in zip(keys, metas, groups, labels, probs, logits):
+            text = [key, meta.get("source") or "", meta.get("patient_id") or "", group, classes[label],
                     classes[int(p.argmax())]]
-            writer.writerow([*map(csv_text, text), *[f"{v:.6f}" for v in p]])
+            writer.writerow([*map(csv_text, text), *map(full_precision, p), *map(full_precision, z)])
+
+
+def _write_patient_csv(path: Path, cases: dict, classes: list[str]) -> None:
+    """One row per (patient, true class) case of the patient-level metrics, probabilities at full precision."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["group", "true_label", "predicted_label", "num_frames", *[f"prob_{c}" for c in classes]])
+        for group, label, p, count in zip(cases["groups"], cases["labels"], cases["probs"], cases["num_frames"]):
+            writer.writerow([*map(csv_text, [str(group), classes[label], classes[int(p.argmax())]]), int(count),
+                             *map(full_precision, p)])
+
+
+def read_predictions_csv(path: str | Path, classes: list[str]) -> dict:
+    """predictions.csv back as keys, groups (the bootstrap units), labels, probs and logits, the
+    numbers exactly as evaluate held them. Text cells stay as written (`csv_text` form)."""
+    with Path(path).open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    label_of = {csv_text(name): k for k, name in enumerate(classes)}
+    try:
+        def numbers(prefix: str) -> np.ndarray:
+            return np.array([[float(row[f"{prefix}{c}"]) for c in classes] for row in rows],
+                            dtype=np.float64).reshape(len(rows), len(classes))
+
+        return {"keys": [row["key"] for row in rows],
+                "groups": np.array([row.get("group") or row["patient_id"] or row["key"] for row in rows], dtype=object),
+                "labels": np.array([label_of[row["true_label"]] for row in rows], dtype=np.int64),
+                "probs": numbers("prob_"),
+                "logits": numbers("logit_") if not rows or f"logit_{classes[0]}" in rows[0] else None}
+    except (KeyError, ValueError, TypeError) as err:
+        raise UserError(f"{path} is not a predictions.csv of `gastro-dist evaluate` for the classes "
+                        f"{', '.join(classes)} ({type(err).__name__}: {err})") from None
 
 
 # ---------------------------------------------------------------- Grad-CAM
@@ -253,27 +380,37 @@ def read_shard_images(index: ShardIndex, split: str, keys: set[str], max_member_
     return found
 
 
-def cam_overlays(trained: TrainedModel, images: list, class_index: list[int] | None = None,
-                 device: torch.device | None = None) -> list:
-    """Grad-CAM overlays (PIL images) on the center crop the model saw, for the predicted or given classes."""
+def cam_panels(trained: TrainedModel, images: list, class_index: list[int] | None = None,
+               true_labels: list[int] | None = None, device: torch.device | None = None) -> list:
+    """Grad-CAM panels (`cam.cam_panel`, PIL images) of frames: each frame at its own resolution beside
+    the heatmap laid on the part the network saw, captioned with the true class (when given), the
+    predicted class and its probability (temperature-scaled, as evaluate and predict report it) and
+    the class the heatmap explains: the predicted one, or `class_index` (one for all, or one per image)."""
     device = device or default_device()
     model = trained.model.to(device)
     data_cfg = trained.data_config()
     transform = eval_transform(data_cfg)
     batch = torch.stack([transform(img) for img in images]).to(device)
     cams, logits = gradcam.grad_cam(model, batch, class_index=class_index)
-    mean = torch.tensor(data_cfg.mean, device=device).view(3, 1, 1)
-    std = torch.tensor(data_cfg.std, device=device).view(3, 1, 1)
-    overlays = []
-    for tensor, cam in zip(batch, cams):
-        pixels = ((tensor * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy()
-        overlays.append(gradcam.overlay_heatmap(pixels, cam.detach().cpu().numpy()))
-    return overlays
+    probs = torch.softmax(logits.float() / trained.temperature, dim=1).numpy()
+    classes, size = trained.classes, trained.image_size
+    panels = []
+    for n, (image, cam, p) in enumerate(zip(images, cams, probs)):
+        predicted = int(p.argmax())
+        explained = predicted if class_index is None else int(class_index[0 if len(class_index) == 1 else n])
+        truth = "" if true_labels is None else f"true: {classes[true_labels[n]]}    "
+        caption = [f"{truth}predicted: {classes[predicted]} ({p[predicted]:.1%})",
+                   f"heatmap: evidence for {classes[explained]}"
+                   + ("" if explained == predicted else f" ({p[explained]:.1%})")
+                   + f"; outlined: the {size}x{size} px network input"]
+        box = gradcam.eval_crop_box(*image.size, size, data_cfg.eval_crop_ratio)
+        panels.append(gradcam.cam_panel(image, cam.numpy(), box, caption))
+    return panels
 
 
 def _misclassified_cams(trained: TrainedModel, index: ShardIndex, split: str, predictions: dict,
                         per_class: int, out_dir: Path) -> list[tuple[str, str]]:
-    """Overlays of the `per_class` most confident mistakes of each true class, in out_dir/cam.
+    """Grad-CAM panels of the `per_class` most confident mistakes of each true class, in out_dir/cam.
 
     File names come from sample keys, which the shards chose: `safe_name` keeps them inside cam/.
     """
@@ -303,10 +440,10 @@ def _misclassified_cams(trained: TrainedModel, index: ShardIndex, split: str, pr
     cam_dir.mkdir(exist_ok=True)
     classes = trained.classes
     names = distinct_names([safe_name(keys[i]) for i in readable], [keys[i] for i in readable])
-    overlays = cam_overlays(trained, images, [int(predicted[i]) for i in readable])
+    panels = cam_panels(trained, images, [int(predicted[i]) for i in readable], [int(labels[i]) for i in readable])
     result = []
-    for i, name, overlay in zip(readable, names, overlays):
-        overlay.save(cam_dir / f"{name}.png")
+    for i, name, panel in zip(readable, names, panels):
+        panel.save(cam_dir / f"{name}.png")
         caption = (f"{keys[i]}: true {classes[labels[i]]}, predicted {classes[predicted[i]]} "
                    f"({probs[i, predicted[i]]:.2f}); heatmap for the predicted class")
         result.append((f"cam/{name}.png", caption))
@@ -315,7 +452,8 @@ def _misclassified_cams(trained: TrainedModel, index: ShardIndex, split: str, pr
 
 def cam_files(trained: TrainedModel, images: list[str | Path], out_dir: str | Path,
               class_name: str | None = None) -> tuple[list[Path], list[str]]:
-    """`gastro-dist cam`: one overlay PNG per image file, for the predicted class or `class_name`.
+    """`gastro-dist cam`: one Grad-CAM panel PNG per image file (`cam_panels`), for the predicted class or
+    `class_name`.
 
     Overlays are named STEM_cam.png; inputs that share a stem (a/x.jpg, b/x.jpg) get a digest of
     their path in the name instead of overwriting each other. An image that cannot be read gets one
@@ -343,7 +481,7 @@ def cam_files(trained: TrainedModel, images: list[str | Path], out_dir: str | Pa
             print(f"error: {path}: {bad.reason}", file=sys.stderr)
             failed.append(str(path))
             continue
-        cam_overlays(trained, [image], target)[0].save(out)
+        cam_panels(trained, [image], target)[0].save(out)
         written.append(out)
         print(out)
     return written, failed

@@ -2,7 +2,8 @@
 
 Owns the deployable form of a trained classifier. The exported graph takes a normalised
 N x 3 x H x W float32 RGB batch (dynamic N) named ``images`` and returns softmax ``probabilities``
-(or raw ``logits``) in the order of the sidecar's ``classes``. Export and check work on a CPU copy
+(or ``logits``) in the order of the sidecar's ``classes``. The run's temperature T (model.json) is
+part of the graph: it returns softmax(logits / T), or logits / T, the probabilities `predict` gives. Export and check work on a CPU copy
 in eval mode, so the caller's model is untouched and inception returns plain logits (no aux head).
 torchvision and timm models (ViTs included: their input size is fixed at build time) export alike.
 
@@ -36,21 +37,27 @@ EXPORT_FORMATS = ("onnx", "torchscript")
 INPUT_NAME = "images"
 INPUT_LAYOUT = "NCHW float32, RGB, normalised: (x/255 - mean)/std"
 _OUTPUT_MEANINGS = {
-    "probabilities": "softmax probabilities, one column per class in `classes` order",
-    "logits": "unnormalised logits, one column per class in `classes` order; softmax gives probabilities",
+    "probabilities": "calibrated softmax probabilities softmax(logits / temperature), one column per class "
+                     "in `classes` order",
+    "logits": "logits divided by the temperature, one column per class in `classes` order; softmax gives the "
+              "calibrated probabilities",
 }
 
 
 class ExportedClassifier(nn.Module):
     """The classifier as deployed: a normalised image batch in, probabilities (or logits) out."""
 
-    def __init__(self, model: nn.Module, probabilities: bool):
+    def __init__(self, model: nn.Module, probabilities: bool, temperature: float = 1.0):
         super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
         self.model = model
         self.probabilities = probabilities
+        self.temperature = float(temperature)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits, _ = model_logits(self.model(images))
+        logits = logits / self.temperature
         return torch.softmax(logits, dim=1) if self.probabilities else logits
 
 
@@ -65,10 +72,12 @@ def export_model(
     output: str = "probabilities",
     opset: int = 17,
     metadata: Mapping[str, Any] | None = None,
+    temperature: float = 1.0,
 ) -> Path:
     """Write the model to ``out_file`` (fmt "onnx" or "torchscript") and ``out_file``.json; returns out_file.
 
     ``mean``/``std`` are the per-channel normalisation used in training (0-1 pixel scale).
+    ``temperature``: the run's temperature scaling, divided into the logits inside the graph.
     ``metadata``: further JSON-serialisable entries for the sidecar and the file's embedded metadata
     (e.g. model.json's architecture, interpolation, eval_crop_ratio); they may not replace the entries above.
     The ONNX file is validated with ``onnx.checker``; call :func:`check_export` to compare outputs.
@@ -89,6 +98,7 @@ def export_model(
         "output": output,
         "output_name": output,
         "output_meaning": _OUTPUT_MEANINGS[output],
+        "temperature": float(temperature),
         "gastro_dist_version": gastro_dist.__version__,
     }
     clashes = sorted(set(metadata or {}) & (set(deployment) | {"format", "file", "opset", "torch_version"}))
@@ -96,7 +106,8 @@ def export_model(
         raise ValueError(f"metadata may not replace {', '.join(clashes)}")
     deployment.update(metadata or {})
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    deployed = ExportedClassifier(_cpu_eval_copy(model), probabilities=output == "probabilities")
+    deployed = ExportedClassifier(_cpu_eval_copy(model), probabilities=output == "probabilities",
+                                  temperature=temperature)
     example = torch.randn(2, 3, input_size, input_size)
 
     # Both exporters are the deprecated TorchScript-based ones (chosen on purpose, see the module
@@ -135,7 +146,8 @@ def check_export(
     atol: float = 1e-4,
     batch_sizes: tuple[int, ...] = (1, 3),
 ) -> float:
-    """Largest absolute difference between the exported file and PyTorch on random normalised batches.
+    """Largest absolute difference between the exported file and PyTorch on random normalised batches
+    (PyTorch with the temperature the sidecar records).
 
     ONNX runs in onnxruntime on the CPU. Raises RuntimeError when the difference exceeds ``atol``.
     """
@@ -145,8 +157,9 @@ def check_export(
     sidecar_path = _sidecar_path(out_file)
     if not out_file.exists() or not sidecar_path.exists():
         raise UserError(f"{out_file} or its sidecar {sidecar_path.name} is missing; export the model first")
-    output = json.loads(sidecar_path.read_text(encoding="utf-8"))["output"]
-    reference = ExportedClassifier(_cpu_eval_copy(model), probabilities=output == "probabilities")
+    sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+    reference = ExportedClassifier(_cpu_eval_copy(model), probabilities=sidecar["output"] == "probabilities",
+                                   temperature=sidecar.get("temperature", 1.0))
 
     if fmt == "onnx":
         onnxruntime = _import_optional("onnxruntime")

@@ -44,6 +44,11 @@ class TrainedModel:
     def image_size(self) -> int:
         return self.meta.image_size
 
+    @property
+    def temperature(self) -> float:
+        """Probabilities are softmax(logits / temperature) (model.json; 1.0 when none was fitted)."""
+        return self.meta.temperature
+
     def data_config(self, batch_size: int = 32, num_workers: int = 0) -> DataConfig:
         """The evaluation preprocessing this model was validated with."""
         return self.meta.data_config(batch_size, num_workers)
@@ -159,15 +164,19 @@ def tta_views(images: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def predict_probabilities(model: nn.Module, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+def predict_probabilities(model: nn.Module, images: torch.Tensor, tta: bool = False,
+                          temperature: float = 1.0) -> torch.Tensor:
+    """softmax(logits / temperature) of a normalised batch; with `tta`, the mean over `tta_views`."""
     views = tta_views(images) if tta else [images]
-    probs = [torch.softmax(model_logits(model(v))[0].float(), dim=1) for v in views]
+    probs = [torch.softmax(model_logits(model(v))[0].float() / temperature, dim=1) for v in views]
     return torch.stack(probs).mean(0)
 
 
 def predict_files(trained: TrainedModel, inputs: list[str | Path], out_csv: str | Path, batch_size: int = 32,
                   tta: bool = False, device: torch.device | None = None) -> dict:
     """Write one CSV row per input image; unreadable images get a row with `error` filled.
+
+    Probabilities are softmax(logits / T) with the run's temperature T, written at full precision.
 
     Paths and class names are untrusted text: their cells are written with `csv_text`.
     """
@@ -187,10 +196,11 @@ def predict_files(trained: TrainedModel, inputs: list[str | Path], out_csv: str 
             if not batch:
                 return
             images = torch.stack([t for _, t in batch]).to(device)
-            probs = predict_probabilities(model, images, tta=tta).cpu().numpy()
+            probs = predict_probabilities(model, images, tta=tta, temperature=trained.temperature).cpu().numpy()
             for (path, _), p in zip(batch, probs):
                 k = int(p.argmax())
-                writer.writerow([csv_text(path), csv_text(classes[k]), f"{p[k]:.6f}", *[f"{v:.6f}" for v in p], ""])
+                writer.writerow([csv_text(path), csv_text(classes[k]), full_precision(p[k]),
+                                 *map(full_precision, p), ""])
             counts["predicted"] += len(batch)
             batch.clear()
 
@@ -207,6 +217,12 @@ def predict_files(trained: TrainedModel, inputs: list[str | Path], out_csv: str 
                     flush(pending)
         flush(pending)
     return counts
+
+
+def full_precision(value) -> str:
+    """A number as the shortest text that reads back as exactly the same float64 (Python's repr):
+    probabilities written like this reproduce every metric computed from them, ties included."""
+    return repr(float(value))
 
 
 def _add_input(item: InputImage, transform, pending: list[tuple[str, torch.Tensor]]) -> str | None:

@@ -1,13 +1,15 @@
 """Clinical classification metrics from true labels and softmax probabilities, with patient-level
 bootstrap CIs: each resample is a weight per image, so point estimates and replicates share one
-vectorised path (checked against scikit-learn in the tests). What is reported: README, "Evaluation"."""
+vectorised path (checked against scikit-learn in the tests). What is reported: README, "Evaluation".
+Also the patient-level view: one probability vector per patient from the frames' (`patient_level`)."""
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
+from scipy.special import erf
 
 from gastro_dist import UserError
 
@@ -37,15 +39,20 @@ def evaluate_predictions(
     called as each chunk of n bootstrap resamples is done (for a progress display).
 
     Keys: num_samples, num_groups, classes, accuracy, balanced_accuracy, per_class_accuracy,
-    confusion_matrix, per_class, macro_f1, macro_auc, mcc, ece, calibration, cancer_vs_benign
-    (None without the positive class), ci, bootstrap.
+    confusion_matrix, per_class, macro_f1, macro_auc, mcc, ece (plug-in), ece_debiased, brier, nll,
+    calibration, cancer_vs_benign (None without the positive class), ci, bootstrap.
+
+    ECE's plug-in estimate is biased upwards (the noise of each bin's accuracy only ever adds to
+    |accuracy - confidence|) and its bootstrap replicates, biased once more, can lie wholly above it:
+    a percentile interval then misses its own estimate. The interval is therefore given for the
+    debiased ECE (`_debiased_ece`), as a basic bootstrap interval centred on it (`_centred_interval`).
     """
     y_true, probs = _validated(y_true, probs, classes)
     group_ids = None if groups is None else _group_indices(groups, len(y_true))
     positive_index = classes.index(positive_class) if positive_class in classes else None
-    data = _PreparedPredictions(y_true, probs)
+    data = PreparedPredictions(y_true, probs)
 
-    point = _replicate_statistics(data, np.ones((1, len(y_true))))
+    point = replicate_statistics(data, np.ones((1, len(y_true))))
     point = {name: values[0] for name, values in point.items()}
     confusion = np.rint(point["confusion"]).astype(int)
 
@@ -85,6 +92,10 @@ def evaluate_predictions(
         "macro_auc": _number(point["macro_auc"]),
         "mcc": _number(point["mcc"]),
         "ece": _number(point["ece"]),
+        "ece_debiased": max(0.0, float(point["ece_debiased"])),
+        # Brier's original multiclass score, sum over classes of (p - y)^2 averaged over images: 0 to 2.
+        "brier": _number(point["brier"]),
+        "nll": _log_loss(y_true, probs),
         "calibration": {"num_bins": NUM_CALIBRATION_BINS, "bins": bins},
         "cancer_vs_benign": None,
         "ci": None,
@@ -112,11 +123,14 @@ def evaluate_predictions(
         units = group_ids if group_ids is not None else np.arange(len(y_true))
         replicates = _bootstrap_statistics(data, units, num_bootstrap, seed, on_resamples)
         metrics["ci"] = _confidence_intervals(replicates, classes, positive_index, ci_level)
+        metrics["ci"]["ece_debiased"] = _centred_interval(float(point["ece_debiased"]), replicates["ece_debiased"],
+                                                          ci_level)
         metrics["bootstrap"] = {
             "num_resamples": int(num_bootstrap),
             "seed": int(seed),
             "level": float(ci_level),
             "method": "percentile",
+            "ece_method": "debiased ECE (normal approximation per bin), basic bootstrap interval centred on it",
             "unit": "patient" if group_ids is not None else "image",
             "num_units": int(units.max() + 1),
         }
@@ -154,6 +168,47 @@ def dummy_baselines(
                                     seed=seed, positive_class=positive_class, ci_level=ci_level)
 
     return {"majority": metrics_of(majority_probs), "stratified": metrics_of(stratified_probs)}
+
+
+PATIENT_AGGREGATIONS = ("mean", "max")
+
+
+def patient_level(y_true: np.ndarray, probs: np.ndarray, groups, aggregation: str = "mean",
+                  positive_index: int | None = None) -> dict:
+    """Per-patient predictions from per-frame ones: one case per (patient, true class), so a patient
+    with frames of two findings is scored once for each; the bootstrap still resamples patients.
+
+    ``mean``: the case's probabilities are the means over its frames. ``max``: the positive class's
+    probability is its largest over the frames (a lesion seen in one frame is there), the other
+    classes share the rest in proportion to their means. Returns labels, probs, groups (the case's
+    patient) and num_frames, cases in order of patient and class.
+    """
+    if aggregation not in PATIENT_AGGREGATIONS:
+        raise UserError(f"unknown patient aggregation {aggregation!r}; use one of: {', '.join(PATIENT_AGGREGATIONS)}")
+    if aggregation == "max" and positive_index is None:
+        raise UserError("patient aggregation 'max' takes the positive class's largest probability, and there is "
+                        "no positive class; use 'mean', or name the positive class")
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=float)
+    group_names, group_of_frame = np.unique(np.asarray(groups), return_inverse=True)
+    num_classes = probs.shape[1]
+    cases, case_of_frame = np.unique(group_of_frame.reshape(-1) * num_classes + y_true, return_inverse=True)
+    case_of_frame = case_of_frame.reshape(-1)
+    num_frames = np.bincount(case_of_frame, minlength=len(cases))
+    sums = np.stack([np.bincount(case_of_frame, weights=probs[:, k], minlength=len(cases))
+                     for k in range(num_classes)], axis=1)
+    case_probs = sums / num_frames[:, None]
+    if aggregation == "max":
+        k = positive_index
+        largest = np.full(len(cases), -np.inf)
+        np.maximum.at(largest, case_of_frame, probs[:, k])
+        others = np.delete(case_probs, k, axis=1)
+        others_total = others.sum(axis=1, keepdims=True)
+        share = np.divide(others, others_total, out=np.full(others.shape, 1.0 / others.shape[1]),
+                          where=others_total > 0)
+        case_probs = np.insert(share * (1.0 - largest[:, None]), k, largest, axis=1)
+    return {"labels": (cases % num_classes).astype(np.int64), "probs": case_probs,
+            "groups": group_names[cases // num_classes], "num_frames": num_frames}
 
 
 def threshold_for_sensitivity(y_true_binary: np.ndarray, scores: np.ndarray,
@@ -237,7 +292,7 @@ def roc_curve(y_true_binary: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray
 # ----------------------------------------------------------------------------- internals
 
 
-class _PreparedPredictions:
+class PreparedPredictions:
     """Per-image quantities that every replicate reuses: confusion cells, calibration bins, AUC orders."""
 
     def __init__(self, y_true: np.ndarray, probs: np.ndarray):
@@ -247,6 +302,9 @@ class _PreparedPredictions:
         confidence = probs.max(axis=1)
         self.confidence = confidence
         self.correct = (predicted == y_true).astype(float)
+        squared_error = probs ** 2
+        squared_error[np.arange(len(y_true)), y_true] = (1.0 - probs[np.arange(len(y_true)), y_true]) ** 2
+        self.brier = squared_error.sum(axis=1)
         # Bins are (lower, upper], the first one also holding 0.
         self.calibration_bin = np.clip(np.ceil(confidence * NUM_CALIBRATION_BINS).astype(int) - 1,
                                        0, NUM_CALIBRATION_BINS - 1)
@@ -257,7 +315,7 @@ class _PreparedPredictions:
             self.auc_orders.append((order, level_ends, y_true[order] == k))
 
 
-def _replicate_statistics(data: _PreparedPredictions, weights: np.ndarray) -> dict[str, np.ndarray]:
+def replicate_statistics(data: PreparedPredictions, weights: np.ndarray) -> dict[str, np.ndarray]:
     """Metrics of each row of ``weights`` (R x N: how often each image is in a replicate)."""
     num_replicates = weights.shape[0]
     k = data.num_classes
@@ -301,6 +359,8 @@ def _replicate_statistics(data: _PreparedPredictions, weights: np.ndarray) -> di
         "auc": auc,
         "macro_auc": _nanmean(auc),
         "ece": np.abs(bin_correct - bin_confidence).sum(axis=1) / total,
+        "ece_debiased": _debiased_ece(bin_weight, bin_correct, bin_confidence) / total,
+        "brier": weights @ data.brier / total,
         "bin_weight": bin_weight,
         "bin_correct": bin_correct,
         "bin_confidence": bin_confidence,
@@ -334,20 +394,58 @@ def _weighted_auc(weights: np.ndarray, order: np.ndarray, level_ends: np.ndarray
     return _ratio(concordant, positive_cumulative[:, -1] * negative_cumulative[:, -1])
 
 
-def _bootstrap_statistics(data: _PreparedPredictions, unit_of_image: np.ndarray, num_resamples: int,
-                          seed: int, on_resamples: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
-    """Statistics of ``num_resamples`` replicates drawing units (patients or images) with replacement."""
+def bootstrap_weights(unit_of_image: np.ndarray, num_resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """Chunks of bootstrap replicates as R x N weights: how often each image is drawn when units
+    (patients: ``unit_of_image`` holds 0..U-1 per image) are drawn U times with replacement.
+    The same seed gives the same replicates, so two models scored on them are compared pairwise."""
     rng = np.random.default_rng(seed)
     num_units = int(unit_of_image.max() + 1)
     chunk = max(1, _CHUNK_ELEMENTS // max(len(unit_of_image), num_units))
-    parts = []
     for start in range(0, num_resamples, chunk):
-        size = min(chunk, num_resamples - start)
-        drawn = rng.integers(0, num_units, size=(size, num_units))
-        parts.append(_replicate_statistics(data, _row_bincount(drawn, num_units)[:, unit_of_image]))
+        drawn = rng.integers(0, num_units, size=(min(chunk, num_resamples - start), num_units))
+        yield _row_bincount(drawn, num_units)[:, unit_of_image]
+
+
+def _bootstrap_statistics(data: PreparedPredictions, unit_of_image: np.ndarray, num_resamples: int,
+                          seed: int, on_resamples: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """Statistics of ``num_resamples`` replicates drawing units (patients or images) with replacement."""
+    parts = []
+    for weights in bootstrap_weights(unit_of_image, num_resamples, seed):
+        parts.append(replicate_statistics(data, weights))
         if on_resamples is not None:
-            on_resamples(size)
+            on_resamples(len(weights))
     return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def _debiased_ece(bin_weight: np.ndarray, bin_correct: np.ndarray, bin_confidence: np.ndarray) -> np.ndarray:
+    """Sum over bins of count x debiased |accuracy - confidence| (divide by the total for the ECE).
+
+    A bin's observed gap g = accuracy - confidence carries the noise of its accuracy, variance
+    s^2 = a(1 - a)/(n - 1); |g| is then biased upwards by E|N(g, s^2)| - |g|, which is subtracted
+    (Kumar, Liang & Ma 2019, "Verified uncertainty calibration", debiasing under the normal
+    approximation; here in closed form: E|N(g, s^2)| = s sqrt(2/pi) exp(-g^2/2s^2) + g erf(g/(s sqrt 2))).
+    The result may be negative in a well-calibrated model's bins; the reported ECE is floored at 0.
+    """
+    count = np.maximum(bin_weight, 1e-300)
+    accuracy = bin_correct / count
+    gap = accuracy - bin_confidence / count
+    variance = np.where(bin_weight > 1, accuracy * (1 - accuracy) / np.maximum(bin_weight - 1, 1.0), 0.0)
+    sd = np.sqrt(np.maximum(variance, 0.0))
+    safe_sd = np.where(sd > 0, sd, 1.0)
+    expected_abs = np.where(sd > 0, sd * math.sqrt(2 / math.pi) * np.exp(-gap ** 2 / (2 * safe_sd ** 2))
+                            + gap * erf(gap / (safe_sd * math.sqrt(2))), np.abs(gap))
+    return np.sum(bin_weight * (2 * np.abs(gap) - expected_abs), axis=-1)
+
+
+def _centred_interval(estimate: float, replicates: np.ndarray, level: float) -> dict:
+    """Basic bootstrap interval (Davison & Hinkley 1997, eq. 5.6) of a debiased statistic, centred on it.
+
+    [t - (q_hi - m), t - (q_lo - m)] with the replicates' quantiles q and median m standing for the
+    value the replicates estimate: np.percentile is monotone in q, so q_lo <= m <= q_hi and the
+    interval contains t whatever the replicates. Estimate and bounds are floored at 0.
+    """
+    lower, median, upper = np.percentile(replicates, [50 * (1 - level), 50, 50 * (1 + level)])
+    return {"lower": max(0.0, float(estimate - (upper - median))), "upper": max(0.0, float(estimate - (lower - median)))}
 
 
 def _confidence_intervals(replicates: dict[str, np.ndarray], classes: list[str],
@@ -361,7 +459,7 @@ def _confidence_intervals(replicates: dict[str, np.ndarray], classes: list[str],
         return {"lower": float(lower), "upper": float(upper)}
 
     intervals = {name: interval(replicates[name])
-                 for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "mcc", "ece")}
+                 for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "mcc", "brier")}
     intervals["per_class_accuracy"] = {c: interval(replicates["recall"][:, k]) for k, c in enumerate(classes)}
     intervals["per_class_auc"] = {c: interval(replicates["auc"][:, k]) for k, c in enumerate(classes)}
     intervals["cancer_vs_benign"] = None
@@ -407,6 +505,13 @@ def _nanmean(values: np.ndarray) -> np.ndarray:
     """Mean over the last axis ignoring NaN; NaN (without a warning) when a row has no number."""
     defined = ~np.isnan(values)
     return _ratio(np.where(defined, values, 0.0).sum(axis=-1), defined.sum(axis=-1))
+
+
+def _log_loss(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Mean negative log-likelihood (natural log) of the true classes, each probability clipped to
+    [eps, 1 - eps] as scikit-learn's log_loss does."""
+    eps = np.finfo(np.float64).eps
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y_true)), y_true], eps, 1 - eps))))
 
 
 def _safe_ratio(numerator: int, denominator: int) -> float | None:

@@ -1,5 +1,6 @@
 """Evaluation reports for clinicians: one list of blocks rendered to Markdown (images linked) and to
-self-contained HTML (images inlined), so the two never disagree; figures on matplotlib's Agg canvas."""
+self-contained HTML (images inlined), so the two never disagree; figures on matplotlib's Agg canvas.
+The model card (`model_card`) and the comparison (`compare`) are written with the same blocks."""
 
 from __future__ import annotations
 
@@ -31,13 +32,18 @@ def write_report(
     baselines: dict | None = None,
     operating_point: dict | None = None,
     cam_images: list[tuple[str, str]] | None = None,
+    temperature_scaling: dict | None = None,
+    patient_level: dict | None = None,
+    model_card: list | None = None,
 ) -> dict[str, Path]:
     """Write confusion_matrix.png, roc.png, calibration.png, report.md and report.html into ``out_dir``.
 
     ``metrics`` comes from ``evaluate_predictions(y_true, probs, classes, ...)``; ``details`` holds
     rows for the header table (model, checkpoint, split, ...), in order; ``baselines`` is
     ``dummy_baselines(...)``; ``operating_point`` is ``metrics.operating_point(...)``;
-    ``cam_images`` are (path relative to ``out_dir``, caption) pairs of Grad-CAM overlays.
+    ``cam_images`` are (path relative to ``out_dir``, caption) pairs of Grad-CAM panels, shown as a
+    gallery; ``temperature_scaling`` and ``patient_level`` are metrics.json's entries of those names;
+    ``model_card`` the blocks of `model_card.model_card_blocks`, added as the report's last section.
     Returns the paths keyed confusion_matrix, roc, calibration, markdown, html.
     """
     out_dir = Path(out_dir)
@@ -58,40 +64,51 @@ def write_report(
     _save(_roc_figure(metrics, y_true, probs, classes, operating_point), paths["roc"])
     _save(_calibration_figure(metrics), paths["calibration"])
 
-    blocks = _report_blocks(metrics, classes, title, details, baselines, operating_point, cam_images)
-    paths["markdown"].write_text(_to_markdown(blocks), encoding="utf-8")
-    paths["html"].write_text(_to_html(blocks, title, out_dir), encoding="utf-8")
+    blocks = _report_blocks(metrics, classes, title, details, baselines, operating_point, cam_images,
+                            temperature_scaling, patient_level)
+    if model_card:
+        blocks += [Heading(block.text, block.level + 1) if isinstance(block, Heading) else block
+                   for block in model_card]
+    paths["markdown"].write_text(render_markdown(blocks), encoding="utf-8")
+    paths["html"].write_text(render_html(blocks, title, out_dir), encoding="utf-8")
     return paths
+
+
+def write_markdown(path: Path, blocks: list) -> None:
+    """Blocks as a Markdown file (images linked relative to its folder)."""
+    Path(path).write_text(render_markdown(blocks), encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- report content
 
 
 @dataclass
-class _Heading:
+class Heading:
     text: str
     level: int = 2
 
 
 @dataclass
-class _Paragraph:
+class Paragraph:
     text: str  # `code` spans are the only markup
 
 
 @dataclass
-class _Table:
+class Table:
     header: list[str]
     rows: list[list[str]]
 
 
 @dataclass
-class _Images:
+class Images:
     items: list[tuple[str, str]]  # (path relative to the report, caption)
+    gallery: bool = False  # in HTML, a grid of thumbnails at the page's width instead of one per line
 
 
-def _report_blocks(metrics, classes, title, details, baselines, operating_point, cam_images) -> list:
+def _report_blocks(metrics, classes, title, details, baselines, operating_point, cam_images,
+                   temperature_scaling=None, patient_level=None) -> list:
     ci = metrics["ci"] or {}
-    blocks: list = [_Heading(title, level=1)]
+    blocks: list = [Heading(title, level=1)]
 
     detail_rows = [[str(key), str(value)] for key, value in (details or {}).items()]
     given = {key.lower() for key, _ in detail_rows}
@@ -99,13 +116,13 @@ def _report_blocks(metrics, classes, title, details, baselines, operating_point,
         detail_rows.append(["Images", str(metrics["num_samples"])])
     if "patients" not in given and metrics["num_groups"] is not None:
         detail_rows.append(["Patients", str(metrics["num_groups"])])
-    blocks.append(_Table(["Detail", "Value"], detail_rows))
+    blocks.append(Table(["Detail", "Value"], detail_rows))
 
     blocks += [
-        _Heading("Per-class accuracy"),
-        _Paragraph("Share of each class's images that the model assigns to that class "
+        Heading("Per-class accuracy"),
+        Paragraph("Share of each class's images that the model assigns to that class "
                    "(= sensitivity/recall), as reported per disease in the reference study."),
-        _Table(["Class", "Recognised", "Accuracy", "95% CI"], [
+        Table(["Class", "Recognised", "Accuracy", "95% CI"], [
             [name, f"{metrics['confusion_matrix'][k][k]}/{metrics['per_class'][name]['support']}",
              _percent(metrics["per_class_accuracy"][name]),
              _interval(ci.get("per_class_accuracy", {}).get(name), _percent)]
@@ -114,55 +131,60 @@ def _report_blocks(metrics, classes, title, details, baselines, operating_point,
     ]
 
     blocks += [
-        _Heading("Per-class clinical metrics (one class vs the rest)"),
-        _Table(["Class", "Images", "Sensitivity", "Specificity", "PPV", "NPV", "F1", "AUC", "AUC 95% CI"], [
+        Heading("Per-class clinical metrics (one class vs the rest)"),
+        Table(["Class", "Images", "Sensitivity", "Specificity", "PPV", "NPV", "F1", "AUC", "AUC 95% CI"], [
             [name, str(row["support"]), _percent(row["sensitivity"]), _percent(row["specificity"]),
              _percent(row["ppv"]), _percent(row["npv"]), _decimal(row["f1"]), _decimal(row["auc"]),
              _interval(ci.get("per_class_auc", {}).get(name), _decimal)]
             for name, row in ((name, metrics["per_class"][name]) for name in classes)
         ]),
-        _Heading("Overall"),
-        _Table(["Metric", "Value", "95% CI"], [
+        Heading("Overall"),
+        Table(["Metric", "Value", "95% CI"], [
             ["Accuracy", _percent(metrics["accuracy"]), _interval(ci.get("accuracy"), _percent)],
             ["Balanced accuracy", _percent(metrics["balanced_accuracy"]),
              _interval(ci.get("balanced_accuracy"), _percent)],
             ["Macro-F1", _decimal(metrics["macro_f1"]), _interval(ci.get("macro_f1"), _decimal)],
             ["Macro AUC (one-vs-rest)", _decimal(metrics["macro_auc"]), _interval(ci.get("macro_auc"), _decimal)],
             ["MCC", _decimal(metrics["mcc"]), _interval(ci.get("mcc"), _decimal)],
-            [f"ECE ({metrics['calibration']['num_bins']} bins)", _decimal(metrics["ece"]),
-             _interval(ci.get("ece"), _decimal)],
+            [f"ECE ({metrics['calibration']['num_bins']} bins, debiased)", _decimal(metrics["ece_debiased"]),
+             _interval(ci.get("ece_debiased"), _decimal)],
+            ["Brier score (0 best, 2 worst)", _decimal(metrics["brier"]), _interval(ci.get("brier"), _decimal)],
         ]),
     ]
+    if temperature_scaling is not None:
+        blocks += _calibration_blocks(temperature_scaling)
+    if patient_level is not None:
+        blocks += _patient_blocks(metrics, patient_level, classes)
 
     view = metrics["cancer_vs_benign"]
     if view is not None:
         view_ci = ci.get("cancer_vs_benign") or {}
         blocks += [
-            _Heading("Cancer vs benign"),
-            _Paragraph(f"Positive: `{view['positive_class']}`; benign: "
+            Heading("Cancer vs benign"),
+            Paragraph(f"Positive: `{view['positive_class']}`; benign: "
                        + ", ".join(f"`{name}`" for name in view["negative_classes"])
                        + ". An image counts as cancer when that is its most probable class; the AUC "
                        f"ranks images by P({view['positive_class']})."),
-            _Table(["Metric", "Value", "95% CI"], [
+            Table(["Metric", "Value", "95% CI"], [
                 ["Sensitivity", _percent(view["sensitivity"]), _interval(view_ci.get("sensitivity"), _percent)],
                 ["Specificity", _percent(view["specificity"]), _interval(view_ci.get("specificity"), _percent)],
                 ["PPV", _percent(view["ppv"]), "—"],
                 ["NPV", _percent(view["npv"]), "—"],
                 ["AUC", _decimal(view["auc"]), _interval(view_ci.get("auc"), _decimal)],
             ]),
-            _Paragraph(f"TP {view['tp']}, FN {view['fn']}, FP {view['fp']}, TN {view['tn']}."),
+            Paragraph(f"TP {view['tp']}, FN {view['fn']}, FP {view['fp']}, TN {view['tn']}."),
         ]
 
     if operating_point is not None:
         reported_split = str((details or {}).get("split", "this split"))
         blocks += [
-            _Heading("Operating point"),
-            _Paragraph(f"Threshold on P({operating_point['positive_class']}) = "
+            Heading("Operating point"),
+            Paragraph(f"Threshold on P({operating_point['positive_class']}) = "
                        f"{operating_point['threshold']:.4f}: the highest threshold reaching sensitivity "
                        f"≥ {_percent(operating_point['target_sensitivity'])} on the "
                        f"`{operating_point['selected_on']}` split, then applied unchanged to "
                        f"`{reported_split}`."),
-            _Table(["Split", "Sensitivity", "Specificity", "PPV", "NPV", "TP", "FN", "FP", "TN"], [
+            Table(["Split", "Sensitivity", "Specificity", "PPV", "NPV", "TP", "FN", "FP", "TN"], [
                 [split] + [_percent(row[key]) for key in ("sensitivity", "specificity", "ppv", "npv")]
                 + [str(row[key]) for key in ("tp", "fn", "fp", "tn")]
                 for split, row in ((f"{operating_point['selected_on']} (chosen)", operating_point["selection"]),
@@ -173,44 +195,129 @@ def _report_blocks(metrics, classes, title, details, baselines, operating_point,
     if baselines:
         compared = {"this model": metrics, **{f"{name} (dummy)": m for name, m in baselines.items()}}
         blocks += [
-            _Heading("Baselines"),
-            _Paragraph("Classifiers that ignore the image: `majority` always predicts the most frequent "
+            Heading("Baselines"),
+            Paragraph("Classifiers that ignore the image: `majority` always predicts the most frequent "
                        "class, `stratified` draws a random class with the class frequencies."),
-            _Table(["Classifier", "Accuracy", "Balanced accuracy", "Macro-F1", "MCC", "Macro AUC"], [
+            Table(["Classifier", "Accuracy", "Balanced accuracy", "Macro-F1", "MCC", "Macro AUC"], [
                 [name, _percent(m["accuracy"]), _percent(m["balanced_accuracy"]), _decimal(m["macro_f1"]),
                  _decimal(m["mcc"]), _decimal(m["macro_auc"])]
                 for name, m in compared.items()
             ]),
         ]
 
-    blocks += [_Heading("Methods"), _Paragraph(_methods_text(metrics))]
+    blocks += [Heading("Methods"), Paragraph(_methods_text(metrics))]
     blocks += [
-        _Heading("Figures"),
-        _Images([("confusion_matrix.png", "Confusion matrix: counts and share of each true class"),
+        Heading("Figures"),
+        Images([("confusion_matrix.png", "Confusion matrix: counts and share of each true class"),
                  ("roc.png", "ROC curves"),
                  ("calibration.png", "Reliability diagram")]),
     ]
     if cam_images:
-        blocks += [_Heading("Grad-CAM"), _Images([(str(path), caption) for path, caption in cam_images])]
+        blocks += [Heading("Grad-CAM of misclassified images"),
+                   Paragraph("The most confident mistakes of each true class. Left: the image as stored; right: "
+                             "the heatmap of the evidence for the predicted class, on the square the network "
+                             "saw (outlined; the rest dimmed). Red marks the regions that raised that class's "
+                             "score most; the map shows where the model looked, not why it was wrong."),
+                   Images([(str(path), caption) for path, caption in cam_images], gallery=True)]
     return blocks
+
+
+def _calibration_blocks(scaling: dict) -> list:
+    """Calibration before (T = 1) and after temperature scaling."""
+    temperature = scaling["temperature"]
+    before, after = scaling["before"], scaling["after"]
+    if scaling.get("fit"):
+        fit = scaling["fit"]
+        how = (f"Temperature scaling: probabilities are softmax(logits / T) with T = {temperature:.3f}, fitted at "
+               f"the end of training on the {fit.get('num_samples', '?')} images of the validation split "
+               "(one parameter, LBFGS on the negative log-likelihood). It changes no prediction, only how "
+               "confident each one is.")
+    else:
+        how = (f"No temperature was fitted for this run (T = {temperature:.3f}): its probabilities are the "
+               "network's softmax.")
+
+    def row(name, key, fmt, ci_key=None):
+        cells = [name]
+        for values in (before, after):
+            interval = values.get(ci_key) if ci_key else None
+            cells.append(fmt(values[key]) + (f" ({_interval(interval, fmt)})" if interval else ""))
+        return cells
+
+    return [Heading("Calibration"), Paragraph(how),
+            Table(["Measure", "Before (T = 1)", f"After (T = {temperature:.3f})"], [
+                row("ECE, debiased (95% CI)", "ece_debiased", _decimal, "ece_debiased_ci"),
+                row("ECE, plug-in", "ece", _decimal),
+                row("Brier score (95% CI)", "brier", _decimal, "brier_ci"),
+                row("Negative log-likelihood", "nll", _decimal),
+            ])]
+
+
+def _patient_blocks(image_metrics: dict, patient: dict, classes: list[str]) -> list:
+    """The per-image and per-patient figures side by side."""
+    metrics = patient["metrics"]
+    aggregation = patient["aggregation"]
+    view = metrics["cancer_vs_benign"]
+    how = ("the mean of its frames' probabilities" if aggregation == "mean" else
+           f"for `{view['positive_class'] if view else 'the positive class'}` the largest probability over its "
+           "frames, the other classes sharing the rest in proportion to their means")
+    frames = patient["frames_per_case"]
+    text = (f"{patient['num_patients']} patients (videos count as patients when no patient id was given), "
+            f"{patient['num_cases']} cases: a patient with images of two classes is one case per class. A case's "
+            f"probability is {how}; it has {frames['min']} to {frames['max']} images (median {frames['median']:g}). "
+            "Both columns resample patients for their CIs.")
+
+    def cell(values: dict, key, fmt, ci_path) -> str:
+        value = values
+        for part in key:
+            value = (value or {}).get(part)
+        interval = values.get("ci") or {}
+        for part in ci_path:
+            interval = (interval or {}).get(part)
+        return fmt(value) + (f" ({_interval(interval, fmt)})" if interval else "")
+
+    rows = [["Accuracy", ("accuracy",), _percent, ("accuracy",)],
+            ["Balanced accuracy", ("balanced_accuracy",), _percent, ("balanced_accuracy",)],
+            *[[f"Accuracy: {name}", ("per_class_accuracy", name), _percent, ("per_class_accuracy", name)]
+              for name in classes],
+            ["Macro AUC", ("macro_auc",), _decimal, ("macro_auc",)],
+            ["MCC", ("mcc",), _decimal, ("mcc",)]]
+    if view is not None:
+        rows += [[f"{name.capitalize()} ({view['positive_class']} vs rest)", ("cancer_vs_benign", name), fmt,
+                  ("cancer_vs_benign", name)]
+                 for name, fmt in (("sensitivity", _percent), ("specificity", _percent), ("auc", _decimal))]
+    rows += [["ECE, debiased", ("ece_debiased",), _decimal, ("ece_debiased",)],
+             ["Brier score", ("brier",), _decimal, ("brier",)]]
+    return [Heading("Per image and per patient"), Paragraph(text),
+            Table(["Metric", "Per image (95% CI)", "Per patient (95% CI)"],
+                  [[name, cell(image_metrics, key, fmt, ci), cell(metrics, key, fmt, ci)]
+                   for name, key, fmt, ci in rows])]
 
 
 def _methods_text(metrics: dict) -> str:
     text = ("MCC is the multiclass Matthews correlation coefficient, identical to scikit-learn's "
             "`matthews_corrcoef` (Gorodkin's R_K). AUCs are one-vs-rest, rank-based (ties count one half). "
-            "ECE is the expected calibration error of the top probability over equal-width bins. ")
+            "ECE is the expected calibration error of the top probability over "
+            f"{metrics['calibration']['num_bins']} equal-width bins. Its plug-in value is biased upwards (each "
+            "bin's sampling noise only adds to |accuracy - confidence|), so it is reported debiased: each bin's "
+            "gap is corrected by its expected bias under the normal approximation (Kumar, Liang & Ma 2019), "
+            "floored at 0. The Brier score is Brier's multiclass score, the squared distance between the "
+            "probabilities and the one-hot truth summed over the classes (0 to 2). ")
     boot = metrics["bootstrap"]
     if boot is None:
         return text + "No confidence intervals were computed."
     level = f"{boot['level']:.0%}"
+    ece = ("The debiased ECE's interval is the basic bootstrap interval of the same resamples, centred on "
+           "the estimate (its replicates' median standing for the value they estimate), so it always "
+           "contains it; a percentile interval of the plug-in ECE can lie wholly above its own estimate.")
     if boot["unit"] == "patient":
         return text + (f"CIs are patient-level bootstrap percentile intervals ({level}): "
                        f"{boot['num_resamples']} resamples of the {boot['num_units']} patients with "
-                       f"replacement, seed {boot['seed']}.")
+                       f"replacement, seed {boot['seed']} (frames of one video without a patient id count as "
+                       f"one patient). {ece}")
     return text + (f"CIs are image-level bootstrap percentile intervals ({level}): {boot['num_resamples']} "
                    f"resamples of the images with replacement, seed {boot['seed']}. No patient ids were "
                    "given, so images of one patient count as independent and the intervals are too "
-                   "narrow when patients contribute several images.")
+                   f"narrow when patients contribute several images. {ece}")
 
 
 def _percent(value) -> str:
@@ -228,19 +335,19 @@ def _interval(interval: dict | None, fmt) -> str:
 # ----------------------------------------------------------------------------- rendering
 
 
-def _to_markdown(blocks: list) -> str:
+def render_markdown(blocks: list) -> str:
     lines: list[str] = []
     for block in blocks:
-        if isinstance(block, _Heading):
+        if isinstance(block, Heading):
             lines += ["#" * block.level + " " + _markdown_line(block.text), ""]
-        elif isinstance(block, _Paragraph):
+        elif isinstance(block, Paragraph):
             lines += [_markdown_line(block.text), ""]
-        elif isinstance(block, _Table):
+        elif isinstance(block, Table):
             def row(cells):
                 return "| " + " | ".join(_markdown_line(cell).replace("|", "\\|") for cell in cells) + " |"
             lines += [row(block.header), "|" + "---|" * len(block.header)]
             lines += [row(cells) for cells in block.rows] + [""]
-        elif isinstance(block, _Images):
+        elif isinstance(block, Images):
             for path, caption in block.items:
                 caption = re.sub(r"([\\\[\]*])", r"\\\1", _markdown_line(caption))  # stays alt text
                 lines += [f"![{caption}]({path})", f"*{caption}*", ""]
@@ -263,29 +370,31 @@ code { background: #f0f0f0; padding: 0 0.2em; }
 figure { display: inline-block; margin: 0.5em; vertical-align: top; max-width: 100%; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: 0.9em; color: #555; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(320px, 1fr)); gap: 1em; }
+.gallery figure { margin: 0; }
 """
 
 
-def _to_html(blocks: list, title: str, out_dir: Path) -> str:
+def render_html(blocks: list, title: str, out_dir: Path) -> str:
     def inline(text: str) -> str:
         return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
 
     parts = [f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{_CSS}</style></head><body>"]
     for block in blocks:
-        if isinstance(block, _Heading):
+        if isinstance(block, Heading):
             parts.append(f"<h{block.level}>{html.escape(block.text)}</h{block.level}>")
-        elif isinstance(block, _Paragraph):
+        elif isinstance(block, Paragraph):
             parts.append(f"<p>{inline(block.text)}</p>")
-        elif isinstance(block, _Table):
+        elif isinstance(block, Table):
             header = "".join(f"<th>{html.escape(cell)}</th>" for cell in block.header)
             rows = "".join("<tr>" + "".join(f"<td>{inline(cell)}</td>" for cell in cells) + "</tr>"
                            for cells in block.rows)
             parts.append(f"<table><tr>{header}</tr>{rows}</table>")
-        elif isinstance(block, _Images):
-            for path, caption in block.items:
-                parts.append(f"<figure><img src='{_data_uri(out_dir / path)}' alt='{html.escape(caption)}'>"
-                             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        elif isinstance(block, Images):
+            figures = [f"<figure><img src='{_data_uri(out_dir / path)}' alt='{html.escape(caption)}'>"
+                       f"<figcaption>{html.escape(caption)}</figcaption></figure>" for path, caption in block.items]
+            parts.append("<div class='gallery'>" + "".join(figures) + "</div>" if block.gallery else "\n".join(figures))
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
@@ -396,9 +505,40 @@ def _calibration_figure(metrics: dict) -> Figure:
              label="mean confidence in bin")
     top.plot([0, 1], [0, 1], ls="--", color="grey", label="perfect calibration")
     top.set(xlim=(0, 1), ylim=(0, 1), ylabel="Accuracy",
-            title=f"Reliability diagram (ECE {_decimal(metrics['ece'])})")
+            title=f"Reliability diagram (plug-in ECE {_decimal(metrics['ece'])})")
     top.legend(loc="upper left", fontsize="small")
     top.grid(alpha=0.3)
     bottom.bar(lower, [b["count"] for b in bins], width=width, align="edge", color="grey", edgecolor="white")
     bottom.set(xlabel="Confidence (top probability)", ylabel="Images")
     return figure
+
+
+def save_forest_plot(comparison: dict, path: Path) -> Path:
+    """Forest plot of `paired.compare_models`'s differences (model a minus model b) with their CIs:
+    one panel per measure, one row per pair, a line at no difference."""
+    pairs = comparison["pairs"]
+    measures = [("accuracy_difference", "Accuracy difference (points)", 100.0),
+                ("macro_auc_difference", "Macro AUC difference", 1.0)]
+    if comparison.get("positive_class"):
+        measures.append(("cancer_auc_difference", f"{comparison['positive_class']} AUC difference", 1.0))
+    labels = [f"{pair['a']} − {pair['b']}" for pair in pairs]
+    figure = Figure(figsize=(4.2 * len(measures) + 0.12 * max(map(len, labels)), 1.2 + 0.55 * len(pairs)),
+                    layout="constrained")
+    axes_row = figure.subplots(1, len(measures), sharey=True, squeeze=False)[0]
+    rows = np.arange(len(pairs))[::-1]
+    for axes, (key, title, scale) in zip(axes_row, measures):
+        for row, pair in zip(rows, pairs):
+            entry = pair[key]
+            if entry["difference"] is None:
+                continue
+            interval = entry["ci"]
+            if interval is not None:
+                axes.plot([scale * interval["lower"], scale * interval["upper"]], [row, row], color="steelblue", lw=2)
+            axes.plot(scale * entry["difference"], row, "s", color="black", ms=6)
+        axes.axvline(0, color="grey", ls="--", lw=1)
+        axes.set(title=title, yticks=rows, yticklabels=labels)
+        axes.grid(axis="x", alpha=0.3)
+    figure.suptitle(f"Paired differences with {comparison['level']:.0%} bootstrap CIs "
+                    f"({'patients' if comparison['unit'] == 'patient' else 'images'} resampled)")
+    _save(figure, Path(path))
+    return Path(path)

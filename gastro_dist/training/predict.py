@@ -27,10 +27,10 @@ def predict_split(accelerator: Accelerator, model: nn.Module, index: ShardIndex,
     """Probabilities for every readable sample of `split`, gathered from all ranks, de-duplicated by key.
 
     Ranks may hold one batch more or less than others; every rank runs the same number of loop
-    iterations so that the preemption all-reduce stays in step. Returns keys, labels, probs,
-    meta (JSON text per sample when `with_meta`), skipped (reasons, all ranks) and missing
-    (samples the index lists that could not be read). With `progress_label`, the main process shows
-    its progress (a bar, or plain lines in a log).
+    iterations so that the preemption all-reduce stays in step. Returns keys, labels, probs, logits
+    (the model's float32 values, as float64), meta (JSON text per sample when `with_meta`), skipped
+    (reasons, all ranks) and missing (samples the index lists that could not be read). With
+    `progress_label`, the main process shows its progress (a bar, or plain lines in a log).
     """
     model.eval()
     loader = eval_loader(index, data, split, rank=accelerator.process_index, world_size=accelerator.num_processes,
@@ -51,13 +51,14 @@ def predict_split(accelerator: Accelerator, model: nn.Module, index: ShardIndex,
     if accelerator.num_processes > 1:
         rows, skipped = gather_object(rows), gather_object(skipped)
     unique = {}
-    for key, label, prob, meta in rows:
-        unique.setdefault(key, (label, prob, meta))
+    for key, label, prob, meta, logits in rows:
+        unique.setdefault(key, (label, prob, meta, logits))
     ordered = sorted(unique.items())
     return {
         "keys": [k for k, _ in ordered],
         "labels": np.array([v[0] for _, v in ordered], dtype=np.int64),
         "probs": np.array([v[1] for _, v in ordered], dtype=np.float64).reshape(len(ordered), len(index.classes)),
+        "logits": np.array([v[3] for _, v in ordered], dtype=np.float64).reshape(len(ordered), len(index.classes)),
         "meta": [v[2] for _, v in ordered],
         "skipped": skipped,
         "missing": index.count(split) - len(ordered),
@@ -76,9 +77,10 @@ def _predict_batch(accelerator: Accelerator, model: nn.Module, batch: dict | Non
         images = images.contiguous(memory_format=torch.channels_last)
     with accelerator.autocast():
         logits, _ = model_logits(model(images))
-    probs = torch.softmax(logits.float(), dim=1).cpu().numpy().tolist()
+    logits = logits.float()
+    probs = torch.softmax(logits, dim=1).cpu().numpy().tolist()
     metas = batch["meta"] if with_meta else [None] * len(probs)
-    rows.extend(zip(batch["key"], batch["label"].tolist(), probs, metas))
+    rows.extend(zip(batch["key"], batch["label"].tolist(), probs, metas, logits.cpu().numpy().tolist()))
     skipped.extend(batch["skipped"])
 
 

@@ -35,6 +35,7 @@ from gastro_dist.progress import LineProgress
 from gastro_dist.run_dir import ModelMeta, RunDir
 from gastro_dist.tracking import RunLog, log_final_model
 from gastro_dist.training import checkpoint as ckpt
+from gastro_dist.training.calibration import calibration_fit
 from gastro_dist.training.checkpoint import TrainerState
 from gastro_dist.training.console import epoch_progress, print_epoch, print_phase_table
 from gastro_dist.training.distributed import (Preempted, PreemptionWatch, checked_shard_index, make_accelerator,
@@ -237,13 +238,17 @@ class Trainer:
         checksum = float(sum(p.detach().double().sum() for p in self.model.parameters()))
         self.summary["rank_param_checksums"] = gather_object([checksum])
         self.model.load_state_dict(ckpt.load_weights(self.run_dir.phase_weights(final_phase, "best")))
+        # Temperature scaling, fitted on the final model's validation logits (each rank predicts its share).
+        val = predict_split(self.accelerator, self.model, self.index, self.config.data, "val",
+                            channels_last=self.config.model.channels_last)
+        self.summary["calibration"] = calibration_fit(val["logits"], val["labels"])
         if self.is_main:
             ckpt.save_final_model(self.model, self.run_dir, ModelMeta(
                 architecture=self.config.model.name, classes=self.classes, image_size=self.config.data.image_size,
                 eval_crop_ratio=self.config.data.eval_crop_ratio, mean=list(self.config.data.mean),
                 std=list(self.config.data.std), dropout=self.config.model.dropout,
                 pretrained=self.config.model.pretrained, source_checkpoint=f"{final_phase}-best",
-                interpolation=self.preprocessing.interpolation))
+                interpolation=self.preprocessing.interpolation, temperature=self.summary["calibration"]["temperature"]))
             self.summary["status"] = "completed"
             self._write_summary()
             log_final_model(self.run_log, self.run_dir)

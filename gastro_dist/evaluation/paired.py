@@ -1,0 +1,224 @@
+"""Paired comparison of classifiers scored on the same images: is one really better than another?
+
+Per pair of models: McNemar's exact test on which images each gets right (statsmodels), the
+differences in accuracy, macro AUC and cancer-versus-benign AUC with paired patient-level bootstrap
+CIs (both models scored on the same resamples), DeLong's test for the difference in the binary
+(cancer-versus-benign) AUC, and Holm's correction of each test's p-values across all pairs
+(statsmodels). DeLong's test is written here: neither scipy, statsmodels nor scikit-learn has it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+from scipy.stats import norm, rankdata
+from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
+
+from gastro_dist.evaluation.metrics import PreparedPredictions, bootstrap_weights, replicate_statistics
+
+ALPHA = 0.05  # the significance level the text reads the Holm-adjusted p-values at
+
+
+def mcnemar_exact(correct_a, correct_b) -> dict:
+    """McNemar's exact test (two-sided binomial test on the discordant images) that two classifiers,
+    right or wrong on the same images, are equally accurate: statsmodels' ``mcnemar(exact=True)``."""
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    table = [[int(np.sum(a & b)), int(np.sum(a & ~b))], [int(np.sum(~a & b)), int(np.sum(~a & ~b))]]
+    result = mcnemar(table, exact=True)
+    return {"both_right": table[0][0], "only_a_right": table[0][1], "only_b_right": table[1][0],
+            "both_wrong": table[1][1], "statistic": float(result.statistic), "p_value": float(result.pvalue)}
+
+
+def delong_test(y_binary, scores_a, scores_b, groups=None) -> dict:
+    """DeLong, DeLong & Clarke-Pearson (1988): the difference of two correlated AUCs (same images and
+    truth) over its standard error, from the placement values of each positive among the negatives
+    and each negative among the positives (midranks, so ties count one half).
+
+    With ``groups`` (patient ids), images of one patient are not independent: the variance is then
+    Obuchowski's (1997, Biometrics 53:567) clustered form, the placement values summed per patient.
+    With one image per patient it is exactly DeLong's. Returns auc_a, auc_b, difference (a - b),
+    se, z, p_value (two-sided, normal) and the method used; se, z and p_value are None when either
+    class is absent, and z None with p_value 1.0 when both models rank every pair alike (se 0).
+    """
+    truth = np.asarray(y_binary, dtype=bool)
+    scores = np.stack([np.asarray(scores_a, dtype=float), np.asarray(scores_b, dtype=float)])
+    clustered = groups is not None and len(np.unique(np.asarray(groups))) < len(truth)
+    method = "DeLong (clustered by patient, Obuchowski 1997)" if clustered else "DeLong 1988"
+    num_pos, num_neg = int(truth.sum()), int((~truth).sum())
+    if num_pos == 0 or num_neg == 0:
+        return {"auc_a": None, "auc_b": None, "difference": None, "se": None, "z": None, "p_value": None,
+                "method": method}
+    # Placement values: a positive's share of negatives below it, a negative's share of positives above it.
+    combined = rankdata(scores, axis=1)
+    positive_placement = (combined[:, truth] - rankdata(scores[:, truth], axis=1)) / num_neg
+    negative_placement = 1.0 - (combined[:, ~truth] - rankdata(scores[:, ~truth], axis=1)) / num_pos
+    auc = positive_placement.mean(axis=1)
+    unit = np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1) if groups is not None \
+        else np.arange(len(truth))
+    num_units = int(unit.max() + 1)
+    # Per unit: the summed deviations of its positives' and negatives' placements from the AUC, model a minus b.
+    deviation = positive_placement - auc[:, None]
+    pos_dev = np.bincount(unit[truth], weights=deviation[0] - deviation[1], minlength=num_units)
+    deviation = negative_placement - auc[:, None]
+    neg_dev = np.bincount(unit[~truth], weights=deviation[0] - deviation[1], minlength=num_units)
+    units_pos = len(np.unique(unit[truth]))
+    units_neg = len(np.unique(unit[~truth]))
+    units_all = len(np.unique(unit))
+    variance = (_inflation(units_pos) * np.sum(pos_dev ** 2) / num_pos ** 2
+                + _inflation(units_neg) * np.sum(neg_dev ** 2) / num_neg ** 2
+                + 2 * _inflation(units_all) * np.sum(pos_dev * neg_dev) / (num_pos * num_neg))
+    difference = float(auc[0] - auc[1])
+    se = math.sqrt(max(variance, 0.0))
+    if se == 0:
+        z, p_value = None, 1.0 if difference == 0 else None
+    else:
+        z = difference / se
+        p_value = float(2 * norm.sf(abs(z)))
+    return {"auc_a": float(auc[0]), "auc_b": float(auc[1]), "difference": difference, "se": se, "z": z,
+            "p_value": p_value, "method": method}
+
+
+def holm(p_values: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment (statsmodels ``multipletests(method="holm")``) of the p-values that
+    exist; None stays None."""
+    present = [k for k, p in enumerate(p_values) if p is not None]
+    adjusted: list[float | None] = [None] * len(p_values)
+    if present:
+        corrected = multipletests([p_values[k] for k in present], method="holm")[1]
+        for k, value in zip(present, corrected):
+            adjusted[k] = float(value)
+    return adjusted
+
+
+def compare_models(y_true, probs: dict[str, np.ndarray], classes: list[str], groups=None,
+                   positive_class: str | None = "gastric_cancer", num_bootstrap: int = 1000, seed: int = 0,
+                   level: float = 0.95) -> dict:
+    """Every pair of the models in ``probs`` (name -> N x C probabilities, rows the same images, truth
+    ``y_true``), each test Holm-corrected across the pairs. ``groups`` (patient ids) makes the
+    bootstrap resample patients and DeLong's variance cluster by patient."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    names = list(probs)
+    positive = classes.index(positive_class) if positive_class in classes else None
+    unit = (np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1) if groups is not None
+            else np.arange(len(y_true)))
+    prepared = {name: PreparedPredictions(y_true, np.asarray(probs[name], dtype=float)) for name in names}
+    point = {name: {key: values[0] for key, values in replicate_statistics(prepared[name],
+                                                                           np.ones((1, len(y_true)))).items()}
+             for name in names}
+    replicates = {name: [] for name in names}
+    for weights in bootstrap_weights(unit, num_bootstrap, seed) if num_bootstrap > 0 else []:
+        for name in names:
+            stats = replicate_statistics(prepared[name], weights)
+            replicates[name].append(np.stack([stats["accuracy"], stats["macro_auc"],
+                                              stats["auc"][:, positive] if positive is not None
+                                              else np.full(len(weights), np.nan)], axis=1))
+    replicates = {name: np.concatenate(parts) if parts else np.empty((0, 3)) for name, parts in replicates.items()}
+
+    pairs = []
+    for a, b in itertools.combinations(names, 2):
+        pair = {"a": a, "b": b,
+                "mcnemar": mcnemar_exact(prepared[a].correct > 0, prepared[b].correct > 0)}
+        for column, (key, value) in enumerate((("accuracy", "accuracy"), ("macro_auc", "macro_auc"),
+                                               ("cancer_auc", "auc"))):
+            estimate_a = point[a][value] if key != "cancer_auc" else (point[a]["auc"][positive] if positive is not None
+                                                                      else np.nan)
+            estimate_b = point[b][value] if key != "cancer_auc" else (point[b]["auc"][positive] if positive is not None
+                                                                      else np.nan)
+            differences = replicates[a][:, column] - replicates[b][:, column]
+            pair[f"{key}_difference"] = {"a": _number(estimate_a), "b": _number(estimate_b),
+                                         "difference": _number(estimate_a - estimate_b),
+                                         "ci": _percentile_interval(differences, level)}
+        pair["delong"] = (delong_test(y_true == positive, probs[a][:, positive], probs[b][:, positive], groups)
+                          if positive is not None else None)
+        pairs.append(pair)
+
+    for test, p_of in (("mcnemar", lambda pair: pair["mcnemar"]["p_value"]),
+                       ("delong", lambda pair: pair["delong"]["p_value"] if pair["delong"] else None)):
+        for pair, adjusted in zip(pairs, holm([p_of(pair) for pair in pairs])):
+            if pair[test] is not None:
+                pair[test]["p_holm"] = adjusted
+                pair[test]["significant"] = adjusted is not None and adjusted < ALPHA
+    return {"models": names, "num_images": int(len(y_true)), "num_units": int(unit.max() + 1) if len(unit) else 0,
+            "unit": "patient" if groups is not None else "image", "positive_class": classes[positive]
+            if positive is not None else None, "num_resamples": int(num_bootstrap), "seed": int(seed),
+            "level": float(level), "alpha": ALPHA, "pairs": pairs}
+
+
+def significance_sentences(comparison: dict) -> list[str]:
+    """Plain sentences, one per pair and measure, saying whether the difference is significant."""
+    level = f"{comparison['level']:.0%}"
+    alpha = comparison["alpha"]
+    sentences = []
+    for pair in comparison["pairs"]:
+        a, b = pair["a"], pair["b"]
+        test = pair["mcnemar"]
+        accuracy = pair["accuracy_difference"]
+        verdict = "significantly different" if test["significant"] else "not significantly different"
+        sentences.append(
+            f"Accuracy of {a} and {b} is {verdict}: {_pct(accuracy['a'])} vs {_pct(accuracy['b'])}, difference "
+            f"{_points(accuracy['difference'])} ({level} CI {_ci(accuracy['ci'], _points)}); McNemar exact p = "
+            f"{_p(test['p_value'])}, Holm-adjusted {_p(test['p_holm'])} "
+            f"({test['only_a_right']} images only {a} got right, {test['only_b_right']} only {b}).")
+        macro = pair["macro_auc_difference"]
+        if macro["difference"] is not None:
+            excludes = macro["ci"] is not None and (macro["ci"]["lower"] > 0 or macro["ci"]["upper"] < 0)
+            sentences.append(
+                f"Macro AUC {_dec(macro['a'])} vs {_dec(macro['b'])}, difference {_signed(macro['difference'])} "
+                f"({level} CI {_ci(macro['ci'], _signed)}): the interval "
+                + ("excludes 0 (no test was run and nothing was corrected for multiplicity; read it as indicative)."
+                   if excludes else "includes 0, no evidence of a difference."))
+        delong = pair["delong"]
+        if delong is not None and delong["p_value"] is not None:
+            cancer = pair["cancer_auc_difference"]
+            verdict = "significantly different" if delong["significant"] else "not significantly different"
+            sentences.append(
+                f"{comparison['positive_class']}-vs-rest AUC of {a} and {b} is {verdict}: {_dec(delong['auc_a'])} vs "
+                f"{_dec(delong['auc_b'])}, difference {_signed(delong['difference'])} ({level} bootstrap CI "
+                f"{_ci(cancer['ci'], _signed)}); DeLong p = {_p(delong['p_value'])}, Holm-adjusted "
+                f"{_p(delong['p_holm'])}.")
+    return sentences
+
+
+def _inflation(num_units: int) -> float:
+    """I / (I - 1): the small-sample factor of a variance estimated from I independent units."""
+    return num_units / (num_units - 1) if num_units > 1 else 0.0
+
+
+def _percentile_interval(values: np.ndarray, level: float) -> dict | None:
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return None
+    lower, upper = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return {"lower": float(lower), "upper": float(upper)}
+
+
+def _number(value) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _points(value) -> str:
+    return "n/a" if value is None else f"{100 * value:+.1f} points"
+
+
+def _dec(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _signed(value) -> str:
+    return "n/a" if value is None else f"{value:+.3f}"
+
+
+def _p(value) -> str:
+    return "n/a" if value is None else ("< 0.001" if value < 0.001 else f"{value:.3f}")
+
+
+def _ci(interval: dict | None, fmt) -> str:
+    return "n/a" if interval is None else f"{fmt(interval['lower'])} to {fmt(interval['upper'])}"

@@ -1,0 +1,169 @@
+"""Paired comparison: McNemar against statsmodels and scipy, DeLong against a hand-worked example and a
+brute-force reading of DeLong et al. (1988), its clustered form, Holm against statsmodels, and the
+paired bootstrap and the plain-language verdicts on fixed predictions."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest, norm
+from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
+
+from gastro_dist.evaluation.paired import compare_models, delong_test, holm, mcnemar_exact, significance_sentences
+
+CLASSES = ["gastric_cancer", "gastric_ulcer", "chronic_gastritis"]
+
+
+def test_mcnemar_is_statsmodels_exact_test_and_the_binomial_test_of_the_discordant_pairs():
+    # 20 images: both right 7, only a right 8, only b right 2, both wrong 3.
+    a = np.array([1] * 7 + [1] * 8 + [0] * 2 + [0] * 3, bool)
+    b = np.array([1] * 7 + [0] * 8 + [1] * 2 + [0] * 3, bool)
+    result = mcnemar_exact(a, b)
+    assert (result["both_right"], result["only_a_right"], result["only_b_right"], result["both_wrong"]) == (7, 8, 2, 3)
+    reference = mcnemar([[7, 8], [2, 3]], exact=True)
+    assert result["p_value"] == reference.pvalue and result["statistic"] == reference.statistic == 2
+    # Exact McNemar = two-sided binomial test of 2 successes in 10 discordant pairs at 1/2: 2 * 56/1024.
+    assert result["p_value"] == pytest.approx(binomtest(2, 10, 0.5).pvalue) == pytest.approx(0.109375)
+    assert mcnemar_exact(a, a)["p_value"] == 1.0
+
+
+def test_delong_hand_worked_example():
+    """3 positives, 2 negatives, two models (DeLong et al. 1988, eqs. for V10, V01, S10, S01).
+
+    a: positives 0.9 0.7 0.4, negatives 0.5 0.2 -> AUC 5/6; V10 = (1, 1, 1/2), V01 = (2/3, 1)
+    b: positives 0.8 0.3 0.6, negatives 0.7 0.1 -> AUC 2/3; V10 = (1, 1/2, 1/2), V01 = (1/3, 1)
+    S10: var_a = 1/12, var_b = 1/12, cov = 1/24 (divisor m - 1 = 2); S01: 1/18, 2/9, 1/9 (divisor 1).
+    Var(a - b) = (1/12 + 1/12 - 2/24) / 3 + (1/18 + 2/9 - 2/9) / 2 = 1/36 + 1/36 = 1/18
+    z = (5/6 - 2/3) / sqrt(1/18) = sqrt(18)/6 = 1/sqrt(2), p = 2 (1 - Phi(0.7071)) = 0.4795
+    """
+    truth = np.array([1, 1, 1, 0, 0])
+    result = delong_test(truth, [0.9, 0.7, 0.4, 0.5, 0.2], [0.8, 0.3, 0.6, 0.7, 0.1])
+    assert result["auc_a"] == pytest.approx(5 / 6) and result["auc_b"] == pytest.approx(2 / 3)
+    assert result["se"] == pytest.approx(math.sqrt(1 / 18), abs=1e-12)
+    assert result["z"] == pytest.approx(1 / math.sqrt(2), abs=1e-12)
+    assert result["p_value"] == pytest.approx(2 * norm.sf(1 / math.sqrt(2)), abs=1e-12)
+    assert result["p_value"] == pytest.approx(0.4795, abs=1e-4)
+    assert result["method"] == "DeLong 1988"
+
+
+def brute_force_delong(truth, a, b):
+    """DeLong et al. (1988) written out pair by pair: psi, V10, V01, S10, S01, z."""
+    def psi(x, y):
+        return 1.0 if x > y else 0.5 if x == y else 0.0
+
+    positives, negatives = np.flatnonzero(truth), np.flatnonzero(~truth)
+    m, n = len(positives), len(negatives)
+    v10 = np.array([[np.mean([psi(s[i], s[j]) for j in negatives]) for i in positives] for s in (a, b)])
+    v01 = np.array([[np.mean([psi(s[i], s[j]) for i in positives]) for j in negatives] for s in (a, b)])
+    auc = v10.mean(axis=1)
+    s10, s01 = np.cov(v10), np.cov(v01)
+    variance = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n
+    return auc, (auc[0] - auc[1]) / math.sqrt(variance)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_delong_equals_the_pairwise_definition_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    truth = rng.random(40) < 0.4
+    a = np.round(rng.normal(truth * 1.0, 1.0), 1)  # rounded: many ties
+    b = np.round(rng.normal(truth * 0.5, 1.0), 1)
+    auc, z = brute_force_delong(truth, a, b)
+    result = delong_test(truth, a, b)
+    assert (result["auc_a"], result["auc_b"]) == pytest.approx(tuple(auc), abs=1e-12)
+    assert result["z"] == pytest.approx(z, abs=1e-9)
+
+
+def test_clustered_delong_counts_a_patient_once_however_many_frames():
+    truth = np.array([1, 1, 1, 0, 0])
+    a, b = np.array([0.9, 0.7, 0.4, 0.5, 0.2]), np.array([0.8, 0.3, 0.6, 0.7, 0.1])
+    single = delong_test(truth, a, b)
+    # One patient per image: exactly DeLong.
+    assert delong_test(truth, a, b, groups=np.arange(5))["se"] == pytest.approx(single["se"], abs=1e-15)
+    # Each image three times over: DeLong alone takes them as 15 independent images and shrinks the SE;
+    # clustered by patient (Obuchowski 1997), the SE is that of the 5 images.
+    frames = np.repeat(np.arange(5), 3)
+    naive = delong_test(truth[frames], a[frames], b[frames])
+    clustered = delong_test(truth[frames], a[frames], b[frames], groups=frames)
+    assert naive["se"] < 0.5 * single["se"]
+    assert clustered["se"] == pytest.approx(single["se"], abs=1e-12)
+    assert clustered["p_value"] == pytest.approx(single["p_value"], abs=1e-12)
+    assert "Obuchowski" in clustered["method"]
+
+
+def test_delong_degenerate_cases():
+    truth = np.array([1, 0, 1, 0])
+    same = delong_test(truth, [0.9, 0.1, 0.8, 0.3], [0.9, 0.1, 0.8, 0.3])
+    assert same["difference"] == 0 and same["p_value"] == 1.0 and same["z"] is None
+    absent = delong_test(np.zeros(4, bool), [0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1])
+    assert absent["auc_a"] is None and absent["p_value"] is None
+
+
+def test_holm_is_statsmodels_holm():
+    # Sorted 0.01 0.03 0.04: 3 x 0.01 = 0.03; max(0.03, 2 x 0.03) = 0.06; max(0.06, 1 x 0.04) = 0.06.
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    p_values = [0.002, 0.2, 0.013, 0.04, 0.5]
+    assert holm(p_values) == pytest.approx(list(multipletests(p_values, method="holm")[1]))
+    assert holm([None, 0.02, None]) == [None, 0.02, None]
+
+
+def predictions(seed, num_samples, signal):
+    rng = np.random.default_rng(seed)
+    y_true = rng.integers(0, 3, num_samples)
+    logits = rng.normal(size=(num_samples, 3))
+    logits[np.arange(num_samples), y_true] += signal
+    return y_true, np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+
+
+def test_compare_models_pairs_tests_and_verdicts():
+    y_true, strong = predictions(0, 300, 3.0)
+    rng = np.random.default_rng(1)
+    weak = np.exp(rng.normal(size=(300, 3)))
+    weak /= weak.sum(axis=1, keepdims=True)
+    groups = np.arange(300) // 3
+    result = compare_models(y_true, {"strong": strong, "weak": weak, "strong_copy": strong.copy()}, CLASSES,
+                            groups=groups, num_bootstrap=200, seed=0)
+    assert [(p["a"], p["b"]) for p in result["pairs"]] == [("strong", "weak"), ("strong", "strong_copy"),
+                                                           ("weak", "strong_copy")]
+    assert result["unit"] == "patient" and result["num_units"] == 100 and result["positive_class"] == "gastric_cancer"
+    better, same, worse = result["pairs"]
+
+    # McNemar and DeLong per pair, Holm over the three pairs of each test.
+    assert better["mcnemar"]["p_value"] == mcnemar(
+        [[better["mcnemar"]["both_right"], better["mcnemar"]["only_a_right"]],
+         [better["mcnemar"]["only_b_right"], better["mcnemar"]["both_wrong"]]], exact=True).pvalue
+    for test in ("mcnemar", "delong"):
+        raw = [pair[test]["p_value"] for pair in result["pairs"]]
+        assert [pair[test]["p_holm"] for pair in result["pairs"]] == pytest.approx(
+            list(multipletests(raw, method="holm")[1]))
+    assert better["mcnemar"]["significant"] and better["delong"]["significant"]
+    assert not same["mcnemar"]["significant"] and same["mcnemar"]["p_value"] == 1.0
+    assert better["delong"]["method"].startswith("DeLong (clustered")
+
+    # Differences (a - b): point estimates are the models' own metrics, CIs hold them, a copy differs by 0.
+    accuracy = better["accuracy_difference"]
+    assert accuracy["a"] == pytest.approx(np.mean(strong.argmax(1) == y_true))
+    assert accuracy["difference"] == pytest.approx(accuracy["a"] - accuracy["b"])
+    assert accuracy["ci"]["lower"] <= accuracy["difference"] <= accuracy["ci"]["upper"]
+    assert better["cancer_auc_difference"]["difference"] == pytest.approx(better["delong"]["difference"])
+    assert same["macro_auc_difference"] == {"a": same["macro_auc_difference"]["a"],
+                                            "b": same["macro_auc_difference"]["a"], "difference": 0.0,
+                                            "ci": {"lower": 0.0, "upper": 0.0}}
+    assert worse["accuracy_difference"]["difference"] == pytest.approx(-accuracy["difference"])
+    again = compare_models(y_true, {"strong": strong, "weak": weak}, CLASSES, groups=groups, num_bootstrap=200,
+                           seed=0)
+    assert again["pairs"][0]["accuracy_difference"] == accuracy  # same seed, same paired resamples
+
+    sentences = significance_sentences(result)
+    assert sentences[0].startswith("Accuracy of strong and weak is significantly different")
+    assert any(s.startswith("Accuracy of strong and strong_copy is not significantly different") for s in sentences)
+    assert any("includes 0, no evidence of a difference" in s for s in sentences)
+
+
+def test_compare_models_without_a_cancer_class_has_no_delong():
+    y_true, probs = predictions(3, 60, 1.0)
+    result = compare_models(y_true, {"x": probs, "y": probs[::-1].copy()}, ["a", "b", "c"], num_bootstrap=20)
+    pair = result["pairs"][0]
+    assert pair["delong"] is None and pair["cancer_auc_difference"]["difference"] is None
+    assert result["unit"] == "image" and result["positive_class"] is None
+    assert not any("AUC of x and y" in s for s in significance_sentences(result))
