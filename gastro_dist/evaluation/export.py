@@ -3,8 +3,9 @@
 Owns the deployable form of a trained classifier. The exported graph takes a normalised
 N x 3 x H x W float32 RGB batch (dynamic N) named ``images`` and returns softmax ``probabilities``
 (or ``logits``) in the order of the sidecar's ``classes``. The run's temperature T (model.json) is
-part of the graph: it returns softmax(logits / T), or logits / T, the probabilities `predict` gives. Export and check work on a CPU copy
-in eval mode, so the caller's model is untouched and inception returns plain logits (no aux head).
+part of the graph: it returns softmax(logits / T), the probabilities `predict` gives (or logits / T).
+Export and check work on a CPU copy in eval mode, so the caller's model is untouched and inception
+returns plain logits (no aux head).
 torchvision and timm models (ViTs included: their input size is fixed at build time) export alike.
 
 The file carries what it needs to be called without its sidecar: the ONNX model's ``metadata_props``
