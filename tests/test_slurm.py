@@ -5,7 +5,8 @@ module by tests/slurm_cluster.py and torn down after it. Needs root; the slurm/m
 are installed with apt-get (.ci/install_slurm.sh) when missing. Outside CI the tests are skipped
 when that is impossible (not root, no apt); with CI=true they fail instead.
 
-About 2 minutes on 2 cores: run with `pytest -m slurm tests/test_slurm.py`.
+About 4-8 minutes on 2 cores (7.5 measured on cores shared with other work; the cv case about 2):
+run with `pytest -m slurm tests/test_slurm.py`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SBATCH = REPO / "slurm" / "train.sbatch"
 COMPARE_SBATCH = REPO / "slurm" / "compare.sbatch"
+CV_SBATCH = REPO / "slurm" / "cv.sbatch"
 SMOKE = REPO / "configs" / "smoke.yaml"
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 # Small and CPU-friendly; every run logs each optimizer step to metrics.jsonl.
@@ -80,6 +82,16 @@ def shards(tmp_path_factory) -> Path:
                          "--resize-short", "80", "--input-size", "64", "--workers", "1"],
                    check=True, env=env, capture_output=True, cwd=root)
     return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def fold_shards(shards) -> Path:
+    """The same images packed with --folds 2 (and 5 test images per class)."""
+    out = shards.parent / "shards-2fold"
+    subprocess.run([sys.executable, "-m", "gastro_dist", "pack", str(shards.parent / "raw"), "--out", str(out),
+                    "--folds", "2", "--test-per-class", "5", "--resize-short", "80", "--input-size", "64",
+                    "--workers", "1"], check=True, env=_python_env(), capture_output=True, cwd=shards.parent)
+    return out
 
 
 def _python_env() -> dict[str, str]:
@@ -270,3 +282,65 @@ def test_compare_array_one_config_per_task(cluster, shards, tmp_path):
         assert summary["status"] == "completed", summary
         assert summary["phases"]["head"]["steps"] == summary["phases"]["finetune"]["steps"] == 2, summary["phases"]
         assert json.loads((out / name / "summary.json").read_text())["model"] == "resnet18"
+
+
+def test_cv_array_one_fold_per_task_then_the_summary(cluster, fold_shards, tmp_path):
+    """cv.sbatch: array task N trains fold N and evaluates it; the task that ends last writes cv.json.
+    Submitted again, a finished fold is neither trained nor evaluated again."""
+    out = tmp_path / "cv"
+    (tmp_path / "logs").mkdir()
+    args = ["--config", str(SMOKE), "--shards", str(fold_shards), "--out", str(out), "--bootstrap", "20",
+            "--no-track", *COMMON_OVERRIDES, "head.epochs=1", "finetune.epochs=1", "data.batch_size=16",
+            "max_steps_per_epoch=2"]
+
+    def start(tasks: list[int]) -> int:
+        return cluster.sbatch(f"--array={','.join(map(str, tasks))}", "--cpus-per-task=1", "--time=10",
+                              str(CV_SBATCH), *args, cwd=tmp_path, env=_job_env())
+
+    def log_of(job: int, task: int) -> str:
+        path = tmp_path / "logs" / f"gastro-cv-{job}_{task}.out"
+        return path.read_text(errors="replace") if path.is_file() else f"<no log at {path}>"
+
+    def submit(tasks: list[int]) -> list[str]:
+        """Submit the array tasks (folds) `tasks`, wait for them; returns their logs."""
+        job = start(tasks)
+        for task in tasks:
+            info = cluster.wait_job(f"{job}_{task}", timeout=300)
+            assert info["JobState"] == "COMPLETED", f"{info}\n{log_of(job, task)[-6000:]}"
+        return [log_of(job, task) for task in tasks]
+
+    logs = submit([0, 1])
+    for fold, log in enumerate(logs):
+        assert f"array task {fold}: fold {fold} of 2 -> {out / f'fold-{fold}'}" in log, log
+        assert f"gastro-dist cv --folds {fold}" in log and "evaluation finished with status 0" in log, log
+        summary = json.loads((out / f"fold-{fold}" / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["fold"] == fold, summary
+        assert summary["phases"]["head"]["steps"] == summary["phases"]["finetune"]["steps"] == 2, summary["phases"]
+    assert any(f"cross-validation: {out / 'cv.md'}" in log for log in logs), logs
+    result = json.loads((out / "cv.json").read_text())
+    assert result["num_folds"] == 2 and [row["fold"] for row in result["folds"]] == [0, 1]
+    assert result["out_of_fold"]["num_samples"] == result["out_of_fold"]["num_listed"] > 0
+    assert result["ensemble_test"]["num_samples"] == 15  # 5 test images per class
+
+    events = (out / "fold-0" / "metrics.jsonl").read_text()
+    (log,) = submit([0])
+    assert "fold 0 is already trained" in log and "fold 0 already trained and evaluated" in log, log
+    assert f"cross-validation: {out / 'cv.md'}" in log, log
+    assert (out / "fold-0" / "metrics.jsonl").read_text() == events
+
+    # SIGUSR1 while a task evaluates (what SLURM sends before the time limit): the evaluation stops, the task
+    # requeues itself, and the restarted task evaluates the fold without training it.
+    (out / "fold-1" / "cv-fold.json").unlink()
+    job = start([1])
+    deadline = time.monotonic() + 120
+    while "fold 1: evaluating it" not in log_of(job, 1):
+        assert cluster.job(f"{job}_1").get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), log_of(job, 1)
+        assert time.monotonic() < deadline, "the evaluation never started\n" + log_of(job, 1)
+        time.sleep(0.2)
+    cluster.cmd("scancel", "--signal=USR1", "--batch", f"{job}_1")
+    info = cluster.wait_job(f"{job}_1", timeout=300)
+    log = log_of(job, 1)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{log[-6000:]}"
+    assert "SIGUSR1 while evaluating: stopping it and requeueing" in log, log
+    assert log.count("fold 1 is already trained") == 2 and "evaluation finished with status 0" in log, log
+    assert (out / "fold-1" / "cv-fold.json").is_file()
