@@ -158,14 +158,16 @@ def _file_sha256(path: Path) -> str:
 
 # ---------------------------------------------------------------- all folds together
 class _Predictions:
-    """One predictions.csv of `evaluate`: keys, patient ids (or the key), labels and probabilities."""
+    """One predictions.csv of `evaluate`: keys, bootstrap units, patient ids, labels and probabilities."""
 
     def __init__(self, path: Path, classes: list[str]):
         with path.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
         label_of = {csv_text(name): k for k, name in enumerate(classes)}  # evaluate wrote the names as CSV text
         self.keys = [row["key"] for row in rows]
-        self.groups = [row["patient_id"] or row["key"] for row in rows]
+        # The unit evaluate's bootstrap resamples (its `group` column: the patient, or a video without one),
+        # else the patient id, else the image itself.
+        self.groups = [row.get("group") or row["patient_id"] or row["key"] for row in rows]
         self.patient_ids = [row["patient_id"] for row in rows]
         self.labels = np.array([label_of[row["true_label"]] for row in rows], dtype=np.int64)
         self.probs = np.array([[float(row[f"prob_{name}"]) for name in classes] for row in rows],
