@@ -74,11 +74,13 @@ def _train_and_evaluate(configs: list, shards_dir: str | Path, out_dir: Path, sp
 
 def paired_comparison_of_runs(eval_dirs: dict[str, Path], classes: list[str], num_bootstrap: int = 1000,
                               seed: int = 0, positive_class: str | None = None) -> dict:
-    """`paired.compare_models` on the predictions.csv of several `evaluate` folders (name -> folder):
-    the images all of them scored (matched by key), resampled by the patients (bootstrap units) the
-    first one records. `positive_class` None: gastric_cancer when present."""
-    predictions = {name: read_predictions_csv(Path(folder) / "predictions.csv", classes)
-                   for name, folder in eval_dirs.items()}
+    """`paired.compare_models` on the predictions of several models (name -> an `evaluate` folder, or a
+    predictions CSV such as cv's oof_predictions.csv): the images all of them scored (matched by key),
+    resampled by the patients (bootstrap units) the first one records. `positive_class` None:
+    gastric_cancer when present."""
+    predictions = {name: read_predictions_csv(Path(path) / "predictions.csv" if Path(path).is_dir() else path,
+                                              classes)
+                   for name, path in eval_dirs.items()}
     first = next(iter(predictions.values()))
     common = set(first["keys"])
     for scored in predictions.values():

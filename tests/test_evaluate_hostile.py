@@ -50,6 +50,14 @@ def files_under(folder: Path) -> set[Path]:
     return {path for path in folder.rglob("*") if path.is_file()}
 
 
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def csv_rows(path: Path) -> list[dict]:
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
@@ -68,7 +76,7 @@ def split_samples(shards: Path, split: str) -> tuple[list[str], np.ndarray]:
 
 def read_past_the_reader(monkeypatch, shards: Path, edit=lambda predictions: None) -> None:
     """evaluate gets every sample of the split unchecked, each predicted as the next class, then `edit`ed."""
-    def predict_split(accelerator, model, index, data, split, with_meta=False):
+    def predict_split(accelerator, model, index, data, split, with_meta=False, **_):
         keys, labels = split_samples(shards, split)
         predictions = {"keys": keys, "labels": labels, "probs": np.eye(3)[(labels + 1) % 3], "meta": ["{}"] * len(keys),
                        "skipped": [], "missing": 0}
@@ -174,8 +182,8 @@ def test_broken_metadata_is_reported_and_formulas_neutralised(trained_run, synth
     rows = csv_rows(out / "predictions.csv")
     hostile_row = next(row for row in rows if row["patient_id"].endswith(formula))
     assert hostile_row["patient_id"] == "'" + formula and hostile_row["source"] == "'-2+3.jpg"
-    for row in rows:
-        assert not any(row[cell].startswith(("=", "+", "-", "@")) for cell in row)
+    for row in rows:  # numbers (a negative logit) stay numbers: a spreadsheet reads "-2.5" as one, not a formula
+        assert not any(row[cell].startswith(("=", "+", "-", "@")) and not is_number(row[cell]) for cell in row)
         assert math.isclose(sum(float(row[cell]) for cell in row if cell.startswith("prob_")), 1, abs_tol=1e-4)
 
 

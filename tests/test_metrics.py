@@ -367,3 +367,19 @@ def test_operating_point_is_chosen_on_one_split_and_applied_to_another():
     assert point["metrics"]["tp"] + point["metrics"]["fn"] == int(np.sum(y_test == 0))
     with pytest.raises(UserError, match="positive class"):
         operating_point(y_val, probs_val, y_test, probs_test, ["a", "b", "c"], 0.9)
+
+
+def test_bootstrap_units_group_frames_of_one_video_without_a_patient_id():
+    from gastro_dist.evaluation.evaluate import _sample_metadata, bootstrap_unit
+
+    texts = [json.dumps({"patient_id": "p7", "source": "a.mp4", "source_kind": "video", "frame_index": 3}),
+             json.dumps({"patient_id": None, "source": "b.mp4", "source_kind": "video", "frame_index": 0}),
+             json.dumps({"patient_id": None, "source": "b.mp4", "source_kind": "video", "frame_index": 30}),
+             json.dumps({"patient_id": "", "source": "c.dcm", "source_kind": "dicom", "frame_index": 2}),
+             json.dumps({"patient_id": None, "source": "still.jpg", "source_kind": "image", "frame_index": None}),
+             json.dumps({"source": "x.mp4", "frame_index": "7"})]
+    keys = [f"k{i}" for i in range(len(texts))]
+    metas, problems = _sample_metadata(texts, keys)
+    assert [bootstrap_unit(meta, key) for meta, key in zip(metas, keys)] == [
+        "patient:p7", "source:b.mp4", "source:b.mp4", "source:c.dcm", "image:k4", "image:k5"]
+    assert problems == ["k5: frame_index in sample .json is not a whole number; left empty"]

@@ -167,3 +167,24 @@ def test_compare_models_without_a_cancer_class_has_no_delong():
     assert pair["delong"] is None and pair["cancer_auc_difference"]["difference"] is None
     assert result["unit"] == "image" and result["positive_class"] is None
     assert not any("AUC of x and y" in s for s in significance_sentences(result))
+
+
+def test_paired_comparison_of_runs_reads_evaluates_predictions_and_matches_images_by_key(tmp_path):
+    from gastro_dist.compare import paired_comparison_of_runs
+    from gastro_dist.evaluation.evaluate import _write_predictions_csv
+
+    y_true, strong = predictions(4, 90, 3.0)
+    _, weak = predictions(5, 90, 0.2)
+    keys = [f"test_{k:04d}" for k in range(90)]
+    groups = np.array([f"patient:p{k // 3}" for k in range(90)], dtype=object)
+    metas = [{"patient_id": f"p{k // 3}"} for k in range(90)]
+    for name, probs, rows in (("a", strong, slice(None)), ("b", weak, slice(5, None))):  # b lacks 5 images
+        (tmp_path / name).mkdir()
+        _write_predictions_csv(tmp_path / name / "predictions.csv", keys[rows], metas[rows], groups[rows],
+                               y_true[rows], probs[rows], np.log(probs[rows]), CLASSES)
+    result = paired_comparison_of_runs({"a": tmp_path / "a", "b": tmp_path / "b"}, CLASSES, num_bootstrap=50)
+    assert result["num_images"] == 85 and result["num_images_not_in_all"] == 5
+    assert result["unit"] == "patient" and result["num_units"] == 29  # p0's three images and p1's first two left out
+    direct = compare_models(y_true[5:], {"a": strong[5:], "b": weak[5:]}, CLASSES, groups=groups[5:],
+                            num_bootstrap=50)
+    assert result["pairs"] == direct["pairs"]  # the CSVs hold the probabilities exactly

@@ -227,7 +227,7 @@ def _calibrated(predictions: dict, temperature: float) -> dict:
     if logits is None:
         with np.errstate(divide="ignore", invalid="ignore"):
             logits = np.log(np.asarray(predictions["probs"], dtype=np.float64))
-    logits = np.asarray(logits, dtype=np.float64).reshape(len(predictions["keys"]), -1)
+    logits = np.asarray(logits, dtype=np.float64).reshape(len(predictions["keys"]), np.shape(predictions["probs"])[-1])
     return {**predictions, "logits": logits, "probs": calibrated_probabilities(logits, temperature)}
 
 
@@ -341,8 +341,9 @@ def _write_patient_csv(path: Path, cases: dict, classes: list[str]) -> None:
 
 
 def read_predictions_csv(path: str | Path, classes: list[str]) -> dict:
-    """predictions.csv back as keys, groups (the bootstrap units), labels, probs and logits, the
-    numbers exactly as evaluate held them. Text cells stay as written (`csv_text` form)."""
+    """predictions.csv back as keys, groups (the bootstrap units), labels, probs and logits (None in files
+    without them), the numbers exactly as evaluate held them. Text cells stay as written (`csv_text` form).
+    Files written before the group column, and cv's pooled files, give the patient id (else the key)."""
     with Path(path).open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     label_of = {csv_text(name): k for k, name in enumerate(classes)}
@@ -352,7 +353,8 @@ def read_predictions_csv(path: str | Path, classes: list[str]) -> dict:
                             dtype=np.float64).reshape(len(rows), len(classes))
 
         return {"keys": [row["key"] for row in rows],
-                "groups": np.array([row.get("group") or row["patient_id"] or row["key"] for row in rows], dtype=object),
+                "groups": np.array([row.get("group") or row.get("patient_or_key") or row.get("patient_id")
+                                    or row["key"] for row in rows], dtype=object),
                 "labels": np.array([label_of[row["true_label"]] for row in rows], dtype=np.int64),
                 "probs": numbers("prob_"),
                 "logits": numbers("logit_") if not rows or f"logit_{classes[0]}" in rows[0] else None}

@@ -69,6 +69,8 @@ def calibrated_probabilities(logits, temperature: float = 1.0) -> np.ndarray:
     can be recomputed exactly from predictions.csv's logits with it.
     """
     scaled = np.asarray(logits, dtype=np.float64) / temperature
+    if scaled.size == 0:
+        return scaled
     with np.errstate(invalid="ignore"):  # a row of NaN or all -inf stays NaN and is reported as non-finite
         shifted = scaled - scaled.max(axis=1, keepdims=True)
         exponentials = np.exp(shifted)
