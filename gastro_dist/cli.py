@@ -196,8 +196,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from gastro_dist.compare import compare_configs
+    from gastro_dist.compare import compare_configs, compare_predictions
 
+    if bool(args.configs) == bool(args.predictions):
+        raise UserError("give --configs (train and evaluate each) or --predictions (models evaluated already), "
+                        "one of the two")
+    if args.predictions:
+        named = dict(item.partition("=")[::2] for item in args.predictions)
+        if len(named) != len(args.predictions) or not all(name and path for name, path in named.items()):
+            raise UserError("--predictions takes distinct NAME=PATH pairs, e.g. r50=runs/cv-r50/oof_predictions.csv")
+        compare_predictions({name: Path(path) for name, path in named.items()}, args.out,
+                            num_bootstrap=args.bootstrap)
+        return 0
+    if args.shards is None:
+        raise UserError("--configs needs --shards, the shard folder every config trains and is evaluated on")
     compare_configs(args.configs, args.shards, args.out, overrides=args.overrides, split=args.split,
                     num_bootstrap=args.bootstrap, track=not args.no_track)
     return 0
@@ -272,9 +284,14 @@ def add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
                    help="do not add the results to the training run's trackers (RUN/tracking.json)")
     p.set_defaults(handler=_cmd_evaluate)
 
-    p = sub.add_parser("compare", help="train and evaluate several configs on the same shards: the study's table")
-    p.add_argument("--configs", type=Path, nargs="+", required=True, help="YAML configs, one run each")
-    p.add_argument("--shards", type=Path, required=True, help="shard folder (`gastro-dist pack --out`)")
+    p = sub.add_parser("compare", help="train and evaluate several configs on the same shards: the study's table, "
+                                       "and paired tests of every two models",
+                       description="With --predictions, compares models evaluated already (e.g. the cv runs of "
+                                   "several configs, by their oof_predictions.csv), training nothing.")
+    p.add_argument("--configs", type=Path, nargs="+", default=None, help="YAML configs, one run each")
+    p.add_argument("--predictions", nargs="+", default=None, metavar="NAME=PATH",
+                   help="models evaluated already: an `evaluate` --out folder or a predictions CSV per model")
+    p.add_argument("--shards", type=Path, default=None, help="shard folder (`gastro-dist pack --out`); with --configs")
     p.add_argument("--out", type=Path, required=True,
                    help="folder for one run per config and comparison.md / comparison.json")
     p.add_argument("--split", default="test", choices=("test", "val"), help="split the models are compared on")

@@ -5,6 +5,7 @@ Holm: `evaluation.paired`) with a forest plot, in comparison.json, comparison.md
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,29 @@ def paired_comparison_of_runs(eval_dirs: dict[str, Path], classes: list[str], nu
     return comparison
 
 
+def compare_predictions(named_paths: dict[str, Path], out_dir: str | Path, num_bootstrap: int = 1000,
+                        seed: int = 0) -> dict:
+    """The paired comparison of models evaluated already (name -> an `evaluate` folder or a predictions CSV,
+    e.g. each config's cv oof_predictions.csv), nothing trained; classes from the first file's columns."""
+    if len(named_paths) < 2:
+        raise UserError("--predictions needs two models or more, as NAME=PATH")
+    first = next(iter(named_paths.values()))
+    first = Path(first) / "predictions.csv" if Path(first).is_dir() else Path(first)
+    if not first.is_file():
+        raise UserError(f"{first} not found: give an `evaluate` --out folder or a predictions CSV")
+    with first.open(newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    classes = [name[len("prob_"):] for name in header if name.startswith("prob_")]
+    if len(classes) < 2:
+        raise UserError(f"{first} has no prob_CLASS columns: it is not a predictions file of gastro-dist")
+    result = {"split": "given predictions", "predictions": {name: str(path) for name, path in named_paths.items()},
+              "classes": classes, "models": [],
+              "paired": paired_comparison_of_runs(named_paths, classes, num_bootstrap=num_bootstrap, seed=seed)}
+    write_comparison(Path(out_dir), result)
+    print(f"comparison: {Path(out_dir) / 'comparison.md'}  (html: {Path(out_dir) / 'comparison.html'})")
+    return result
+
+
 def _comparison_row(name: str, config, summary: dict, metrics: dict, train_time_s: float) -> dict:
     ci = metrics.get("ci") or {}
     phases = summary.get("phases", {})
@@ -161,13 +185,18 @@ def comparison_blocks(result: dict) -> list:
     notes = "MCC is scikit-learn's multiclass matthews_corrcoef; ECE is the debiased expected calibration error."
     if set(classes) == STUDY_CLASSES:
         notes += " Reference study (ResNet50): gastric cancer 93%, gastric ulcer 92%, chronic gastritis 88%."
-    blocks = [Heading(f"Backbone comparison ({result['split']} split)", level=1),
-              Paragraph("Share of each class's images recognised correctly (the study's table), with 95% "
-                        "patient-level bootstrap CIs."),
-              Table(["model", *classes, "overall"], accuracy_rows),
-              Table(["model", "macro F1", "MCC", "macro AUC", "ECE", "Brier", "cancer sens.", "cancer spec.",
-                     "cancer AUC", "train time (s)", "train images/s"], other_rows),
-              Paragraph(notes)]
+    blocks = [Heading(f"Backbone comparison ({result['split']} split)", level=1)]
+    if result["models"]:
+        blocks += [Paragraph("Share of each class's images recognised correctly (the study's table), with 95% "
+                             "patient-level bootstrap CIs."),
+                   Table(["model", *classes, "overall"], accuracy_rows),
+                   Table(["model", "macro F1", "MCC", "macro AUC", "ECE", "Brier", "cancer sens.", "cancer spec.",
+                          "cancer AUC", "train time (s)", "train images/s"], other_rows),
+                   Paragraph(notes)]
+    else:
+        blocks.append(Paragraph("Models compared from their prediction files: "
+                                + ", ".join(f"{name} (`{path}`)" for name, path in result["predictions"].items())
+                                + "."))
     if result.get("paired"):
         blocks += paired_blocks(result["paired"])
     return blocks

@@ -188,3 +188,25 @@ def test_paired_comparison_of_runs_reads_evaluates_predictions_and_matches_image
     direct = compare_models(y_true[5:], {"a": strong[5:], "b": weak[5:]}, CLASSES, groups=groups[5:],
                             num_bootstrap=50)
     assert result["pairs"] == direct["pairs"]  # the CSVs hold the probabilities exactly
+
+
+def test_compare_cli_on_prediction_files_trains_nothing(tmp_path, capsys):
+    from gastro_dist.cli import main
+    from gastro_dist.evaluation.evaluate import _write_predictions_csv
+
+    y_true, strong = predictions(6, 60, 3.0)
+    _, weak = predictions(7, 60, 0.2)
+    keys = [f"k{k}" for k in range(60)]
+    groups = np.array([f"patient:p{k // 2}" for k in range(60)], dtype=object)
+    for name, probs in (("r50", strong), ("vgg", weak)):
+        _write_predictions_csv(tmp_path / f"{name}.csv", keys, [{}] * 60, groups, y_true, probs, np.log(probs), CLASSES)
+    out = tmp_path / "cmp"
+    assert main(["compare", "--predictions", f"r50={tmp_path / 'r50.csv'}", f"vgg={tmp_path / 'vgg.csv'}",
+                 "--out", str(out), "--bootstrap", "30"]) == 0
+    table = (out / "comparison.md").read_text()
+    assert "## Paired comparison" in table and "| r50 − vgg |" in table and "Accuracy of r50 and vgg is" in table
+    assert (out / "comparison.html").is_file() and (out / "comparison_forest.png").is_file()
+    capsys.readouterr()
+    assert main(["compare", "--predictions", f"r50={tmp_path / 'r50.csv'}", "--out", str(out)]) == 2
+    assert "two models" in capsys.readouterr().err
+    assert main(["compare", "--out", str(out)]) == 2
