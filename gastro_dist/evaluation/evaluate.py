@@ -400,7 +400,7 @@ def cam_panels(trained: TrainedModel, images: list, class_index: list[int] | Non
     for n, (image, cam, p) in enumerate(zip(images, cams, probs)):
         predicted = int(p.argmax())
         explained = predicted if class_index is None else int(class_index[0 if len(class_index) == 1 else n])
-        truth = "" if true_labels is None else f"true: {classes[true_labels[n]]}    "
+        truth = "" if true_labels is None else f"true: {classes[true_labels[n]]} · "
         caption = [f"{truth}predicted: {classes[predicted]} ({p[predicted]:.1%})",
                    f"heatmap: evidence for {classes[explained]}"
                    + ("" if explained == predicted else f" ({p[explained]:.1%})")
