@@ -462,7 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     # with other processes slows each in proportion (benchmarks/README.md, "CPU threads").
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error argparse has printed: its status, returned
+        return int(done.code or 0)
     from gastro_dist.data.locations import redact_argv
 
     sys.argv[:] = redact_argv(sys.argv)  # trackers record the command line: a shard URL's credentials stay out
