@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Shared launch logic for slurm/train.sbatch and slurm/compare.sbatch. Sourced, not run.
+# Shared launch logic for slurm/train.sbatch, slurm/compare.sbatch and slurm/cv.sbatch. Sourced, not run.
 #
 # Site settings (environment variables, all optional; `sbatch` exports your environment):
 #   GASTRO_DIST_VENV=/path/to/venv    activate this virtualenv in the job (else edit gd_site_setup)

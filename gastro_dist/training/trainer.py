@@ -237,7 +237,9 @@ class Trainer:
         # Each rank's trained weights reduced to one number: DDP keeps them identical, and this shows it.
         checksum = float(sum(p.detach().double().sum() for p in self.model.parameters()))
         self.summary["rank_param_checksums"] = gather_object([checksum])
-        self.model.load_state_dict(ckpt.load_weights(self.run_dir.phase_weights(final_phase, "best")))
+        # float32 again: DeepSpeed's bf16 engine converts the module's own parameters; the final model and
+        # the calibration pass below must not depend on the engine.
+        self.model.float().load_state_dict(ckpt.load_weights(self.run_dir.phase_weights(final_phase, "best")))
         # Temperature scaling, fitted on the final model's validation logits (each rank predicts its share).
         val = predict_split(self.accelerator, self.model, self.index, self.config.data, "val",
                             channels_last=self.config.model.channels_last)
