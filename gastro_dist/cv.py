@@ -7,7 +7,6 @@ across folds, the pooled out-of-fold metrics and the fold ensemble's test metric
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import tempfile
@@ -22,7 +21,7 @@ from gastro_dist.config import TrainConfig, load_config
 from gastro_dist.data.shard_index import ShardIndex, fold_split, load_shard_index
 from gastro_dist.evaluation.evaluate import evaluate_run
 from gastro_dist.evaluation.metrics import evaluate_predictions
-from gastro_dist.files import csv_text
+from gastro_dist.files import csv_text, file_sha256
 from gastro_dist.run_dir import RunDir, redact
 from gastro_dist.tracking import group_run
 from gastro_dist.training.trainer import train
@@ -121,7 +120,7 @@ def _train_and_evaluate_fold(fold: int, config: TrainConfig, run: RunDir, index:
     if _evaluation(run, index) is not None:
         print(f"cv: fold {fold} already trained and evaluated: {run}")
         return
-    model_sha256 = _file_sha256(run.model_weights)
+    model_sha256 = file_sha256(run.model_weights)
     splits = {OOF_DIR: fold_split(fold), **({TEST_DIR: "test"} if index.count("test") else {})}
     for folder, split in splits.items():
         evaluate_run(run.path, shards_dir, run.path / folder, split=split, num_bootstrap=num_bootstrap, seed=seed,
@@ -143,17 +142,9 @@ def _evaluation(run: RunDir, index: ShardIndex) -> dict | None:
     if (not isinstance(record, dict) or record.get("shards_index_sha256") != index.index_sha256
             or set(record.get("predictions") or {}) != wanted
             or not all((run.path / folder / "predictions.csv").is_file() for folder in wanted)
-            or not run.model_weights.is_file() or record.get("model_sha256") != _file_sha256(run.model_weights)):
+            or not run.model_weights.is_file() or record.get("model_sha256") != file_sha256(run.model_weights)):
         return None
     return record
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- all folds together

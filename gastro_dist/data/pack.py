@@ -52,7 +52,7 @@ from gastro_dist.data.images import (
 from gastro_dist.data.pseudonym import METHOD, Pseudonymiser, load_pseudonymiser
 from gastro_dist.data.shard_index import INDEX_FILE, fold_of_split, fold_split
 from gastro_dist.data.video import VIDEO_EXTENSIONS, opened_video, require_pyav, video_frames
-from gastro_dist.files import file_type
+from gastro_dist.files import file_sha256, file_type
 from gastro_dist.progress import progress
 
 FORMAT_VERSION = 1
@@ -1084,14 +1084,6 @@ def _write_shards(splits: dict[str, list[_Input]], classes: list[str], out_dir: 
                 writer.close()
     return {split: [{"file": name, "count": count, "sha256": file_sha256(out_dir / name)}
                     for name, count in samples_per_file[split].items()] for split in splits}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- bookkeeping

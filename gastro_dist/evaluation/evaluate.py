@@ -56,82 +56,38 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
     trackers (RUN/tracking.json).
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if cancer_sensitivity is not None and not 0 < cancer_sensitivity <= 1:
-        raise UserError("--cancer-sensitivity must be a fraction in (0, 1], e.g. 0.95")
-    for option, value, minimum in (("--bootstrap", num_bootstrap, 0), ("--cam-misclassified", cam_misclassified, 0),
-                                   ("--batch-size", batch_size, 1), ("--workers", num_workers, 0)):
-        _check_at_least(option, value, minimum)
-    if patient_aggregation not in PATIENT_AGGREGATIONS:
-        raise UserError(f"--patient-aggregation must be one of {', '.join(PATIENT_AGGREGATIONS)}, "
-                        f"not {patient_aggregation!r}")
+    _check_options(cancer_sensitivity, num_bootstrap, cam_misclassified, batch_size, num_workers, patient_aggregation)
     trained = load_trained_model(run_dir, checkpoint)
     positive_class = _positive_class(positive_class, trained.classes, cancer_sensitivity)
     if patient_aggregation == "max" and positive_class is None:
         raise UserError(f"--patient-aggregation max takes the largest probability of the positive class, and the "
                         f"model has no {POSITIVE_CLASS!r}; pass --positive-class, one of: {', '.join(trained.classes)}")
-    index = load_shard_index(shards_dir)
-    if index.classes != trained.classes:
-        raise UserError(f"the shards' classes {index.classes} differ from the model's {trained.classes}; "
-                        "evaluate on shards packed from the same class folders")
-    if index.count(split) == 0:
-        raise UserError(f"the {split} split of {index.root} is empty; pack with --test-per-class N, or pass --split val")
-    if cancer_sensitivity is not None and index.count("val") == 0:
-        raise UserError(f"--cancer-sensitivity picks its threshold on the val split, which is empty in {index.root}; "
-                        "re-pack with --val-fraction above 0, or leave the option out")
+    index = _checked_shards(shards_dir, trained, split, cancer_sensitivity)
     tracking = tracking_of_run(RunDir(run_dir)) if track else None
     if tracking is not None:
         check_trackers_installed(tracking)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               **(accelerator_tracking_kwargs(tracking, RunDir(run_dir)) if tracking else {}))
-    model = trained.model.to(accelerator.device)
     data_cfg = trained.data_config(batch_size=batch_size, num_workers=num_workers)
-    classes = index.classes
     num_listed = index.count(split)
     # counts and sha256 of the shards read first: the plan asks only for samples that are there
     scanned_splits = sorted({split, "val"} if cancer_sensitivity is not None else {split})
     index, shard_problems = checked_shard_index(accelerator, index, scanned_splits, data_cfg.max_member_mb)
-    predicted = predict_split(accelerator, model, index, data_cfg, split, with_meta=True,
-                              progress_label=f"predicting the {split} split")
-    predicted["missing"] += num_listed - index.count(split)
-    temperature = trained.temperature
-    predictions, rejected = _usable_predictions(_calibrated(predicted, temperature), len(classes))
-    if not predictions["keys"]:
-        raise _nothing_usable(index, split, predictions["skipped"] + rejected)
-    selection = None
-    if cancer_sensitivity is not None:
-        selection, _ = _usable_predictions(
-            _calibrated(predict_split(accelerator, model, index, data_cfg, "val"), temperature), len(classes))
+    predictions, rejected = _predict(accelerator, trained, index, data_cfg, split, num_listed)
+    selection = _predict(accelerator, trained, index, data_cfg, "val")[0] if cancer_sensitivity is not None else None
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return {}
     for problem in shard_problems[:10]:
         print(f"warning: {problem}")
 
+    classes = index.classes
     metas, meta_problems = _sample_metadata(predictions["meta"], predictions["keys"])
     groups = np.array([bootstrap_unit(meta, key) for meta, key in zip(metas, predictions["keys"])], dtype=object)
-    labels, probs, logits = predictions["labels"], predictions["probs"], predictions["logits"]
-    has_patients = any(not unit.startswith("image:") for unit in groups)
-    with progress(Console(stderr=True), unit="resamples", transient=True) as bar:
-        task = bar.add_task("bootstrap", total=num_bootstrap * (1 + has_patients + (temperature != 1.0)))
-
-        def metrics_of(y, p, units, positive):
-            return evaluate_predictions(y, p, classes, groups=units, num_bootstrap=num_bootstrap, seed=seed,
-                                        positive_class=positive, on_resamples=lambda n: bar.advance(task, n))
-
-        metrics = metrics_of(labels, probs, groups, positive_class)
-        uncalibrated = metrics if temperature == 1.0 else metrics_of(labels, calibrated_probabilities(logits), groups,
-                                                                     None)
-        temperature_scaling = _temperature_scaling(temperature, RunDir(run_dir), uncalibrated, metrics)
-        patients, cases = None, None
-        if has_patients:
-            cases = patient_level(labels, probs, groups, patient_aggregation,
-                                  classes.index(positive_class) if positive_class else None)
-            patients = {"aggregation": patient_aggregation, "num_patients": len(set(cases["groups"].tolist())),
-                        "num_cases": len(cases["labels"]),
-                        "frames_per_case": {"min": int(cases["num_frames"].min()),
-                                            "median": float(np.median(cases["num_frames"])),
-                                            "max": int(cases["num_frames"].max())},
-                        "metrics": metrics_of(cases["labels"], cases["probs"], cases["groups"], positive_class)}
+    labels, probs = predictions["labels"], predictions["probs"]
+    metrics, temperature_scaling, patients, cases = _metrics_with_cis(
+        RunDir(run_dir), trained.temperature, predictions, groups, classes, positive_class, patient_aggregation,
+        num_bootstrap, seed)
     train_counts = index.per_class("train") if "train" in index.splits else {}
     train_labels = np.repeat(np.arange(len(classes)), [int(train_counts.get(c, 0)) for c in classes]) if train_counts else None
     baselines = dummy_baselines(labels, classes, groups=groups, seed=seed, train_labels=train_labels,
@@ -142,15 +98,15 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
                              target_sensitivity=cancer_sensitivity, positive_class=positive_class, selected_on="val")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_predictions_csv(out_dir / "predictions.csv", predictions["keys"], metas, groups, labels, probs, logits,
-                           classes)
+    _write_predictions_csv(out_dir / "predictions.csv", predictions["keys"], metas, groups, labels, probs,
+                           predictions["logits"], classes)
     if cases is not None:
         _write_patient_csv(out_dir / "patient_predictions.csv", cases, classes)
     cam_images = _misclassified_cams(trained, index, split, predictions, cam_misclassified, out_dir) if cam_misclassified else []
     details = {"run": str(run_dir), "model": trained.architecture, "checkpoint": trained.checkpoint,
                "shards": location_record(index.root), "split": split, "images": len(labels),
                "patients": len(set(groups.tolist())), "input size": trained.image_size,
-               "temperature": round(temperature, 4)}
+               "temperature": round(trained.temperature, 4)}
     num_skipped = predictions["missing"] + len(rejected)
     result = {**metrics, "details": details, "temperature_scaling": temperature_scaling, "patient_level": patients,
               "baselines": baselines, "operating_point": op,
@@ -174,6 +130,80 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
         _log_to_training_run(accelerator, RunDir(run_dir), tracking, split, result, paths, out_dir, cam_images)
     accelerator.wait_for_everyone()
     return result
+
+
+def _check_options(cancer_sensitivity: float | None, num_bootstrap: int, cam_misclassified: int, batch_size: int,
+                   num_workers: int, patient_aggregation: str) -> None:
+    if cancer_sensitivity is not None and not 0 < cancer_sensitivity <= 1:
+        raise UserError("--cancer-sensitivity must be a fraction in (0, 1], e.g. 0.95")
+    for option, value, minimum in (("--bootstrap", num_bootstrap, 0), ("--cam-misclassified", cam_misclassified, 0),
+                                   ("--batch-size", batch_size, 1), ("--workers", num_workers, 0)):
+        _check_at_least(option, value, minimum)
+    if patient_aggregation not in PATIENT_AGGREGATIONS:
+        raise UserError(f"--patient-aggregation must be one of {', '.join(PATIENT_AGGREGATIONS)}, "
+                        f"not {patient_aggregation!r}")
+
+
+def _checked_shards(shards_dir: str | Path, trained: TrainedModel, split: str,
+                    cancer_sensitivity: float | None) -> ShardIndex:
+    """The shard index, refused when it cannot serve this evaluation."""
+    index = load_shard_index(shards_dir)
+    if index.classes != trained.classes:
+        raise UserError(f"the shards' classes {index.classes} differ from the model's {trained.classes}; "
+                        "evaluate on shards packed from the same class folders")
+    if index.count(split) == 0:
+        raise UserError(f"the {split} split of {index.root} is empty; pack with --test-per-class N, or pass --split val")
+    if cancer_sensitivity is not None and index.count("val") == 0:
+        raise UserError(f"--cancer-sensitivity picks its threshold on the val split, which is empty in {index.root}; "
+                        "re-pack with --val-fraction above 0, or leave the option out")
+    return index
+
+
+def _predict(accelerator: Accelerator, trained: TrainedModel, index: ShardIndex, data_cfg: DataConfig, split: str,
+             num_listed: int | None = None) -> tuple[dict, list[str]]:
+    """Calibrated predictions of every usable sample of `split` (all ranks), and why others were left out.
+    With `num_listed` (the index's count before the shard scan), the evaluated split: a split with no
+    usable sample is an error, and samples the shards lack count as missing."""
+    predicted = predict_split(accelerator, trained.model.to(accelerator.device), index, data_cfg, split,
+                              with_meta=num_listed is not None,
+                              progress_label=f"predicting the {split} split" if num_listed is not None else None)
+    if num_listed is not None:
+        predicted["missing"] += num_listed - index.count(split)
+    predictions, rejected = _usable_predictions(_calibrated(predicted, trained.temperature), len(index.classes))
+    if num_listed is not None and not predictions["keys"]:
+        raise _nothing_usable(index, split, predictions["skipped"] + rejected)
+    return predictions, rejected
+
+
+def _metrics_with_cis(run_dir: RunDir, temperature: float, predictions: dict, groups: np.ndarray, classes: list[str],
+                      positive_class: str | None, patient_aggregation: str, num_bootstrap: int,
+                      seed: int) -> tuple[dict, dict, dict | None, dict | None]:
+    """(metrics, temperature scaling before/after, patient-level metrics or None, patient cases or None),
+    every set with its bootstrap CIs, the bootstrap's progress shown."""
+    labels, probs, logits = predictions["labels"], predictions["probs"], predictions["logits"]
+    has_patients = any(not unit.startswith("image:") for unit in groups)
+    with progress(Console(stderr=True), unit="resamples", transient=True) as bar:
+        task = bar.add_task("bootstrap", total=num_bootstrap * (1 + has_patients + (temperature != 1.0)))
+
+        def metrics_of(y, p, units, positive):
+            return evaluate_predictions(y, p, classes, groups=units, num_bootstrap=num_bootstrap, seed=seed,
+                                        positive_class=positive, on_resamples=lambda n: bar.advance(task, n))
+
+        metrics = metrics_of(labels, probs, groups, positive_class)
+        uncalibrated = metrics if temperature == 1.0 else metrics_of(labels, calibrated_probabilities(logits), groups,
+                                                                     None)
+        temperature_scaling = _temperature_scaling(temperature, run_dir, uncalibrated, metrics)
+        if not has_patients:
+            return metrics, temperature_scaling, None, None
+        cases = patient_level(labels, probs, groups, patient_aggregation,
+                              classes.index(positive_class) if positive_class else None)
+        patients = {"aggregation": patient_aggregation, "num_patients": len(set(cases["groups"].tolist())),
+                    "num_cases": len(cases["labels"]),
+                    "frames_per_case": {"min": int(cases["num_frames"].min()),
+                                        "median": float(np.median(cases["num_frames"])),
+                                        "max": int(cases["num_frames"].max())},
+                    "metrics": metrics_of(cases["labels"], cases["probs"], cases["groups"], positive_class)}
+    return metrics, temperature_scaling, patients, cases
 
 
 def _log_to_training_run(accelerator: Accelerator, run_dir: RunDir, tracking: TrackingConfig, split: str,

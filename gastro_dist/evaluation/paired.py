@@ -150,7 +150,6 @@ def compare_models(y_true, probs: dict[str, np.ndarray], classes: list[str], gro
 def significance_sentences(comparison: dict) -> list[str]:
     """Plain sentences, one per pair and measure, saying whether the difference is significant."""
     level = f"{comparison['level']:.0%}"
-    alpha = comparison["alpha"]
     sentences = []
     for pair in comparison["pairs"]:
         a, b = pair["a"], pair["b"]
