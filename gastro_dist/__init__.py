@@ -27,3 +27,11 @@ class RunFailure(UserError):
     a diverged training. One line on stderr, exit status 1."""
 
     exit_status = 1
+
+
+class Preempted(Exception):
+    """Training stopped at a step boundary after a preemption request; a checkpoint was saved. The CLI
+    exits with `PREEMPT_EXIT_CODE`, on which the SLURM scripts requeue the job."""
+
+
+PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"

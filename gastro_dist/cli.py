@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from gastro_dist import UserError, __version__
+from gastro_dist import PREEMPT_EXIT_CODE, Preempted, UserError, __version__
 from gastro_dist.benchmark import add_bench_commands
 
 
@@ -141,16 +141,9 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------- training
 def _cmd_train(args: argparse.Namespace) -> int:
     from gastro_dist.config import load_config
-    from gastro_dist.training.distributed import PREEMPT_EXIT_CODE, Preempted
     from gastro_dist.training.trainer import train
 
-    config = load_config(args.config, args.overrides)
-    try:
-        train(config, shards_dir=args.shards, run_dir=args.out)
-    except Preempted:
-        print(f"gastro-dist train: preempted; checkpoint saved in {args.out}; run the same command again to resume",
-              file=sys.stderr)
-        return PREEMPT_EXIT_CODE
+    train(load_config(args.config, args.overrides), shards_dir=args.shards, run_dir=args.out)
     return 0
 
 
@@ -334,15 +327,9 @@ def add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------- cross-validation
 def _cmd_cv(args: argparse.Namespace) -> int:
     from gastro_dist.cv import cross_validate
-    from gastro_dist.training.distributed import PREEMPT_EXIT_CODE, Preempted
 
-    try:
-        cross_validate(args.config, args.shards, args.out, overrides=args.overrides, folds=args.folds,
-                       collect=args.collect, num_bootstrap=args.bootstrap, seed=args.seed, track=not args.no_track)
-    except Preempted:
-        print(f"gastro-dist cv: preempted; checkpoint saved under {args.out}; run the same command again to resume",
-              file=sys.stderr)
-        return PREEMPT_EXIT_CODE
+    cross_validate(args.config, args.shards, args.out, overrides=args.overrides, folds=args.folds,
+                   collect=args.collect, num_bootstrap=args.bootstrap, seed=args.seed, track=not args.no_track)
     return 0
 
 
@@ -471,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv[:] = redact_argv(sys.argv)  # trackers record the command line: a shard URL's credentials stay out
     try:
         return int(args.handler(args) or 0)
+    except Preempted:
+        print(f"gastro-dist {args.command}: preempted; checkpoint saved under {args.out}; run the same command again "
+              "to resume", file=sys.stderr)
+        return PREEMPT_EXIT_CODE
     except UserError as err:
         print(f"gastro-dist {args.command}: error: {err}", file=sys.stderr)
         return err.exit_status

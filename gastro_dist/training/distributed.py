@@ -22,11 +22,6 @@ from gastro_dist.data.shard_reader import ShardScan, checked_index, scan_shard
 from gastro_dist.run_dir import RunDir
 from gastro_dist.tracking import accelerator_tracking_kwargs, check_trackers_installed
 
-PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; the SLURM script requeues on it
-
-
-class Preempted(Exception):
-    """Training stopped at a step boundary after a preemption request; a checkpoint was saved."""
 
 
 def deepspeed_requested() -> bool:

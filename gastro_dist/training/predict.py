@@ -11,13 +11,14 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import nn
 
+from gastro_dist import Preempted
 from gastro_dist.config import DataConfig
 from gastro_dist.data.epoch_plan import eval_batches_per_rank
 from gastro_dist.data.loaders import eval_loader
 from gastro_dist.data.shard_index import ShardIndex
 from gastro_dist.models.backbones import model_logits
 from gastro_dist.progress import progress
-from gastro_dist.training.distributed import Preempted, PreemptionWatch
+from gastro_dist.training.distributed import PreemptionWatch
 
 
 @torch.no_grad()

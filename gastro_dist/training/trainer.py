@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import Progress
 from torch import nn
 
-from gastro_dist import RunFailure, UserError
+from gastro_dist import Preempted, RunFailure, UserError
 from gastro_dist.config import DataConfig, PhaseConfig, TrainConfig, save_config, to_dict
 from gastro_dist.data.augmentation import DeviceAugmentation
 from gastro_dist.data.decode import CorruptSample
@@ -38,7 +38,7 @@ from gastro_dist.training import checkpoint as ckpt
 from gastro_dist.training.calibration import calibration_fit
 from gastro_dist.training.checkpoint import TrainerState
 from gastro_dist.training.console import epoch_progress, print_epoch, print_phase_table
-from gastro_dist.training.distributed import (Preempted, PreemptionWatch, checked_shard_index, make_accelerator,
+from gastro_dist.training.distributed import (PreemptionWatch, checked_shard_index, make_accelerator,
                                               num_machines, system_facts, use_cpu_cores_fairly)
 from gastro_dist.training.optim import build_optimizer, warmup_cosine
 from gastro_dist.training.predict import accuracy_summary, predict_split
