@@ -1,14 +1,6 @@
 """gastro-dist: distributed two-phase transfer learning for gastroscopy image classifiers.
-
-Modules, one concern each:
-  config      typed dataclasses loaded from YAML with key=value overrides
-  data        synthetic frames (synth), packing to WebDataset shards (pack, verify), training pipelines
-  models      torchvision backbones, new heads, local pretrained weights, freezing
-  training    the Accelerate trainer running both phases, checkpoints
-  evaluation  clinical metrics, reports, prediction, Grad-CAM, export
-  tracking    metrics.jsonl / summary.json and W&B through accelerate's trackers
-  cli         argument parsing only; every command calls a library function
-"""
+The package layout, one concern per module, and the one-way import order: README, "Layout".
+Errors a user can act on are `UserError` (exit 2) and `RunFailure` (exit 1); `Preempted` exits 75."""
 
 __version__ = "0.1.0"
 
