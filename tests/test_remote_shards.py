@@ -20,6 +20,7 @@ import pytest
 
 import hostile
 from conftest import REPO, TINY_TRAIN_OVERRIDES
+from gastro_dist import UserError
 from gastro_dist.cli import main
 from gastro_dist.data import locations
 from gastro_dist.data.shard_index import load_shard_index
@@ -153,10 +154,18 @@ def test_urls_print_without_credentials_and_join_file_names():
     assert str(url) == "https://host.example:8443/data/pack/" and repr(url) == "ShardURL('https://host.example:8443/data/pack/')"
     assert str(shard) == "https://host.example:8443/data/pack/train-000000.tar" and shard.name == "train-000000.tar"
     assert shard.url == f"https://{USER}:{PASSWORD}@host.example:8443/data/pack/train-000000.tar?sig=abc"
-    assert str(locations.shard_location("s3://bucket") / "index.json") == "s3://bucket/index.json"
+    assert str(locations.ShardURL("s3://bucket") / "index.json") == "s3://bucket/index.json"
     assert locations.redact_argv(["gastro-dist", "train", "--shards", url.url, f"--shards={url.url}", "/local/dir",
                                   "https://plain.example/pack"]) == [
         "gastro-dist", "train", "--shards", str(url), f"--shards={url}", "/local/dir", "https://plain.example/pack"]
+
+
+def test_a_store_whose_library_is_missing_is_one_line_naming_the_extra(monkeypatch):
+    real_find_spec = locations.importlib.util.find_spec
+    monkeypatch.setattr(locations.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "s3fs" else real_find_spec(name, *a))
+    with pytest.raises(UserError, match=r"s3fs, which is not installed: pip install 'gastro-dist\[remote\]'"):
+        locations.shard_location("s3://bucket/pack")
 
 
 # ---------------------------------------------------------------- failures
