@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +15,12 @@ from accelerate import PartialState
 from accelerate.state import AcceleratorState
 
 from gastro_dist import UserError
+from gastro_dist.compare import reference_study_note
 from gastro_dist.config import TrainConfig, load_config
 from gastro_dist.data.shard_index import ShardIndex, fold_split, load_shard_index
 from gastro_dist.evaluation.evaluate import evaluate_run
 from gastro_dist.evaluation.metrics import evaluate_predictions
-from gastro_dist.files import csv_text, file_sha256
+from gastro_dist.files import csv_text, file_sha256, write_json_atomic, write_text_atomic
 from gastro_dist.run_dir import RunDir, redact
 from gastro_dist.tracking import group_run
 from gastro_dist.training.trainer import train
@@ -127,9 +126,9 @@ def _train_and_evaluate_fold(fold: int, config: TrainConfig, run: RunDir, index:
                      batch_size=config.data.eval_batch_size, num_workers=config.data.num_workers, track=track)
         AcceleratorState._reset_state()
     if is_main:
-        _write_atomically(run.path / EVALUATED, json.dumps({
+        write_json_atomic(run.path / EVALUATED, {
             "fold": fold, "model_sha256": model_sha256, "shards_index_sha256": index.index_sha256,
-            "predictions": {folder: f"{folder}/predictions.csv" for folder in splits}}, indent=2) + "\n")
+            "predictions": {folder: f"{folder}/predictions.csv" for folder in splits}})
 
 
 def _evaluation(run: RunDir, index: ShardIndex) -> dict | None:
@@ -213,10 +212,9 @@ def summarise(out_dir: Path, index: ShardIndex, runs: dict[int, RunDir], config_
         _write_ensemble_csv(out_dir / ENSEMBLE_PREDICTIONS, keys, groups, labels, probs, classes)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Several SLURM array tasks may finish together and each write these: the same content, each
-    # through a file of its own renamed into place.
-    _write_atomically(out_dir / CV_JSON, json.dumps(redact(result), indent=2, ensure_ascii=False, allow_nan=False)
-                      + "\n")
-    _write_atomically(out_dir / CV_MARKDOWN, cv_markdown(result))
+    # through a file of its own renamed into place (files.write_text_atomic).
+    write_json_atomic(out_dir / CV_JSON, redact(result))
+    write_text_atomic(out_dir / CV_MARKDOWN, cv_markdown(result))
     print(f"cross-validation: {out_dir / CV_MARKDOWN}")
     return result
 
@@ -286,16 +284,8 @@ def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
     writer = csv.writer(buffer)
     writer.writerow(header)
     writer.writerows(rows)
-    _write_atomically(path, buffer.getvalue())
+    write_text_atomic(path, buffer.getvalue())
 
-
-def _write_atomically(path: Path, text: str) -> None:
-    """A file of its own (not a fixed temporary name), renamed into place: concurrent writers never mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False,
-                                     encoding="utf-8", newline="") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
 
 
 # ---------------------------------------------------------------- cv.md
@@ -354,6 +344,5 @@ def cv_markdown(result: dict) -> str:
                   "## Fold ensemble on the test split", "",
                   f"Mean of the {ensemble['num_models']} fold models' probabilities, {ensemble['num_samples']} of "
                   f"{ensemble['num_listed']} test images.", "", *pooled_table(ensemble), ""]
-    lines += ["MCC is scikit-learn's multiclass matthews_corrcoef. Reference study (ResNet50, one split): "
-              "gastric cancer 93%, gastric ulcer 92%, chronic gastritis 88%.", ""]
+    lines += ["MCC is scikit-learn's multiclass matthews_corrcoef." + reference_study_note(classes), ""]
     return "\n".join(lines)

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import stat
+import uuid
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,13 +99,23 @@ def open_regular_file(path: str | Path) -> BinaryIO:
     return open(fd, "rb", buffering=0)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that a reader sees the old file or the new one, never half of one:
+    written to a temporary file of its own in the same folder (so concurrent writers, e.g. the tasks of
+    a SLURM array, never share one; created with the usual permissions), then renamed into place."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with temporary.open("x", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that a reader sees the old file or the new one, never half of one (a temporary
-    file renamed into place). Non-finite numbers are refused: JSON has none."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False, default=str) + "\n",
-                         encoding="utf-8")
-    os.replace(temporary, path)
+    """`write_text_atomic` of `data` as JSON. Non-finite numbers are refused: JSON has none."""
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False, default=str) + "\n")
 
 
 def file_sha256(path: Path) -> str:

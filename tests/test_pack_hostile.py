@@ -287,13 +287,19 @@ def test_manifest_paths_leading_outside_src_are_skipped_never_read(tmp_path):
 
 
 # ---------------------------------------------------------------- a full disk
-@pytest.mark.parametrize("full_file", ["skipped.jsonl", "rejected.jsonl", "index.json.tmp"])
-def test_a_full_disk_while_writing_bookkeeping_is_one_line_and_leaves_no_index(tmp_path, capsys, full_file):
+@pytest.mark.parametrize("full_file", ["skipped.jsonl", "rejected.jsonl", "index.json"])
+def test_a_full_disk_while_writing_bookkeeping_is_one_line_and_leaves_no_index(tmp_path, capsys, monkeypatch,
+                                                                                 full_file):
     make_class_tree(tmp_path / "src", {"a": 3, "b": 3})
     (tmp_path / "src" / "a" / "notes.txt").write_text("skipped\n")
     (tmp_path / "src" / "a" / "empty.jpg").write_bytes(b"")  # rejected
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / full_file).symlink_to("/dev/full")  # every write fails with ENOSPC, like a full disk
+    if full_file == "index.json":  # written through a temporary file of its own: full where it is opened
+        real_open = Path.open
+        monkeypatch.setattr(Path, "open", lambda self, mode="r", *a, **k: real_open(
+            Path("/dev/full") if self.name.startswith(".index.json.") else self, mode.replace("x", "w"), *a, **k))
+    else:
+        (tmp_path / "out" / full_file).symlink_to("/dev/full")  # every write fails with ENOSPC, like a full disk
     assert main(["pack", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--workers", "1"]) == 1
     assert "No space left on device" in one_line_error(capsys)
     assert not (tmp_path / "out" / "index.json").exists()

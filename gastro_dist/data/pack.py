@@ -52,7 +52,7 @@ from gastro_dist.data.images import (
 from gastro_dist.data.pseudonym import METHOD, Pseudonymiser, load_pseudonymiser
 from gastro_dist.data.shard_index import INDEX_FILE, fold_of_split, fold_split
 from gastro_dist.data.video import VIDEO_EXTENSIONS, opened_video, require_pyav, video_frames
-from gastro_dist.files import file_sha256, file_type
+from gastro_dist.files import file_sha256, file_type, write_json_atomic
 from gastro_dist.progress import progress
 
 FORMAT_VERSION = 1
@@ -326,7 +326,7 @@ def pack_dataset(
     index = _build_index(src, listings, label_for, classes, files_seen, inputs, splits, shards, conflicts, settings,
                          pseudonyms)
     _print_summary(index, Console(soft_wrap=True))
-    _write_json_atomically(out_dir / INDEX_FILE, index)
+    write_json_atomic(out_dir / INDEX_FILE, index)  # a folder without index.json is an incomplete pack
     totals = index["totals"]
     return PackResult(out_dir=out_dir, classes=classes,
                       split_counts={split: info["count"] for split, info in index["splits"].items()},
@@ -1181,10 +1181,3 @@ def _write_jsonl(path: Path, entries: Iterable[dict]) -> None:
     with path.open("w", encoding="utf-8") as handle:
         for entry in entries:
             handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
-
-
-def _write_json_atomically(path: Path, data: dict) -> None:
-    """Readers never see a half-written index: a folder without index.json is an incomplete pack."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
