@@ -141,3 +141,25 @@ def test_a_launcher_precision_that_contradicts_the_config_is_refused(synthetic_s
     assert main(_train_args(synthetic_shards, tmp_path / "run")) == 2  # the tiny config says mixed_precision=no
     err = capsys.readouterr().err
     assert "the run config decides" in err and "mixed_precision=bf16" in err
+
+
+def test_compare_groups_its_runs_under_one_mlflow_parent(synthetic_shards, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    for name, value in _tracker_env(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    configs = []
+    for name in ("first", "second"):  # two configs, as compare takes them
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(Path(SMOKE).read_text())
+        configs.append(str(path))
+    out = tmp_path / "study"
+    overrides = [*TINY_TRAIN_OVERRIDES, "finetune.epochs=0", "tracking.tracker=[mlflow]", "tracking.project=grouped"]
+    assert main(["compare", "--configs", *configs, "--shards", str(synthetic_shards), "--out", str(out),
+                 "--bootstrap", "0", *overrides]) == 0
+    runs = {run.info.run_name: run for run in _mlflow_runs("grouped")}
+    assert set(runs) == {"study", "first", "second"}
+    parent = runs["study"].info.run_id
+    for child in ("first", "second"):
+        assert runs[child].data.tags.get("mlflow.parentRunId") == parent
+        assert runs[child].data.tags.get("gastro_dist.group") == "study"
+        assert "test/accuracy" in runs[child].data.metrics  # each model's evaluation, in its own run
