@@ -29,7 +29,7 @@ target=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp31
 on_gpu_machine="absl_py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated_doc anyio attrs botorch
 build certifi charset_normalizer chex click cloudpickle cmake colorama contourpy coverage cuda_bindings cuda_core
 cuda_pathfinder cuda_toolkit cupy_cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock
-flatbuffers flax fonttools formulaic frozenlist fsspec gpytorch grpcio h11 h5py hf_xet httpcore httpx humanize
+flatbuffers flax fonttools formulaic frozenlist fsspec gpytorch grpcio h11 h5py hf_xet httpcore httpx huggingface_hub humanize
 hypothesis idna imageio iniconfig interface_meta jax jax_cuda13_pjrt jax_cuda13_plugin jaxlib jaxtyping jinja2
 joblib kiwisolver lazy_loader lightning lightning_utilities linear_operator lineax llvmlite lxml markdown
 markdown_it_py markupsafe matplotlib mdurl meson ml_dtypes mpi4py mpmath msgpack multidict multipledispatch

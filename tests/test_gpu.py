@@ -239,8 +239,8 @@ def test_onnx_export_of_a_cuda_trained_run_matches_pytorch(learned_runs, tmp_pat
     trained = load_trained_model(run)
     model = trained.model.cuda().eval()
     images = torch.randn(8, 3, trained.image_size, trained.image_size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        on_gpu = torch.softmax(model(images.cuda()).float(), dim=1).cpu().numpy()
+    with torch.no_grad():  # the file holds the run's fitted temperature: softmax(logits / T)
+        on_gpu = torch.softmax(model(images.cuda()).float() / trained.temperature, dim=1).cpu().numpy()
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     exported = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
     assert np.abs(exported - on_gpu).max() <= PROB_TOLERANCE

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from imagefactory import read_index, read_jsonl, save_image
 from PIL import Image
+pytest.importorskip("pydicom", reason="needs the [dicom] extra: pip install 'gastro-dist[dicom]'")
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import convert_color_space

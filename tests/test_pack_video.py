@@ -7,9 +7,10 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
+
+av = pytest.importorskip("av", reason="needs the [video] extra: pip install 'gastro-dist[video]'")
 from imagefactory import make_class_tree, read_index, read_jsonl, read_split
 from PIL import Image, ImageFilter
 from test_pack import all_samples, pack, write_manifest

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from imagefactory import noise_image, read_index, read_jsonl, save_image
 from PIL import Image
+pytest.importorskip("av", reason="needs the [video] extra: pip install 'gastro-dist[video]'")
+pytest.importorskip("pydicom", reason="needs the [dicom] extra: pip install 'gastro-dist[dicom]'")
 from test_pack import pack, write_manifest
 from test_pack_dicom import write_dicom
 from test_pack_hostile import one_line_error
