@@ -32,6 +32,8 @@ def reference_study_note(classes: list[str]) -> str:
     if set(classes) != STUDY_CLASSES:
         return ""
     return " Reference study (ResNet50, one split): gastric cancer 93%, gastric ulcer 92%, chronic gastritis 88%."
+
+
 FOREST_PLOT = "comparison_forest.png"
 
 

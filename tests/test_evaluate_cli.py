@@ -205,6 +205,6 @@ def test_compare_writes_the_study_table(synthetic_shards, tmp_path):
     assert {"p_value", "p_holm", "significant"} <= set(pair["mcnemar"]) and pair["delong"]["method"]
     assert comparison["paired"]["unit"] == "patient"
     assert "## Paired comparison" in table and "significantly different" in table
-    assert "Reference study (ResNet50)" in table  # the study's three classes
+    assert "Reference study (ResNet50, one split)" in table  # the study's three classes
     assert (out / "comparison_forest.png").is_file()
     assert "data:image/png;base64," in (out / "comparison.html").read_text()
