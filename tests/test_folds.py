@@ -18,7 +18,8 @@ from imagefactory import make_class_tree, read_index, read_split, save_image
 from gastro_dist import UserError
 from gastro_dist.cli import main
 from gastro_dist.config import load_config
-from gastro_dist.data.pack import PackSettings, assign_folds, pack_dataset
+from gastro_dist.data.pack import PackSettings, pack_dataset
+from gastro_dist.data.splitting import assign_folds
 from gastro_dist.files import file_sha256
 from gastro_dist.data.shard_index import load_shard_index, select_fold
 from gastro_dist.data.verify import verify_shards

@@ -25,7 +25,8 @@ from PIL import Image
 from gastro_dist import UserError
 from gastro_dist.cli import main
 from gastro_dist.data.images import BadImage, load_rgb
-from gastro_dist.data.pack import SPLITS, PackSettings, pack_dataset
+from gastro_dist.data.pack import PackSettings, pack_dataset
+from gastro_dist.data.shard_index import SPLITS
 
 SMALL = dict(input_size=32, resize_short=48, workers=1)  # tiny stored images keep the tests fast
 

@@ -21,7 +21,7 @@ from gastro_dist import UserError
 from gastro_dist.cli import main
 from gastro_dist.data import images
 from gastro_dist.data.images import BadImage, read_image_file
-from gastro_dist.data.pack import SPLITS
+from gastro_dist.data.shard_index import SPLITS
 
 CAP_MB = 0.01  # 10,000 bytes: every test image is smaller, OVERSIZE is larger
 OVERSIZE = jpeg_bytes(seed=7) + bytes(20_000)  # a valid JPEG (trailing bytes are ignored), so only the cap stops it

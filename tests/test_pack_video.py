@@ -19,7 +19,7 @@ from test_pack_hostile import fails_after
 from gastro_dist import UserError
 from gastro_dist.cli import main
 from gastro_dist.data import video
-from gastro_dist.data.pack import SPLITS
+from gastro_dist.data.shard_index import SPLITS
 
 FPS = 5  # recorded frames per second: enough to sample at 1 fps, few enough to write in milliseconds
 CODECS = {".mp4": "mpeg4", ".avi": "mjpeg", ".mkv": "ffv1", ".mov": "mpeg4"}

@@ -14,6 +14,7 @@ from gastro_dist import RunFailure, UserError
 from gastro_dist.data.locations import Location, RemoteFetchError, RemoteNotFound, ShardURL, fetch_bytes, shard_location
 
 INDEX_FILE = "index.json"
+SPLITS = ("train", "val", "test")  # a pack's splits; one made with --folds has fold-0 .. fold-(K-1) and test
 FOLD_PREFIX = "fold-"  # a pack made with --folds K has splits fold-0 .. fold-(K-1) instead of train and val
 _PLAIN_SHARD_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}\.tar")
 _SHA256 = re.compile(r"[0-9a-f]{64}")

@@ -56,29 +56,7 @@ def evaluate_predictions(
     point = {name: values[0] for name, values in point.items()}
     confusion = np.rint(point["confusion"]).astype(int)
 
-    per_class = {}
-    for k, name in enumerate(classes):
-        per_class[name] = {
-            "support": int(confusion[k].sum()),
-            "sensitivity": _number(point["recall"][k]),
-            "specificity": _number(point["specificity"][k]),
-            "ppv": _number(point["ppv"][k]),
-            "npv": _number(point["npv"][k]),
-            "f1": _number(point["f1"][k]),
-            "auc": _number(point["auc"][k]),
-        }
-
-    bins = []
-    for b in range(NUM_CALIBRATION_BINS):
-        count = point["bin_weight"][b]
-        bins.append({
-            "lower": b / NUM_CALIBRATION_BINS,
-            "upper": (b + 1) / NUM_CALIBRATION_BINS,
-            "count": int(round(count)),
-            "accuracy": _number(point["bin_correct"][b] / count) if count else None,
-            "confidence": _number(point["bin_confidence"][b] / count) if count else None,
-        })
-
+    per_class = _per_class_rows(point, confusion, classes)
     metrics = {
         "num_samples": int(len(y_true)),
         "num_groups": None if group_ids is None else int(group_ids.max() + 1),
@@ -96,28 +74,13 @@ def evaluate_predictions(
         # Brier's original multiclass score, sum over classes of (p - y)^2 averaged over images: 0 to 2.
         "brier": _number(point["brier"]),
         "nll": _log_loss(y_true, probs),
-        "calibration": {"num_bins": NUM_CALIBRATION_BINS, "bins": bins},
+        "calibration": {"num_bins": NUM_CALIBRATION_BINS, "bins": _calibration_bins(point)},
         "cancer_vs_benign": None,
         "ci": None,
         "bootstrap": None,
     }
     if positive_index is not None:
-        # Argmax prediction and score P(positive) make this the positive class's one-vs-rest row,
-        # restated with its counts for the clinical question "cancer or not".
-        k = positive_index
-        tp = int(confusion[k, k])
-        fn = int(confusion[k].sum()) - tp
-        fp = int(confusion[:, k].sum()) - tp
-        metrics["cancer_vs_benign"] = {
-            "positive_class": positive_class,
-            "negative_classes": [name for name in classes if name != positive_class],
-            "sensitivity": per_class[positive_class]["sensitivity"],
-            "specificity": per_class[positive_class]["specificity"],
-            "ppv": per_class[positive_class]["ppv"],
-            "npv": per_class[positive_class]["npv"],
-            "auc": per_class[positive_class]["auc"],
-            "tp": tp, "fn": fn, "fp": fp, "tn": int(len(y_true)) - tp - fn - fp,
-        }
+        metrics["cancer_vs_benign"] = _positive_vs_rest(per_class, confusion, classes, positive_index)
 
     if num_bootstrap > 0:
         units = group_ids if group_ids is not None else np.arange(len(y_true))
@@ -135,6 +98,48 @@ def evaluate_predictions(
             "num_units": int(units.max() + 1),
         }
     return metrics
+
+
+def _per_class_rows(point: dict, confusion: np.ndarray, classes: list[str]) -> dict:
+    """Each class's one-vs-rest figures, by class name."""
+    return {name: {"support": int(confusion[k].sum()),
+                   "sensitivity": _number(point["recall"][k]),
+                   "specificity": _number(point["specificity"][k]),
+                   "ppv": _number(point["ppv"][k]),
+                   "npv": _number(point["npv"][k]),
+                   "f1": _number(point["f1"][k]),
+                   "auc": _number(point["auc"][k])}
+            for k, name in enumerate(classes)}
+
+
+def _calibration_bins(point: dict) -> list[dict]:
+    """The reliability diagram's bins: confidence range, images, accuracy and mean confidence (None if empty)."""
+    bins = []
+    for b in range(NUM_CALIBRATION_BINS):
+        count = point["bin_weight"][b]
+        bins.append({
+            "lower": b / NUM_CALIBRATION_BINS,
+            "upper": (b + 1) / NUM_CALIBRATION_BINS,
+            "count": int(round(count)),
+            "accuracy": _number(point["bin_correct"][b] / count) if count else None,
+            "confidence": _number(point["bin_confidence"][b] / count) if count else None,
+        })
+    return bins
+
+
+def _positive_vs_rest(per_class: dict, confusion: np.ndarray, classes: list[str], k: int) -> dict:
+    """The positive class's one-vs-rest row restated with its counts, for the clinical question "cancer or
+    not" (argmax prediction, score P(positive))."""
+    positive = classes[k]
+    tp = int(confusion[k, k])
+    fn = int(confusion[k].sum()) - tp
+    fp = int(confusion[:, k].sum()) - tp
+    return {
+        "positive_class": positive,
+        "negative_classes": [name for name in classes if name != positive],
+        **{key: per_class[positive][key] for key in ("sensitivity", "specificity", "ppv", "npv", "auc")},
+        "tp": tp, "fn": fn, "fp": fp, "tn": int(confusion.sum()) - tp - fn - fp,
+    }
 
 
 def dummy_baselines(

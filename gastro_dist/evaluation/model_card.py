@@ -14,11 +14,9 @@ from pathlib import Path
 import yaml
 
 import gastro_dist
-from gastro_dist.data.shard_index import ShardIndex
+from gastro_dist.data.shard_index import SPLITS, ShardIndex
 from gastro_dist.evaluation.report import Heading, Paragraph, Table
 from gastro_dist.run_dir import ModelMeta, RunDir
-
-SPLITS = ("train", "val", "test")
 
 
 def model_card_blocks(meta: ModelMeta, run_dir: RunDir, index: ShardIndex, result: dict) -> list:

@@ -156,54 +156,14 @@ def _report_blocks(metrics, classes, title, details, baselines, operating_point,
     if patient_level is not None:
         blocks += _patient_blocks(metrics, patient_level, classes)
 
-    view = metrics["cancer_vs_benign"]
-    if view is not None:
-        view_ci = ci.get("cancer_vs_benign") or {}
-        blocks += [
-            Heading("Cancer vs benign"),
-            Paragraph(f"Positive: `{view['positive_class']}`; benign: "
-                       + ", ".join(f"`{name}`" for name in view["negative_classes"])
-                       + ". An image counts as cancer when that is its most probable class; the AUC "
-                       f"ranks images by P({view['positive_class']})."),
-            Table(["Metric", "Value", "95% CI"], [
-                ["Sensitivity", _percent(view["sensitivity"]), _interval(view_ci.get("sensitivity"), _percent)],
-                ["Specificity", _percent(view["specificity"]), _interval(view_ci.get("specificity"), _percent)],
-                ["PPV", _percent(view["ppv"]), "—"],
-                ["NPV", _percent(view["npv"]), "—"],
-                ["AUC", _decimal(view["auc"]), _interval(view_ci.get("auc"), _decimal)],
-            ]),
-            Paragraph(f"TP {view['tp']}, FN {view['fn']}, FP {view['fp']}, TN {view['tn']}."),
-        ]
+    if metrics["cancer_vs_benign"] is not None:
+        blocks += _positive_vs_rest_blocks(metrics["cancer_vs_benign"], ci.get("cancer_vs_benign") or {})
 
     if operating_point is not None:
-        reported_split = str((details or {}).get("split", "this split"))
-        blocks += [
-            Heading("Operating point"),
-            Paragraph(f"Threshold on P({operating_point['positive_class']}) = "
-                       f"{operating_point['threshold']:.4f}: the highest threshold reaching sensitivity "
-                       f"≥ {_percent(operating_point['target_sensitivity'])} on the "
-                       f"`{operating_point['selected_on']}` split, then applied unchanged to "
-                       f"`{reported_split}`."),
-            Table(["Split", "Sensitivity", "Specificity", "PPV", "NPV", "TP", "FN", "FP", "TN"], [
-                [split] + [_percent(row[key]) for key in ("sensitivity", "specificity", "ppv", "npv")]
-                + [str(row[key]) for key in ("tp", "fn", "fp", "tn")]
-                for split, row in ((f"{operating_point['selected_on']} (chosen)", operating_point["selection"]),
-                                   (reported_split, operating_point["metrics"]))
-            ]),
-        ]
+        blocks += _operating_point_blocks(operating_point, str((details or {}).get("split", "this split")))
 
     if baselines:
-        compared = {"this model": metrics, **{f"{name} (dummy)": m for name, m in baselines.items()}}
-        blocks += [
-            Heading("Baselines"),
-            Paragraph("Classifiers that ignore the image: `majority` always predicts the most frequent "
-                       "class, `stratified` draws a random class with the class frequencies."),
-            Table(["Classifier", "Accuracy", "Balanced accuracy", "Macro-F1", "MCC", "Macro AUC"], [
-                [name, _percent(m["accuracy"]), _percent(m["balanced_accuracy"]), _decimal(m["macro_f1"]),
-                 _decimal(m["mcc"]), _decimal(m["macro_auc"])]
-                for name, m in compared.items()
-            ]),
-        ]
+        blocks += _baseline_blocks(metrics, baselines)
 
     blocks += [Heading("Methods"), Paragraph(_methods_text(metrics))]
     blocks += [
@@ -220,6 +180,55 @@ def _report_blocks(metrics, classes, title, details, baselines, operating_point,
                              "score most; the map shows where the model looked, not why it was wrong."),
                    Images([(str(path), caption) for path, caption in cam_images], gallery=True)]
     return blocks
+
+
+def _positive_vs_rest_blocks(view: dict, view_ci: dict) -> list:
+    return [
+        Heading("Cancer vs benign"),
+        Paragraph(f"Positive: `{view['positive_class']}`; benign: "
+                   + ", ".join(f"`{name}`" for name in view["negative_classes"])
+                   + ". An image counts as cancer when that is its most probable class; the AUC "
+                   f"ranks images by P({view['positive_class']})."),
+        Table(["Metric", "Value", "95% CI"], [
+            ["Sensitivity", _percent(view["sensitivity"]), _interval(view_ci.get("sensitivity"), _percent)],
+            ["Specificity", _percent(view["specificity"]), _interval(view_ci.get("specificity"), _percent)],
+            ["PPV", _percent(view["ppv"]), "—"],
+            ["NPV", _percent(view["npv"]), "—"],
+            ["AUC", _decimal(view["auc"]), _interval(view_ci.get("auc"), _decimal)],
+        ]),
+        Paragraph(f"TP {view['tp']}, FN {view['fn']}, FP {view['fp']}, TN {view['tn']}."),
+    ]
+
+
+def _operating_point_blocks(operating_point: dict, reported_split: str) -> list:
+    return [
+        Heading("Operating point"),
+        Paragraph(f"Threshold on P({operating_point['positive_class']}) = "
+                   f"{operating_point['threshold']:.4f}: the highest threshold reaching sensitivity "
+                   f"≥ {_percent(operating_point['target_sensitivity'])} on the "
+                   f"`{operating_point['selected_on']}` split, then applied unchanged to "
+                   f"`{reported_split}`."),
+        Table(["Split", "Sensitivity", "Specificity", "PPV", "NPV", "TP", "FN", "FP", "TN"], [
+            [split] + [_percent(row[key]) for key in ("sensitivity", "specificity", "ppv", "npv")]
+            + [str(row[key]) for key in ("tp", "fn", "fp", "tn")]
+            for split, row in ((f"{operating_point['selected_on']} (chosen)", operating_point["selection"]),
+                               (reported_split, operating_point["metrics"]))
+        ]),
+    ]
+
+
+def _baseline_blocks(metrics: dict, baselines: dict) -> list:
+    compared = {"this model": metrics, **{f"{name} (dummy)": m for name, m in baselines.items()}}
+    return [
+        Heading("Baselines"),
+        Paragraph("Classifiers that ignore the image: `majority` always predicts the most frequent "
+                   "class, `stratified` draws a random class with the class frequencies."),
+        Table(["Classifier", "Accuracy", "Balanced accuracy", "Macro-F1", "MCC", "Macro AUC"], [
+            [name, _percent(m["accuracy"]), _percent(m["balanced_accuracy"]), _decimal(m["macro_f1"]),
+             _decimal(m["mcc"]), _decimal(m["macro_auc"])]
+            for name, m in compared.items()
+        ]),
+    ]
 
 
 def _calibration_blocks(scaling: dict) -> list:
