@@ -85,6 +85,9 @@ class DataConfig:
     """Per-channel (RGB) mean subtracted after scaling pixels to [0, 1]: the pretrained weights' own."""
     std: tuple[float, float, float] = IMAGENET_STD
     """Per-channel (RGB) standard deviation the pixels are divided by."""
+    interpolation: str = ""
+    """Resize filter of the training crops and the evaluation resize: "bilinear" or "bicubic"; "" (the
+    default): the pretrained weights' own (bicubic for most timm weights, bilinear for torchvision's)."""
     fold: int | None = None
     """Cross-validation fold to validate on, for shards packed with --folds K (which need it): fold N is
     the val split and the other folds train (0..K-1; `gastro-dist cv` sets it per fold). null: the
@@ -96,6 +99,8 @@ class DataConfig:
         _check(self.eval_batch_size >= 1, "eval_batch_size must be >= 1")
         _check(self.num_workers >= 0, "num_workers must be >= 0")
         _check(self.max_member_mb >= 1, "max_member_mb must be >= 1")
+        _check(self.interpolation in ("", "bilinear", "bicubic"),
+               f"interpolation must be bilinear or bicubic (or empty for the model's own), got {self.interpolation!r}")
         _check(self.shuffle_buffer >= 1, "shuffle_buffer must be >= 1")
         _check(0.05 <= self.crop_scale_min <= 1.0, "crop_scale_min must be in [0.05, 1]")
         _check(0.5 <= self.eval_crop_ratio <= 1.0, "eval_crop_ratio must be in [0.5, 1]")
@@ -105,6 +110,11 @@ class DataConfig:
                "hue_jitter needs data.decode_on=workers (hue is shifted in the workers)")
         _check(len(self.mean) == 3 and len(self.std) == 3, "mean and std need 3 values (RGB)")
         _check(self.fold is None or self.fold >= 0, f"fold must be a fold number >= 0 or null, got {self.fold}")
+
+    @property
+    def resize_mode(self) -> str:
+        """The resize filter in use: `interpolation`, or bilinear (torchvision's weights') when unset."""
+        return self.interpolation or "bilinear"
 
 
 @dataclass

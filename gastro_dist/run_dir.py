@@ -88,7 +88,8 @@ class ModelMeta:
     pretrained: str = "none"
     source_checkpoint: str = ""
     interpolation: str = "bilinear"
-    """Resize filter the pretrained weights were trained with (the pipeline resizes bilinearly)."""
+    """Resize filter of the training crops and the evaluation resize ('bilinear' or 'bicubic'): the
+    pretrained weights' own unless the config set data.interpolation."""
     temperature: float = 1.0
     """Temperature scaling fitted on the validation split: probabilities are softmax(logits / temperature);
     1.0 for runs trained before it was fitted."""
@@ -105,7 +106,8 @@ class ModelMeta:
     def data_config(self, batch_size: int = 32, num_workers: int = 0) -> DataConfig:
         """The evaluation preprocessing this model was validated with."""
         return DataConfig(image_size=self.image_size, eval_crop_ratio=self.eval_crop_ratio, mean=tuple(self.mean),
-                          std=tuple(self.std), batch_size=batch_size, eval_batch_size=batch_size,
+                          std=tuple(self.std), interpolation=self.interpolation, batch_size=batch_size,
+                          eval_batch_size=batch_size,
                           num_workers=num_workers)
 
     @classmethod

@@ -9,6 +9,7 @@ import io
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from gastro_dist import UserError
@@ -37,6 +38,33 @@ def test_worker_crop_is_torchvisions_antialiased_resize_for_pil_and_tensor_input
     from_tensor = augment._resized_crop(pixels.permute(2, 0, 1), (5, 7, 85, 90))
     assert torch.equal(from_pil, reference) and torch.equal(from_tensor, reference)
     assert from_tensor.is_contiguous() and from_tensor.dtype == torch.uint8
+
+
+def test_the_resize_filter_follows_data_interpolation_in_training_and_evaluation():
+    """Bicubic-trained weights (most timm models) get bicubic crops and evaluation resizes."""
+    pixels, box = _test_pixels(), (5, 7, 85, 90)
+    crop = pixels.permute(2, 0, 1)[:, 7:90, 5:85]
+    resized = {}
+    for mode, torchvision_mode in (("bilinear", TF.InterpolationMode.BILINEAR), ("bicubic", TF.InterpolationMode.BICUBIC)):
+        cfg = DataConfig(image_size=64, interpolation=mode)
+        reference = TF.resize(crop, [64, 64], interpolation=torchvision_mode, antialias=True)
+        resized[mode] = train_transform(cfg)._resized_crop(pixels.permute(2, 0, 1), box)
+        assert torch.equal(resized[mode], reference.permute(1, 2, 0))
+        resize_step = next(t for t in eval_transform(cfg).transforms if isinstance(t, v2.Resize))
+        assert resize_step.interpolation == torchvision_mode
+    assert not torch.equal(resized["bilinear"], resized["bicubic"])
+    # data.decode_on=device: the same filter on the decoded JPEG, to within the kernels' rounding
+    jpeg = _encoded(pixels)
+    batch = {"jpeg": torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), "jpeg_lengths": torch.tensor([len(jpeg)]),
+             "crop_box": torch.tensor([box]), "key": ["k"]}
+    decoded = decode_stored(jpeg, 96).unsqueeze(0)  # what a worker would crop
+    for mode in ("bilinear", "bicubic"):
+        on_device, _, _ = decode_crops_on_device(batch, 64, torch.device("cpu"), mode)
+        in_worker = train_transform(DataConfig(image_size=64, interpolation=mode))._resized_crop(decoded[0], box)
+        assert (on_device[0] - in_worker.permute(2, 0, 1).float()).abs().max() <= 1
+    assert DataConfig().resize_mode == "bilinear"  # unset: torchvision's weights' filter
+    with pytest.raises(UserError, match="interpolation must be bilinear or bicubic"):
+        DataConfig(interpolation="nearest")
 
 
 @pytest.mark.parametrize("hflip, vflip, angle", [(0, 0, 9.0), (1, 0, -12.0), (1, 1, 14.5), (0, 1, 0.0)])

@@ -94,6 +94,10 @@ def test_preprocessing_comes_from_the_pretrained_config_unless_the_config_sets_i
         "eval_crop_ratio": 0.8}
     applied = chosen.data_config(DataConfig(batch_size=5))
     assert (applied.image_size, applied.mean, applied.std, applied.batch_size) == (64, (0.1, 0.2, 0.3), (0.5, 0.5, 0.5), 5)
+    assert applied.resize_mode == "bicubic"  # the training crops and evaluation resize use the weights' filter
+    # data.interpolation set (even to torchvision's bilinear) wins over the model's own
+    forced = resolve_preprocessing(VIT, DataConfig(interpolation="bilinear"), explicit={"interpolation"})
+    assert forced.interpolation == "bilinear" and forced.data_config(DataConfig()).resize_mode == "bilinear"
 
 
 def test_unknown_names_and_tags_are_one_line_errors():
@@ -355,4 +359,5 @@ def test_both_phases_of_a_timm_vit_through_the_cli(synthetic_shards, tmp_path):
     assert meta["architecture"] == VIT and meta["image_size"] == 48  # TINY_TRAIN_OVERRIDES sets data.image_size
     assert meta["mean"] == [0.5, 0.5, 0.5] and meta["interpolation"] == "bicubic"  # the model's own: not set
     trained = load_trained_model(run)
+    assert trained.data_config().resize_mode == "bicubic"  # evaluate and predict resize as training cropped
     assert trained.model(torch.randn(1, 3, 48, 48)).shape == (1, 3)

@@ -57,8 +57,8 @@ class TrainAugmentation:
     RandomVerticalFlip, RandomRotation (nearest, black corners) and ColorJitter, in that order,
     split in two so that a data worker's share is only the crop (0.2 to 0.3 ms at 224 px):
 
-    * here, in the worker: the crop, resized by torch's antialiased bilinear uint8 kernel in
-      channels-last layout, handed over as uint8 HWC (a quarter of the bytes of a float image to
+    * here, in the worker: the crop, resized by torch's antialiased uint8 kernel (bilinear, or
+      bicubic for weights trained so: `DataConfig.resize_mode`) in channels-last layout, handed over as uint8 HWC (a quarter of the bytes of a float image to
       collate, to pass through shared memory and to copy to the GPU), with the draws of all the
       other steps (`AUGMENT_PARAMS`);
     * `DeviceAugmentation`, on the training device for the whole batch: flips and rotation as one
@@ -73,7 +73,7 @@ class TrainAugmentation:
     """
 
     def __init__(self, cfg: DataConfig):
-        self.size = cfg.image_size
+        self.size, self.resize_mode = cfg.image_size, cfg.resize_mode
         self.crop_scale_min = cfg.crop_scale_min
         self.hflip, self.vflip, self.rotation_deg = cfg.hflip, cfg.vflip, cfg.rotation_deg
         self.color_jitter, self.hue_jitter = cfg.color_jitter, cfg.hue_jitter
@@ -127,7 +127,7 @@ class TrainAugmentation:
         # NCHW in channels-last memory: what torch's fast uint8 antialiased kernel takes (a decoded
         # JPEG already has that layout, so this copies only the crop, without transposing)
         crop = crop.unsqueeze(0).contiguous(memory_format=torch.channels_last)
-        resized = F.interpolate(crop, size=(self.size, self.size), mode="bilinear", antialias=True)
+        resized = F.interpolate(crop, size=(self.size, self.size), mode=self.resize_mode, antialias=True)
         return resized.squeeze(0).permute(1, 2, 0).contiguous()
 
 
@@ -162,7 +162,7 @@ class DeviceAugmentation:
         labels = batch["label"].to(device, non_blocking=True)
         problems: list[str] = []
         if "jpeg" in batch:
-            pixels, kept, problems = decode_crops_on_device(batch, self.cfg.image_size, device)
+            pixels, kept, problems = decode_crops_on_device(batch, self.cfg.image_size, device, self.cfg.resize_mode)
             if problems and self.cfg.strict:
                 raise CorruptSample(f"{problems[0]} (data.strict=true; set data.strict=false to skip broken samples)")
             if problems:
@@ -238,7 +238,8 @@ def eval_transform(cfg: DataConfig) -> v2.Compose:
     """The one preprocessing used by validation, evaluate, predict and Grad-CAM (PIL image or CHW uint8 tensor)."""
     return v2.Compose([
         v2.PILToTensor(),
-        v2.Resize(round(cfg.image_size / cfg.eval_crop_ratio), antialias=True),
+        v2.Resize(round(cfg.image_size / cfg.eval_crop_ratio), interpolation=v2.InterpolationMode(cfg.resize_mode),
+                  antialias=True),
         v2.CenterCrop(cfg.image_size),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(cfg.mean, cfg.std),

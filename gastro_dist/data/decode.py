@@ -81,9 +81,11 @@ def decode_stored(data: bytes, min_short_side: int, stored_short_side: int = 0) 
     return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
-def decode_crops_on_device(batch: dict, size: int, device: torch.device) -> tuple[torch.Tensor, list[int], list[str]]:
+def decode_crops_on_device(batch: dict, size: int, device: torch.device,
+                           resize_mode: str = "bilinear") -> tuple[torch.Tensor, list[int], list[str]]:
     """`data.decode_on=device`: the batch's JPEGs decoded on `device` (nvJPEG on CUDA, in one batched
-    call), each cropped to its `crop_box` and resized to size x size by the antialiased bilinear kernel.
+    call), each cropped to its `crop_box` and resized to size x size by the antialiased `resize_mode`
+    ('bilinear' or 'bicubic') kernel.
 
     Returns (float NCHW pixels in 0..255, batch indices of the decoded images, reasons for the others).
     A JPEG the decoder rejects fails the batched call, so then each is decoded alone and the broken
@@ -109,6 +111,6 @@ def decode_crops_on_device(batch: dict, size: int, device: torch.device) -> tupl
     for i, image in zip(kept, images):
         left, top, right, bottom = boxes[i]
         crop = image[:, top:bottom, left:right].unsqueeze(0).float()
-        crops.append(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True))
+        crops.append(F.interpolate(crop, size=(size, size), mode=resize_mode, antialias=True))
     # rounded like the uint8 crops the workers make, so both paths feed the same values
     return torch.cat(crops).round_().clamp_(0, 255), kept, problems

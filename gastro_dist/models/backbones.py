@@ -37,7 +37,7 @@ from gastro_dist.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig, ModelCon
 IMAGENET_NUM_CLASSES = 1000
 TIMM_PREFIX = "timm:"
 # The DataConfig fields a config may set to override a model's own preprocessing.
-PREPROCESSING_FIELDS = ("image_size", "mean", "std", "eval_crop_ratio")
+PREPROCESSING_FIELDS = ("image_size", "mean", "std", "eval_crop_ratio", "interpolation")
 # Files of a timm Hugging Face repo that hold its weights, in the order timm itself tries them.
 _TIMM_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -70,9 +70,9 @@ class Preprocessing:
                 "interpolation": self.interpolation, "eval_crop_ratio": self.eval_crop_ratio}
 
     def data_config(self, data: DataConfig) -> DataConfig:
-        """`data` with these image size, mean, std and crop ratio."""
+        """`data` with these image size, mean, std, interpolation and crop ratio."""
         return dataclasses.replace(data, image_size=self.image_size, mean=self.mean, std=self.std,
-                                   eval_crop_ratio=self.eval_crop_ratio)
+                                   interpolation=self.interpolation, eval_crop_ratio=self.eval_crop_ratio)
 
 
 def is_timm_name(name: str) -> bool:
