@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 from accelerate import PartialState
-from accelerate.state import AcceleratorState
 
 from gastro_dist import UserError
 from gastro_dist.config import load_config
@@ -21,6 +20,7 @@ from gastro_dist.evaluation.report import Heading, Images, Paragraph, Table, ren
     save_forest_plot
 from gastro_dist.run_dir import write_run_json
 from gastro_dist.tracking import group_run
+from gastro_dist.training.distributed import forget_accelerator_settings
 from gastro_dist.training.trainer import train
 
 # The reference study's classes: its published figures are quoted only next to a model of these classes.
@@ -63,12 +63,10 @@ def _train_and_evaluate(configs: list, shards_dir: str | Path, out_dir: Path, sp
         run_dir = out_dir / name
         summary = train(config, shards_dir, run_dir)
         train_time = sum(phase.get("time_s", 0.0) for phase in summary.get("phases", {}).values())
-        # Each run builds its own Accelerator (precision and trackers may differ); accelerate has no public
-        # way to forget the previous one's settings, so its private reset is used (accelerate's own tests do).
-        AcceleratorState._reset_state()
+        forget_accelerator_settings()  # each run and evaluation builds its own Accelerator
         metrics = evaluate_run(run_dir, shards_dir, run_dir / "eval", split=split, num_bootstrap=num_bootstrap,
                                seed=seed, track=track)
-        AcceleratorState._reset_state()
+        forget_accelerator_settings()
         if metrics:
             rows.append(_comparison_row(name, config, summary, metrics, train_time))
             eval_dirs[name] = run_dir / "eval"

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 from accelerate import PartialState
-from accelerate.state import AcceleratorState
 
 from gastro_dist import UserError
 from gastro_dist.compare import reference_study_note
@@ -23,6 +22,7 @@ from gastro_dist.evaluation.metrics import evaluate_predictions
 from gastro_dist.files import csv_text, file_sha256, write_json_atomic, write_text_atomic
 from gastro_dist.run_dir import RunDir, redact
 from gastro_dist.tracking import group_run
+from gastro_dist.training.distributed import forget_accelerator_settings
 from gastro_dist.training.trainer import train
 
 CV_JSON, CV_MARKDOWN = "cv.json", "cv.md"
@@ -109,9 +109,7 @@ def _train_and_evaluate_fold(fold: int, config: TrainConfig, run: RunDir, index:
     if not _trained(run):
         print(f"cv: training fold {fold} of {index.num_folds} into {run}")
         train(config, shards_dir, run)
-        # Each run builds its own Accelerator; accelerate has no public way to forget the previous one's
-        # settings, so its private reset is used (as compare does).
-        AcceleratorState._reset_state()
+        forget_accelerator_settings()  # each run and evaluation builds its own Accelerator
     summary = run.read_summary()
     if summary.get("fold") != fold or summary.get("shards_index_sha256") != index.index_sha256:
         raise UserError(f"{run} holds a run trained with data.fold={summary.get('fold')!r} on shards "
@@ -124,7 +122,7 @@ def _train_and_evaluate_fold(fold: int, config: TrainConfig, run: RunDir, index:
     for folder, split in splits.items():
         evaluate_run(run.path, shards_dir, run.path / folder, split=split, num_bootstrap=num_bootstrap, seed=seed,
                      batch_size=config.data.eval_batch_size, num_workers=config.data.num_workers, track=track)
-        AcceleratorState._reset_state()
+        forget_accelerator_settings()
     if is_main:
         write_json_atomic(run.path / EVALUATED, {
             "fold": fold, "model_sha256": model_sha256, "shards_index_sha256": index.index_sha256,

@@ -182,7 +182,7 @@ def test_decoding_on_the_device_feeds_what_the_workers_would(synthetic_shards):
     assert problems == [] and torch.equal(labels, device_labels)
     assert from_device.shape == (6, 3, 48, 48) and from_device.is_contiguous(memory_format=torch.channels_last)
     # the float and the uint8 resize kernels round some values the other way, by one grey level
-    pixels, _, _ = decode_crops_on_device(on_device, 48, torch.device("cpu"))
+    pixels, _, _ = decode_crops_on_device(on_device, 48, torch.device("cpu"), cfg.resize_mode)
     pixel_difference = (pixels - on_workers["image"].permute(0, 3, 1, 2).float()).abs()
     assert pixel_difference.max() <= 1 and (pixel_difference > 0).float().mean() < 0.25
     # which the jitter (factors up to 1.1 each) may stretch a little
@@ -196,7 +196,7 @@ def test_an_image_the_device_cannot_decode_is_dropped_and_reported():
               "augment": _params()[0], "label": label, "key": f"k{label}"}
              for label, data in enumerate([good, broken, good])]
     batch = collate_samples(items)
-    pixels, kept, problems = decode_crops_on_device(batch, 32, torch.device("cpu"))
+    pixels, kept, problems = decode_crops_on_device(batch, 32, torch.device("cpu"), cfg.resize_mode)
     assert kept == [0, 2] and pixels.shape == (2, 3, 32, 32) and len(problems) == 1 and "k1" in problems[0]
     images, labels, reasons = DeviceAugmentation(cfg).training_batch(batch, torch.device("cpu"), channels_last=False)
     assert images.shape[0] == 2 and labels.tolist() == [0, 2] and reasons == problems

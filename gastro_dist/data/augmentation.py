@@ -58,9 +58,9 @@ class TrainAugmentation:
     split in two so that a data worker's share is only the crop (0.2 to 0.3 ms at 224 px):
 
     * here, in the worker: the crop, resized by torch's antialiased uint8 kernel (bilinear, or
-      bicubic for weights trained so: `DataConfig.resize_mode`) in channels-last layout, handed over as uint8 HWC (a quarter of the bytes of a float image to
-      collate, to pass through shared memory and to copy to the GPU), with the draws of all the
-      other steps (`AUGMENT_PARAMS`);
+      bicubic for weights trained so: `DataConfig.resize_mode`) in channels-last layout, handed
+      over as uint8 HWC (a quarter of the bytes of a float image to collate, to pass through shared
+      memory and to copy to the GPU), with the draws of all the other steps (`AUGMENT_PARAMS`);
     * `DeviceAugmentation`, on the training device for the whole batch: flips and rotation as one
       nearest-neighbour warp, then brightness, contrast and saturation in their random order and
       the normalisation, fused into one 3x3 matrix per image.

@@ -82,7 +82,7 @@ def decode_stored(data: bytes, min_short_side: int, stored_short_side: int = 0) 
 
 
 def decode_crops_on_device(batch: dict, size: int, device: torch.device,
-                           resize_mode: str = "bilinear") -> tuple[torch.Tensor, list[int], list[str]]:
+                           resize_mode: str) -> tuple[torch.Tensor, list[int], list[str]]:
     """`data.decode_on=device`: the batch's JPEGs decoded on `device` (nvJPEG on CUDA, in one batched
     call), each cropped to its `crop_box` and resized to size x size by the antialiased `resize_mode`
     ('bilinear' or 'bicubic') kernel.

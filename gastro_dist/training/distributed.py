@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import InitProcessGroupKwargs, gather_object
 
 from gastro_dist import UserError
@@ -23,6 +24,11 @@ from gastro_dist.run_dir import RunDir
 from gastro_dist.tracking import accelerator_tracking_kwargs, check_trackers_installed
 
 
+def forget_accelerator_settings() -> None:
+    """Let the next Accelerator of this process (compare's and cv's next run or evaluation) take its own
+    precision, trackers and plugins. accelerate has no public way to forget the previous one's settings,
+    so its private reset is used (accelerate's own tests do); the process group is kept."""
+    AcceleratorState._reset_state()
 
 def deepspeed_requested() -> bool:
     """`accelerate launch` with a DeepSpeed config (or --use_deepspeed) says so in the environment."""
@@ -146,8 +152,9 @@ def checked_shard_index(accelerator: Accelerator, listed: ShardIndex, splits: li
     def scan_all(shards: list[ShardFile]) -> list[ShardScan]:
         mine = [scan_shard(shard, max_member_mb << 20) for shard in shards[rank::world]]
         per_rank = gather_object([mine]) if world > 1 else [mine]
-        scans.extend(per_rank[i % world][i // world] for i in range(len(shards)))
-        return scans[len(scans) - len(shards):]
+        in_order = [per_rank[i % world][i // world] for i in range(len(shards))]
+        scans.extend(in_order)  # every split's, for the download report below
+        return in_order
 
     checked = checked_index(listed, splits, max_member_mb << 20, scan_all)
     if isinstance(listed.root, ShardURL) and accelerator.is_main_process:
