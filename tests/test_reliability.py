@@ -23,6 +23,7 @@ import hostile
 from conftest import REPO, TINY_TRAIN_OVERRIDES
 from gastro_dist.cli import main
 from gastro_dist.training import checkpoint as ckpt
+from wandb_offline import finish_wandb_writes
 
 pytestmark = pytest.mark.slow  # end to end: trains, packs or launches processes
 
@@ -266,6 +267,7 @@ def test_no_secret_reaches_any_file(synthetic_shards, tmp_path, monkeypatch):
     assert main(_train_args(synthetic_shards, run, "tracking.tracker=wandb", "tracking.project=secrets")) == 0
     assert main(["evaluate", "--run", str(run), "--shards", str(synthetic_shards), "--out", str(run / "eval"),
                  "--bootstrap", "0", "--workers", "0"]) == 0
+    finish_wandb_writes()  # W&B's own log of the run is complete before it is searched
     leaks = [p for p in run.rglob("*") if p.is_file() and (secret.encode() in p.read_bytes()
                                                             or secret[:30].encode() in p.read_bytes())]
     assert not leaks, f"secret found in {leaks}"

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import REPO, TINY_TRAIN_OVERRIDES
 from gastro_dist.cli import main
+from wandb_offline import wandb_offline_records
 
 pytestmark = pytest.mark.slow  # end to end: trains, packs or launches processes
 
@@ -45,15 +46,9 @@ def _tensorboard(run: Path, project: str):
     return accumulator
 
 
-def _wandb_records(run: Path) -> tuple[list[Path], bytes]:
-    """The offline run folders of W&B and the bytes of their logs (keys are stored as plain text)."""
-    folders = sorted((run / "wandb").glob("offline-run-*"))
-    return folders, b"".join(p.read_bytes() for folder in folders for p in folder.glob("run-*.wandb"))
-
-
 def _check_training_logged(run: Path, project: str) -> None:
     run_id = json.loads((run / "tracking.json").read_text())["wandb_run_id"]
-    folders, records = _wandb_records(run)
+    folders, records = wandb_offline_records(run)
     assert folders and all(folder.name.endswith(run_id) for folder in folders), "one W&B run for the job"
     for key in (b"val/loss", b"val/per_class_accuracy/gastric_cancer", b"val/macro_auc", b"train/loss"):
         assert key in records, f"{key!r} was not logged to W&B"
@@ -94,7 +89,7 @@ def test_one_process_logs_to_every_tracker_and_evaluate_adds_to_the_same_run(syn
     model = {a.path for a in MlflowClient().list_artifacts(mlflow_run.info.run_id, "model-run")}
     assert model == {"model-run/model.safetensors", "model-run/model.json"}
     assert {"test/confusion_matrix", "test/roc"} <= set(_tensorboard(run, "one").Tags()["images"])
-    folders, records = _wandb_records(run)
+    folders, records = wandb_offline_records(run)
     assert len(folders) == 2 and b"test/accuracy" in records  # the training run, continued by evaluate
 
 

@@ -20,6 +20,7 @@ from conftest import REPO, TINY_TRAIN_OVERRIDES
 from gastro_dist.cli import main
 from gastro_dist.config import ModelConfig
 from gastro_dist.models.backbones import build_model
+from wandb_offline import wandb_offline_records
 
 pytestmark = pytest.mark.slow  # end to end: trains, packs or launches processes
 
@@ -162,12 +163,10 @@ def test_wandb_offline_run_holds_the_metrics(synthetic_shards, tmp_path, monkeyp
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "run"
     assert main(_train_args(synthetic_shards, run, "tracking.tracker=wandb", "tracking.project=test")) == 0
-    offline_runs = list((run / "wandb").glob("offline-run-*"))
+    offline_runs, records = wandb_offline_records(run)
     assert len(offline_runs) == 1
     tracking = json.loads((run / "tracking.json").read_text())
     assert offline_runs[0].name.endswith(tracking["wandb_run_id"])
-    # The run file is a log of protobuf records; logged keys are stored as plain UTF-8 strings.
-    records = next(offline_runs[0].glob("run-*.wandb")).read_bytes()
     for key in (b"val/accuracy", b"val/per_class_accuracy/gastric_cancer", b"train/loss", b"train/images_per_s"):
         assert key in records, f"{key!r} was not logged to W&B"
 
