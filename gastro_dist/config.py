@@ -32,6 +32,11 @@ class ModelConfig:
     model's Hugging Face repo in the hub cache); 'none' (from scratch); or a weights file path."""
     dropout: float = 0.5
     """Dropout before the new linear head."""
+    drop_path: float | None = None
+    """Stochastic depth (residual branches dropped at random in training), given as the rate of the
+    deepest block (timm's drop_path_rate, torchvision's stochastic_depth_prob; shallower blocks drop
+    less). null: the model's own default (0 for timm models; 0.1 for torchvision's ConvNeXt-T, 0.2 for its
+    EfficientNets). Models without it (ResNet, VGG, Inception in torchvision) take only null."""
     aux_loss_weight: float = 0.4
     """Inception-V3 only: weight of the auxiliary head's loss in training (it is off at eval)."""
     channels_last: bool = True
@@ -43,6 +48,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+        _check(self.drop_path is None or 0.0 <= self.drop_path < 1.0, "drop_path must be in [0, 1) or null")
         _check(self.aux_loss_weight >= 0, "aux_loss_weight must be >= 0")
         _check(bool(self.pretrained), "pretrained must be 'imagenet', 'none' or a file path")
 

@@ -74,6 +74,30 @@ def test_timm_models_build_with_a_new_head_for_the_input_size():
         assert model.eval()(torch.randn(2, 3, SIZE, SIZE)).shape == (2, 3)
 
 
+def _drop_rates(model: nn.Module) -> list[float]:
+    """The stochastic depth rate of each residual block: timm's DropPath, torchvision's StochasticDepth."""
+    return [float(getattr(m, "drop_prob", getattr(m, "p", 0.0))) for m in model.modules()
+            if type(m).__name__ in ("DropPath", "StochasticDepth")]
+
+
+def test_drop_path_sets_stochastic_depth_or_is_refused_where_a_model_has_none():
+    for name in (CNN, VIT, "convnext_tiny"):  # two timm models and a torchvision one
+        model, _ = build_model(ModelConfig(name=name, pretrained="none", drop_path=0.3), 3, image_size=SIZE)
+        rates = _drop_rates(model)
+        assert rates and max(rates) == pytest.approx(0.3) and min(rates) < 0.3, name  # deeper blocks drop more
+    timm_default, _ = build(VIT)
+    assert _drop_rates(timm_default) == []  # null: the model's own default (none for timm models)
+    torchvision_default, _ = build_model(ModelConfig(name="convnext_tiny", pretrained="none"), 3)
+    assert max(_drop_rates(torchvision_default)) == pytest.approx(0.1)  # torchvision's own for ConvNeXt-T
+    model, _ = build_model(ModelConfig(name="convnext_tiny", pretrained="none", drop_path=0.0), 3)
+    assert max(_drop_rates(model)) == 0.0
+    for name in ("resnet18", "swin_t", "timm:vgg11"):
+        with pytest.raises(UserError, match="drop_path=null"):
+            build_model(ModelConfig(name=name, pretrained="none", drop_path=0.1), 3, image_size=SIZE)
+    with pytest.raises(UserError, match="drop_path"):
+        ModelConfig(drop_path=1.0)
+
+
 def test_preprocessing_comes_from_the_pretrained_config_unless_the_config_sets_it():
     vit = model_preprocessing("timm:vit_small_patch16_224.augreg_in21k")
     assert (vit.image_size, vit.mean, vit.std, vit.interpolation, vit.eval_crop_ratio) == (

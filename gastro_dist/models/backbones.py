@@ -154,7 +154,15 @@ class _Torchvision:
             # torchvision enables transform_input with its ImageNet weights (they expect its own normalisation).
             pretrained = config.pretrained != "none"
             kwargs.update(aux_logits=True, init_weights=not pretrained, transform_input=pretrained)
-        model = torchvision.models.get_model(config.name, **kwargs)
+        if config.drop_path is not None:
+            kwargs["stochastic_depth_prob"] = config.drop_path
+        try:
+            model = torchvision.models.get_model(config.name, **kwargs)
+        except TypeError as err:  # the builder has no such argument, or sets it itself (Swin, MaxViT)
+            if "stochastic_depth_prob" not in str(err):
+                raise
+            raise UserError(f"torchvision's {config.name} does not take a stochastic depth rate; set "
+                            "model.drop_path=null, or use a timm model (timm:NAME), where most have one") from None
         if weights_path is not None:
             _load_strict(model, load_state_dict_file(weights_path), weights_path, config.name)
         spec = head_spec(model)
@@ -247,14 +255,21 @@ class _Timm:
         name = self.name_in_timm(config.name)
         cfg = self.pretrained_cfg(config.name)
         kwargs: dict[str, Any] = {"drop_rate": config.dropout}
+        if config.drop_path is not None:
+            kwargs["drop_path_rate"] = config.drop_path
         if image_size is not None and cfg is not None and cfg.fixed_input_size and image_size != cfg.input_size[-1]:
             # ViT-style models size their position embeddings (and Swin its windows) at build time.
             kwargs["img_size"] = image_size
-        if weights_path is None:
-            model = timm.create_model(name, num_classes=num_classes, **kwargs)
-        else:
-            model = self._create_pretrained(name, cfg, weights_path, kwargs)
-            model.reset_classifier(num_classes)
+        try:
+            if weights_path is None:
+                model = timm.create_model(name, num_classes=num_classes, **kwargs)
+            else:
+                model = self._create_pretrained(name, cfg, weights_path, kwargs)
+                model.reset_classifier(num_classes)
+        except TypeError as err:  # the model class takes no drop_path_rate
+            if "drop_path_rate" not in str(err):
+                raise
+            raise UserError(f"timm's {name} has no stochastic depth; set model.drop_path=null") from None
         return model, _timm_head_spec(model)
 
     def _create_pretrained(self, name: str, cfg, weights_path: Path, kwargs: dict[str, Any]) -> nn.Module:
