@@ -225,7 +225,9 @@ def paired_blocks(paired: dict) -> list:
         delong = pair["delong"] or {}
         rows.append([f"{pair['a']} − {pair['b']}", interval(pair["accuracy_difference"], points),
                      f"{p(pair['mcnemar']['p_value'])} ({p(pair['mcnemar'].get('p_holm'))})",
-                     interval(pair["macro_auc_difference"], signed), interval(pair["cancer_auc_difference"], signed),
+                     interval(pair["macro_auc_difference"], signed),
+                     f"{p(pair['macro_auc_test']['p_value'])} ({p(pair['macro_auc_test'].get('p_holm'))})",
+                     interval(pair["cancer_auc_difference"], signed),
                      f"{p(delong.get('p_value'))} ({p(delong.get('p_holm'))})" if delong else "n/a"])
     unit = "patients" if paired["unit"] == "patient" else "images"
     method = (f"All {paired['num_images']} images every model scored"
@@ -235,13 +237,15 @@ def paired_blocks(paired: dict) -> list:
               "(it treats images as independent); DeLong's test compares the "
               f"{paired['positive_class'] or 'binary'}-vs-rest AUCs"
               + (", its variance clustered by patient (Obuchowski 1997)" if paired["unit"] == "patient" else "")
+              + ". The macro AUC test is the paired bootstrap test (the difference over the SD of its "
+              "bootstrap replicates, as pROC's roc.test does)"
               + f". Each test's p-values are Holm-adjusted across the {len(paired['pairs'])} pairs (in brackets) "
               f"and read at {paired['alpha']}. The {level} CIs of the differences come from {paired['num_resamples']} "
-              f"paired bootstrap resamples of the {paired['num_units']} {unit} (seed {paired['seed']}); the macro "
-              "AUC difference has a CI but no test.")
+              f"paired bootstrap resamples of the {paired['num_units']} {unit} (seed {paired['seed']}).")
     return [Heading("Paired comparison"), Paragraph(method),
             Table(["pair (a − b)", f"accuracy, points ({level} CI)", "McNemar p (Holm)",
-                   f"macro AUC ({level} CI)", f"cancer AUC ({level} CI)", "DeLong p (Holm)"], rows),
+                   f"macro AUC ({level} CI)", "bootstrap p (Holm)", f"cancer AUC ({level} CI)",
+                   "DeLong p (Holm)"], rows),
             Images([(FOREST_PLOT, "Differences between the models with their CIs; the dashed line is no "
                                   "difference")]),
             *[Paragraph(sentence) for sentence in significance_sentences(paired)]]

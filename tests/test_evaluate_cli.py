@@ -202,9 +202,11 @@ def test_compare_writes_the_study_table(synthetic_shards, tmp_path):
         assert row["train_time_s"] > 0
     (pair,) = comparison["paired"]["pairs"]
     assert (pair["a"], pair["b"]) == ("smoke", "mobilenet")
-    assert {"p_value", "p_holm", "significant"} <= set(pair["mcnemar"]) and pair["delong"]["method"]
+    for test in ("mcnemar", "macro_auc_test", "delong"):
+        assert {"p_value", "p_holm", "significant"} <= set(pair[test])
     assert comparison["paired"]["unit"] == "patient"
     assert "## Paired comparison" in table and "significantly different" in table
+    assert "| bootstrap p (Holm) |" in table and "Macro AUC of smoke and mobilenet is" in table
     assert "Reference study (ResNet50, one split)" in table  # the study's three classes
     assert (out / "comparison_forest.png").is_file()
     assert "data:image/png;base64," in (out / "comparison.html").read_text()

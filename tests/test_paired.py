@@ -10,7 +10,8 @@ from scipy.stats import binomtest, norm
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
-from gastro_dist.evaluation.paired import compare_models, delong_test, holm, mcnemar_exact, significance_sentences
+from gastro_dist.evaluation.paired import (bootstrap_difference_test, compare_models, delong_test, holm, mcnemar_exact,
+                                           significance_sentences)
 
 CLASSES = ["gastric_cancer", "gastric_ulcer", "chronic_gastritis"]
 
@@ -132,11 +133,13 @@ def test_compare_models_pairs_tests_and_verdicts():
     assert better["mcnemar"]["p_value"] == mcnemar(
         [[better["mcnemar"]["both_right"], better["mcnemar"]["only_a_right"]],
          [better["mcnemar"]["only_b_right"], better["mcnemar"]["both_wrong"]]], exact=True).pvalue
-    for test in ("mcnemar", "delong"):
+    for test in ("mcnemar", "delong", "macro_auc_test"):
         raw = [pair[test]["p_value"] for pair in result["pairs"]]
         assert [pair[test]["p_holm"] for pair in result["pairs"]] == pytest.approx(
             list(multipletests(raw, method="holm")[1]))
     assert better["mcnemar"]["significant"] and better["delong"]["significant"]
+    assert better["macro_auc_test"]["significant"] and not same["macro_auc_test"]["significant"]
+    assert same["macro_auc_test"]["p_value"] == 1.0 and same["macro_auc_test"]["z"] is None  # a copy: no difference
     assert not same["mcnemar"]["significant"] and same["mcnemar"]["p_value"] == 1.0
     assert better["delong"]["method"].startswith("DeLong (clustered")
 
@@ -157,7 +160,38 @@ def test_compare_models_pairs_tests_and_verdicts():
     sentences = significance_sentences(result)
     assert sentences[0].startswith("Accuracy of strong and weak is significantly different")
     assert any(s.startswith("Accuracy of strong and strong_copy is not significantly different") for s in sentences)
-    assert any("includes 0, no evidence of a difference" in s for s in sentences)
+    assert any(s.startswith("Macro AUC of strong and weak is significantly different") for s in sentences)
+    assert any(s.startswith("Macro AUC of strong and strong_copy is not significantly different") for s in sentences)
+    without_bootstrap = compare_models(y_true, {"strong": strong, "weak": weak}, CLASSES, num_bootstrap=0)
+    assert without_bootstrap["pairs"][0]["macro_auc_test"]["p_value"] is None
+    assert not any(s.startswith("Macro AUC") for s in significance_sentences(without_bootstrap))
+
+
+def test_bootstrap_difference_test_is_the_difference_over_the_sd_of_its_replicates():
+    replicates = np.array([0.01, 0.03, 0.05, 0.02, 0.04, np.nan])  # a NaN replicate (a class absent) is dropped
+    result = bootstrap_difference_test(0.03, replicates)
+    se = np.std([0.01, 0.03, 0.05, 0.02, 0.04], ddof=1)  # 0.0158
+    assert result["se"] == pytest.approx(se) and result["z"] == pytest.approx(0.03 / se)
+    assert result["p_value"] == pytest.approx(2 * (1 - norm.cdf(0.03 / se)))  # z 1.90: p 0.058
+    assert bootstrap_difference_test(-0.03, replicates)["p_value"] == pytest.approx(result["p_value"])
+    assert bootstrap_difference_test(0.0, np.zeros(10))["p_value"] == 1.0
+    assert bootstrap_difference_test(0.03, np.array([0.03]))["p_value"] is None  # too few replicates
+    assert bootstrap_difference_test(None, replicates)["p_value"] is None
+
+
+@pytest.mark.slow  # 200 simulated comparisons, ~30 s
+def test_bootstrap_test_holds_its_size_under_no_difference():
+    """Two models of the same skill (independent noise), many simulated test sets: the test rejects at 5%
+    about 5% of the time (binomial 95% range for 200 sets: 4 to 17 rejections)."""
+    rejections = 0
+    for trial in range(200):
+        rng = np.random.default_rng(100 + trial)
+        y_true = rng.integers(0, 3, 90)
+        logits = [np.eye(3)[y_true] * 1.0 + rng.normal(size=(90, 3)) for _ in range(2)]
+        probs = [np.exp(x) / np.exp(x).sum(1, keepdims=True) for x in logits]
+        result = compare_models(y_true, {"a": probs[0], "b": probs[1]}, CLASSES, num_bootstrap=200, seed=trial)
+        rejections += result["pairs"][0]["macro_auc_test"]["p_value"] < 0.05
+    assert 2 <= rejections <= 20, rejections
 
 
 def test_compare_models_without_a_cancer_class_has_no_delong():
@@ -166,7 +200,7 @@ def test_compare_models_without_a_cancer_class_has_no_delong():
     pair = result["pairs"][0]
     assert pair["delong"] is None and pair["cancer_auc_difference"]["difference"] is None
     assert result["unit"] == "image" and result["positive_class"] is None
-    assert not any("AUC of x and y" in s for s in significance_sentences(result))
+    assert not any("-vs-rest AUC of x and y" in s for s in significance_sentences(result))
 
 
 def test_paired_comparison_of_runs_reads_evaluates_predictions_and_matches_images_by_key(tmp_path):

@@ -3,8 +3,9 @@
 Per pair of models: McNemar's exact test on which images each gets right (statsmodels), the
 differences in accuracy, macro AUC and cancer-versus-benign AUC with paired patient-level bootstrap
 CIs (both models scored on the same resamples), DeLong's test for the difference in the binary
-(cancer-versus-benign) AUC, and Holm's correction of each test's p-values across all pairs
-(statsmodels). DeLong's test is written here: neither scipy, statsmodels nor scikit-learn has it.
+(cancer-versus-benign) AUC, a paired bootstrap test for the difference in macro AUC (DeLong's test is
+for one binary AUC), and Holm's correction of each test's p-values across all pairs (statsmodels).
+DeLong's and the bootstrap test are written here: neither scipy, statsmodels nor scikit-learn has them.
 """
 
 from __future__ import annotations
@@ -81,6 +82,24 @@ def delong_test(y_binary, scores_a, scores_b, groups=None) -> dict:
             "p_value": p_value, "method": method}
 
 
+def bootstrap_difference_test(difference: float | None, replicates: np.ndarray) -> dict:
+    """The paired bootstrap test of pROC's ``roc.test(method="bootstrap")`` (Robin et al. 2011): the
+    difference over the standard deviation of its bootstrap replicates, read on the normal distribution
+    (two-sided). se, z and p_value are None without replicates; z None with p_value 1.0 when every
+    replicate is the same zero difference (a model compared with its copy)."""
+    replicates = replicates[~np.isnan(replicates)]
+    method = "paired bootstrap (pROC roc.test, method='bootstrap')"
+    if difference is None or len(replicates) < 2:
+        return {"se": None, "z": None, "p_value": None, "method": method}
+    se = float(np.std(replicates, ddof=1))
+    if se == 0:
+        z, p_value = None, 1.0 if difference == 0 else None
+    else:
+        z = difference / se
+        p_value = float(2 * norm.sf(abs(z)))
+    return {"se": se, "z": z, "p_value": p_value, "method": method}
+
+
 def holm(p_values: list[float | None]) -> list[float | None]:
     """Holm's step-down adjustment (statsmodels ``multipletests(method="holm")``) of the p-values that
     exist; None stays None."""
@@ -131,11 +150,15 @@ def compare_models(y_true, probs: dict[str, np.ndarray], classes: list[str], gro
             pair[f"{key}_difference"] = {"a": _number(estimate_a), "b": _number(estimate_b),
                                          "difference": _number(estimate_a - estimate_b),
                                          "ci": _percentile_interval(differences, level)}
+            if key == "macro_auc":
+                pair["macro_auc_test"] = bootstrap_difference_test(pair[f"{key}_difference"]["difference"],
+                                                                   differences)
         pair["delong"] = (delong_test(y_true == positive, probs[a][:, positive], probs[b][:, positive], groups)
                           if positive is not None else None)
         pairs.append(pair)
 
     for test, p_of in (("mcnemar", lambda pair: pair["mcnemar"]["p_value"]),
+                       ("macro_auc_test", lambda pair: pair["macro_auc_test"]["p_value"]),
                        ("delong", lambda pair: pair["delong"]["p_value"] if pair["delong"] else None)):
         for pair, adjusted in zip(pairs, holm([p_of(pair) for pair in pairs])):
             if pair[test] is not None:
@@ -161,14 +184,13 @@ def significance_sentences(comparison: dict) -> list[str]:
             f"{_points(accuracy['difference'])} ({level} CI {_ci(accuracy['ci'], _points)}); McNemar exact p = "
             f"{_p(test['p_value'])}, Holm-adjusted {_p(test['p_holm'])} "
             f"({test['only_a_right']} images only {a} got right, {test['only_b_right']} only {b}).")
-        macro = pair["macro_auc_difference"]
-        if macro["difference"] is not None:
-            excludes = macro["ci"] is not None and (macro["ci"]["lower"] > 0 or macro["ci"]["upper"] < 0)
+        macro, macro_test = pair["macro_auc_difference"], pair["macro_auc_test"]
+        if macro["difference"] is not None and macro_test["p_value"] is not None:
+            verdict = "significantly different" if macro_test["significant"] else "not significantly different"
             sentences.append(
-                f"Macro AUC {_dec(macro['a'])} vs {_dec(macro['b'])}, difference {_signed(macro['difference'])} "
-                f"({level} CI {_ci(macro['ci'], _signed)}): the interval "
-                + ("excludes 0 (no test was run and nothing was corrected for multiplicity; read it as indicative)."
-                   if excludes else "includes 0, no evidence of a difference."))
+                f"Macro AUC of {a} and {b} is {verdict}: {_dec(macro['a'])} vs {_dec(macro['b'])}, difference "
+                f"{_signed(macro['difference'])} ({level} CI {_ci(macro['ci'], _signed)}); paired bootstrap test "
+                f"p = {_p(macro_test['p_value'])}, Holm-adjusted {_p(macro_test['p_holm'])}.")
         delong = pair["delong"]
         if delong is not None and delong["p_value"] is not None:
             cancer = pair["cancer_auc_difference"]
