@@ -2,26 +2,29 @@
 `data.fold=i`), each evaluated on its own validation fold (out-of-fold predictions for every train+val
 image) and on the common test split; OUT/cv.json and OUT/cv.md hold the per-fold metrics, their spread
 across folds, the pooled out-of-fold metrics and the fold ensemble's test metrics (README, "Cross-validation").
+The same numbers and files go to the trackers as a run of their own (OUT-summary, in the folds' group).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
-from accelerate import PartialState
+import torch
+from accelerate import Accelerator, PartialState
 
 from gastro_dist import UserError
 from gastro_dist.compare import reference_study_note
-from gastro_dist.config import TrainConfig, load_config
+from gastro_dist.config import TrainConfig, load_config, to_dict
 from gastro_dist.data.shard_index import ShardIndex, fold_split, load_shard_index
 from gastro_dist.evaluation.evaluate import evaluate_run
 from gastro_dist.evaluation.metrics import evaluate_predictions
 from gastro_dist.files import csv_text, file_sha256, write_json_atomic, write_text_atomic
 from gastro_dist.run_dir import RunDir, redact
-from gastro_dist.tracking import group_run
+from gastro_dist.tracking import RunLog, accelerator_tracking_kwargs, group_run
 from gastro_dist.training.distributed import forget_accelerator_settings
 from gastro_dist.training.trainer import train
 
@@ -71,14 +74,17 @@ def cross_validate(config_path: str | Path, shards_dir: str | Path, out_dir: str
         for fold in chosen:
             _train_and_evaluate_fold(fold, configs[fold], runs[fold], index, shards_dir, num_bootstrap, seed, track,
                                      is_main)
-    if not is_main:
-        return None
-    remaining = [fold for fold in range(index.num_folds) if _evaluation(runs[fold], index) is None]
-    if remaining:
-        print(f"cv: fold(s) {_fold_list(remaining)} of {index.num_folds} not trained and evaluated yet; {CV_JSON} is "
-              f"written once every fold is (gastro-dist cv ... --folds {_fold_list(remaining)})")
-        return None
-    return summarise(out_dir, index, runs, config_path, overrides, num_bootstrap, seed)
+        if not is_main:
+            return None
+        remaining = [fold for fold in range(index.num_folds) if _evaluation(runs[fold], index) is None]
+        if remaining:
+            print(f"cv: fold(s) {_fold_list(remaining)} of {index.num_folds} not trained and evaluated yet; {CV_JSON} "
+                  f"is written once every fold is (gastro-dist cv ... --folds {_fold_list(remaining)})")
+            return None
+        result = summarise(out_dir, index, runs, config_path, overrides, num_bootstrap, seed)
+        if track and configs[chosen[0]].tracking.tracker:
+            log_summary(out_dir, configs[chosen[0]], result)
+    return result
 
 
 def parse_folds(text: str, num_folds: int) -> list[int]:
@@ -215,6 +221,30 @@ def summarise(out_dir: Path, index: ShardIndex, runs: dict[int, RunDir], config_
     write_text_atomic(out_dir / CV_MARKDOWN, cv_markdown(result))
     print(f"cross-validation: {out_dir / CV_MARKDOWN}")
     return result
+
+
+def log_summary(out_dir: Path, config: TrainConfig, result: dict) -> None:
+    """cv.json's numbers (`cv/across_folds/val/accuracy/mean`, `cv/out_of_fold/macro_auc`, ...) and the
+    summary files as a tracker run of their own: OUT is its run folder (OUT/tracking.json, so a later
+    collect adds to the same run), named OUT-summary, in the folds' group, tagged cv-summary. Main
+    process only: it follows the folds' runs, and the other processes have returned."""
+    tracking = dataclasses.replace(config.tracking, run_name=f"{out_dir.resolve().name}-summary",
+                                   tags=[*config.tracking.tags, "cv-summary"])
+    run = RunDir(out_dir)
+    params = to_dict(config)
+    params["data"].pop("fold")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), **accelerator_tracking_kwargs(tracking, run))
+    run_log = RunLog(accelerator, run, tracking, {**params, "cv": {"num_folds": result["num_folds"]}})
+    pooled = {"out_of_fold": result["out_of_fold"], "ensemble_test": result["ensemble_test"]}
+    run_log.log("cv", {"across_folds": result["across_folds"],
+                       **{where: {**{name: value for name, value in _fold_metrics(metrics).items()
+                                     if name != "confusion_matrix"}, "ci": metrics.get("ci")}
+                          for where, metrics in pooled.items() if metrics is not None}})
+    files = [out_dir / name for name in (CV_JSON, CV_MARKDOWN, OOF_PREDICTIONS, ENSEMBLE_PREDICTIONS)]
+    run_log.log_files(f"cv-{out_dir.resolve().name}", "cv-summary", [path for path in files if path.is_file()])
+    run_log.close()
+    forget_accelerator_settings()
+    print(f"cv: summary logged to {', '.join(tracking.tracker)}")
 
 
 def _fold_metrics(metrics: dict) -> dict:

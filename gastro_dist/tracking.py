@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 from gastro_dist import UserError
 from gastro_dist.config import TrackingConfig
+from gastro_dist.files import safe_name
 from gastro_dist.run_dir import RunDir, redact
 
 # The package each tracker needs, and the pyproject extra that installs it.
@@ -186,7 +187,7 @@ class RunLog:
         if "wandb" in self.trackers:
             import wandb
 
-            artifact = wandb.Artifact(name, type=kind)
+            artifact = wandb.Artifact(safe_name(name), type=kind)  # W&B takes [A-Za-z0-9._-] only
             for file in files:
                 artifact.add_file(str(file))
             self.accelerator.get_tracker("wandb", unwrap=True).log_artifact(artifact)

@@ -15,6 +15,7 @@ from imagefactory import read_split
 from conftest import REPO, TINY_TRAIN_OVERRIDES
 from gastro_dist.cli import main
 from gastro_dist.evaluation.metrics import evaluate_predictions
+from wandb_offline import wandb_offline_records
 
 pytestmark = pytest.mark.slow  # end to end: packs, trains and evaluates
 
@@ -117,3 +118,44 @@ def test_cv_fold_by_fold_then_the_summary(fold_shards, tmp_path, capsys):
     assert (out / "fold-1" / "test" / "predictions.csv").stat().st_mtime_ns != fold1_predictions
     assert (out / "fold-0" / "oof" / "predictions.csv").stat().st_mtime_ns == fold0_predictions
     assert json.loads((out / "cv.json").read_text())["folds"] == result["folds"]
+
+
+def test_cv_summary_goes_to_every_tracker(fold_shards, tmp_path, monkeypatch):
+    """The folds' runs, and the cross-fold summary as a run of its own in their group: the numbers of
+    cv.json and its files, read back with each tracker's own reader."""
+    pytest.importorskip("wandb")
+    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_ALLOW_FILE_STORE": "true",
+                        "MLFLOW_TRACKING_URI": f"file:{tmp_path / 'mlruns'}"}.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "study"
+    assert main(["cv", "--config", SMOKE, "--shards", str(fold_shards), "--out", str(out), "--bootstrap", "0",
+                 *TINY_TRAIN_OVERRIDES, "finetune.epochs=0", "tracking.tracker=[wandb,mlflow,tensorboard]",
+                 "tracking.project=cvtrack"]) == 0
+    result = json.loads((out / "cv.json").read_text())
+    mean_accuracy = result["across_folds"]["val"]["accuracy"]["mean"]
+
+    runs = {run.info.run_name: run for run in mlflow.search_runs(experiment_names=["cvtrack"], output_format="list")}
+    assert set(runs) == {"study", "fold-0", "fold-1", "study-summary"}
+    summary = runs["study-summary"]
+    assert summary.data.tags["mlflow.parentRunId"] == runs["study"].info.run_id
+    assert summary.data.tags["gastro_dist.group"] == "study"
+    assert summary.data.metrics["cv/across_folds/val/accuracy/mean"] == pytest.approx(mean_accuracy)
+    assert summary.data.metrics["cv/out_of_fold/mcc"] == pytest.approx(result["out_of_fold"]["mcc"])
+    assert summary.data.metrics["cv/ensemble_test/accuracy"] == pytest.approx(result["ensemble_test"]["accuracy"])
+    assert summary.data.params["cv.num_folds"] == "2" and "data.fold" not in summary.data.params
+    files = {a.path for a in mlflow.MlflowClient().list_artifacts(summary.info.run_id, "cv-study")}
+    assert {"cv-study/cv.json", "cv-study/cv.md", "cv-study/oof_predictions.csv"} <= files
+    for fold in ("fold-0", "fold-1"):  # each fold's own evaluations stay in the fold's run
+        assert "test/accuracy" in runs[fold].data.metrics
+
+    events = EventAccumulator(str(out / "tensorboard" / "cvtrack"))
+    events.Reload()
+    (scalar,) = events.Scalars("cv/across_folds/val/accuracy/mean")
+    assert scalar.value == pytest.approx(mean_accuracy, abs=1e-6)
+    folders, records = wandb_offline_records(out)
+    assert len(folders) == 1 and folders[0].name.endswith(json.loads((out / "tracking.json").read_text())["wandb_run_id"])
+    assert b"cv/across_folds/val/accuracy/mean" in records and b"cv-summary" in records
