@@ -20,7 +20,6 @@ from gastro_dist.evaluation.report import Heading, Images, Paragraph, Table, ren
     save_forest_plot
 from gastro_dist.run_dir import write_run_json
 from gastro_dist.tracking import group_run
-from gastro_dist.training.distributed import forget_accelerator_settings
 from gastro_dist.training.trainer import train
 
 # The reference study's classes: its published figures are quoted only next to a model of these classes.
@@ -63,10 +62,8 @@ def _train_and_evaluate(configs: list, shards_dir: str | Path, out_dir: Path, sp
         run_dir = out_dir / name
         summary = train(config, shards_dir, run_dir)
         train_time = sum(phase.get("time_s", 0.0) for phase in summary.get("phases", {}).values())
-        forget_accelerator_settings()  # each run and evaluation builds its own Accelerator
         metrics = evaluate_run(run_dir, shards_dir, run_dir / "eval", split=split, num_bootstrap=num_bootstrap,
                                seed=seed, track=track)
-        forget_accelerator_settings()
         if metrics:
             rows.append(_comparison_row(name, config, summary, metrics, train_time))
             eval_dirs[name] = run_dir / "eval"

@@ -25,7 +25,7 @@ from gastro_dist.evaluation.metrics import evaluate_predictions
 from gastro_dist.files import csv_text, file_sha256, write_json_atomic, write_text_atomic
 from gastro_dist.run_dir import RunDir, redact
 from gastro_dist.tracking import RunLog, accelerator_tracking_kwargs, group_run
-from gastro_dist.training.distributed import forget_accelerator_settings
+from gastro_dist.training.distributed import forgets_accelerator_settings
 from gastro_dist.training.trainer import train
 
 CV_JSON, CV_MARKDOWN = "cv.json", "cv.md"
@@ -115,7 +115,6 @@ def _train_and_evaluate_fold(fold: int, config: TrainConfig, run: RunDir, index:
     if not _trained(run):
         print(f"cv: training fold {fold} of {index.num_folds} into {run}")
         train(config, shards_dir, run)
-        forget_accelerator_settings()  # each run and evaluation builds its own Accelerator
     summary = run.read_summary()
     if summary.get("fold") != fold or summary.get("shards_index_sha256") != index.index_sha256:
         raise UserError(f"{run} holds a run trained with data.fold={summary.get('fold')!r} on shards "
@@ -128,7 +127,6 @@ def _train_and_evaluate_fold(fold: int, config: TrainConfig, run: RunDir, index:
     for folder, split in splits.items():
         evaluate_run(run.path, shards_dir, run.path / folder, split=split, num_bootstrap=num_bootstrap, seed=seed,
                      batch_size=config.data.eval_batch_size, num_workers=config.data.num_workers, track=track)
-        forget_accelerator_settings()
     if is_main:
         write_json_atomic(run.path / EVALUATED, {
             "fold": fold, "model_sha256": model_sha256, "shards_index_sha256": index.index_sha256,
@@ -223,6 +221,7 @@ def summarise(out_dir: Path, index: ShardIndex, runs: dict[int, RunDir], config_
     return result
 
 
+@forgets_accelerator_settings
 def log_summary(out_dir: Path, config: TrainConfig, result: dict) -> None:
     """cv.json's numbers (`cv/across_folds/val/accuracy/mean`, `cv/out_of_fold/macro_auc`, ...) and the
     summary files as a tracker run of their own: OUT is its run folder (OUT/tracking.json, so a later
@@ -243,7 +242,6 @@ def log_summary(out_dir: Path, config: TrainConfig, result: dict) -> None:
     files = [out_dir / name for name in (CV_JSON, CV_MARKDOWN, OOF_PREDICTIONS, ENSEMBLE_PREDICTIONS)]
     run_log.log_files(f"cv-{out_dir.resolve().name}", "cv-summary", [path for path in files if path.is_file()])
     run_log.close()
-    forget_accelerator_settings()
     print(f"cv: summary logged to {', '.join(tracking.tracker)}")
 
 

@@ -222,8 +222,11 @@ def group_run(tracking: TrackingConfig, is_main: bool) -> Iterator[None]:
         return
     import mlflow
 
-    mlflow.set_experiment(tracking.project)
-    with mlflow.start_run(run_name=tracking.group):
+    # The experiment by id, not mlflow.set_experiment: that would stay the process's active experiment
+    # afterwards, and MLflow then refuses to resume a run of another one (a later evaluate in the process).
+    experiment = mlflow.get_experiment_by_name(tracking.project)
+    experiment_id = experiment.experiment_id if experiment else mlflow.create_experiment(tracking.project)
+    with mlflow.start_run(run_name=tracking.group, experiment_id=experiment_id):
         yield
 
 

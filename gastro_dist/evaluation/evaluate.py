@@ -34,13 +34,14 @@ from gastro_dist.files import csv_text, distinct_names, safe_name
 from gastro_dist.progress import progress
 from gastro_dist.run_dir import RunDir, write_run_json
 from gastro_dist.tracking import RunLog, accelerator_tracking_kwargs, check_trackers_installed, tracking_of_run
-from gastro_dist.training.distributed import checked_shard_index
+from gastro_dist.training.distributed import checked_shard_index, forgets_accelerator_settings
 from gastro_dist.training.calibration import calibrated_probabilities
 from gastro_dist.training.predict import predict_split
 
 POSITIVE_CLASS = "gastric_cancer"  # the cancer-versus-benign view's class, when the model has it
 
 
+@forgets_accelerator_settings
 def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Path, split: str = "test",
                  checkpoint: str = "best", num_bootstrap: int = 1000, seed: int = 0,
                  cancer_sensitivity: float | None = None, positive_class: str | None = None,

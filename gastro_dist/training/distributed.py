@@ -4,6 +4,7 @@ the end of the process group."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import signal
@@ -24,11 +25,19 @@ from gastro_dist.run_dir import RunDir
 from gastro_dist.tracking import accelerator_tracking_kwargs, check_trackers_installed
 
 
-def forget_accelerator_settings() -> None:
-    """Let the next Accelerator of this process (compare's and cv's next run or evaluation) take its own
-    precision, trackers and plugins. accelerate has no public way to forget the previous one's settings,
-    so its private reset is used (accelerate's own tests do); the process group is kept."""
-    AcceleratorState._reset_state()
+def forgets_accelerator_settings(function):
+    """For a function that builds its own Accelerator (train, evaluate_run, ...): once it returns or
+    raises, the next Accelerator of the process (compare's and cv's next run, a notebook's next call)
+    takes its own precision, trackers and plugins instead of failing on, or silently keeping, this
+    one's. accelerate has no public way to forget an Accelerator's settings, so its private reset is
+    used (accelerate's own tests do); the process group is kept."""
+    @functools.wraps(function)
+    def forgetting(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        finally:
+            AcceleratorState._reset_state()
+    return forgetting
 
 def deepspeed_requested() -> bool:
     """`accelerate launch` with a DeepSpeed config (or --use_deepspeed) says so in the environment."""

@@ -38,8 +38,8 @@ from gastro_dist.training import checkpoint as ckpt
 from gastro_dist.training.calibration import calibration_fit
 from gastro_dist.training.checkpoint import TrainerState
 from gastro_dist.training.console import epoch_progress, print_epoch, print_phase_table
-from gastro_dist.training.distributed import (PreemptionWatch, checked_shard_index, make_accelerator,
-                                              num_machines, system_facts, use_cpu_cores_fairly)
+from gastro_dist.training.distributed import (PreemptionWatch, checked_shard_index, forgets_accelerator_settings,
+                                              make_accelerator, num_machines, system_facts, use_cpu_cores_fairly)
 from gastro_dist.training.optim import build_optimizer, warmup_cosine
 from gastro_dist.training.predict import accuracy_summary, predict_split
 
@@ -82,6 +82,7 @@ class Diverged(RunFailure):
     """Too many consecutive optimizer steps had a non-finite loss or gradient."""
 
 
+@forgets_accelerator_settings
 def train(config: TrainConfig, shards_dir: str | Path, run_dir: str | Path) -> dict:
     """Run (or resume) both phases; returns summary.json's content."""
     return Trainer(config, shards_dir, run_dir).run()
