@@ -86,8 +86,8 @@ def test_head_phase_changes_only_the_head(synthetic_shards, tmp_path):
     assert any("running_mean" in k for k in backbone)
     for name, value in backbone.items():
         assert torch.equal(value, pretrained[name]), f"{name} changed during head pre-training"
-    # The trainer seeds, then builds the model: the same two calls give its initial head.
-    set_seed(0, device_specific=True)
+    # The trainer seeds (seed + process index, 0 here), then builds the model: the same two calls give its initial head.
+    set_seed(0)
     initial, _ = build_model(ModelConfig(name="resnet18", pretrained=str(weights_file)), num_classes=3)
     assert torch.equal(initial.state_dict()["layer1.0.bn1.running_mean"], trained["layer1.0.bn1.running_mean"])
     assert not torch.allclose(initial.fc[1].weight, trained["fc.1.weight"]), "the head did not learn"

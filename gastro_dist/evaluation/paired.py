@@ -175,32 +175,28 @@ def significance_sentences(comparison: dict) -> list[str]:
     level = f"{comparison['level']:.0%}"
     sentences = []
     for pair in comparison["pairs"]:
-        a, b = pair["a"], pair["b"]
-        test = pair["mcnemar"]
-        accuracy = pair["accuracy_difference"]
-        verdict = "significantly different" if test["significant"] else "not significantly different"
-        sentences.append(
-            f"Accuracy of {a} and {b} is {verdict}: {_pct(accuracy['a'])} vs {_pct(accuracy['b'])}, difference "
-            f"{_points(accuracy['difference'])} ({level} CI {_ci(accuracy['ci'], _points)}); McNemar exact p = "
-            f"{_p(test['p_value'])}, Holm-adjusted {_p(test['p_holm'])} "
-            f"({test['only_a_right']} images only {a} got right, {test['only_b_right']} only {b}).")
-        macro, macro_test = pair["macro_auc_difference"], pair["macro_auc_test"]
-        if macro["difference"] is not None and macro_test["p_value"] is not None:
-            verdict = "significantly different" if macro_test["significant"] else "not significantly different"
-            sentences.append(
-                f"Macro AUC of {a} and {b} is {verdict}: {_dec(macro['a'])} vs {_dec(macro['b'])}, difference "
-                f"{_signed(macro['difference'])} ({level} CI {_ci(macro['ci'], _signed)}); paired bootstrap test "
-                f"p = {_p(macro_test['p_value'])}, Holm-adjusted {_p(macro_test['p_holm'])}.")
-        delong = pair["delong"]
-        if delong is not None and delong["p_value"] is not None:
-            cancer = pair["cancer_auc_difference"]
-            verdict = "significantly different" if delong["significant"] else "not significantly different"
-            sentences.append(
-                f"{comparison['positive_class']}-vs-rest AUC of {a} and {b} is {verdict}: {_dec(delong['auc_a'])} vs "
-                f"{_dec(delong['auc_b'])}, difference {_signed(delong['difference'])} ({level} bootstrap CI "
-                f"{_ci(cancer['ci'], _signed)}); DeLong p = {_p(delong['p_value'])}, Holm-adjusted "
-                f"{_p(delong['p_holm'])}.")
+        a, b, mcnemar_result = pair["a"], pair["b"], pair["mcnemar"]
+        sentences.append(_verdict(
+            "Accuracy", pair, "accuracy_difference", mcnemar_result, "McNemar exact", level, _pct, _points,
+            f" ({mcnemar_result['only_a_right']} images only {a} got right, {mcnemar_result['only_b_right']} only {b})"))
+        if pair["macro_auc_test"]["p_value"] is not None:
+            sentences.append(_verdict("Macro AUC", pair, "macro_auc_difference", pair["macro_auc_test"],
+                                      "paired bootstrap test", level, _dec, _signed))
+        if pair["delong"] is not None and pair["delong"]["p_value"] is not None:
+            sentences.append(_verdict(f"{comparison['positive_class']}-vs-rest AUC", pair, "cancer_auc_difference",
+                                      pair["delong"], "DeLong", level, _dec, _signed))
     return sentences
+
+
+def _verdict(measure: str, pair: dict, difference_key: str, test: dict, test_name: str, level: str,
+             value_format, difference_format, note: str = "") -> str:
+    """'<measure> of a and b is (not) significantly different: A vs B, difference D (CI); <test> p, Holm p.'"""
+    difference = pair[difference_key]
+    verdict = "significantly different" if test["significant"] else "not significantly different"
+    return (f"{measure} of {pair['a']} and {pair['b']} is {verdict}: {value_format(difference['a'])} vs "
+            f"{value_format(difference['b'])}, difference {difference_format(difference['difference'])} ({level} CI "
+            f"{_ci(difference['ci'], difference_format)}); {test_name} {_p(test['p_value'])}, Holm-adjusted "
+            f"{_p(test['p_holm'])}{note}.")
 
 
 def _inflation(num_units: int) -> float:
@@ -238,7 +234,7 @@ def _signed(value) -> str:
 
 
 def _p(value) -> str:
-    return "n/a" if value is None else ("< 0.001" if value < 0.001 else f"{value:.3f}")
+    return "p n/a" if value is None else ("p < 0.001" if value < 0.001 else f"p = {value:.3f}")
 
 
 def _ci(interval: dict | None, fmt) -> str:
