@@ -161,9 +161,10 @@ def test_wandb_offline_run_holds_the_metrics(synthetic_shards, tmp_path, monkeyp
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    run = tmp_path / "run"
+    run = tmp_path / "my run"  # W&B takes no space in an artifact's name (the final model's is named after the run)
     assert main(_train_args(synthetic_shards, run, "tracking.tracker=wandb", "tracking.project=test")) == 0
     offline_runs, records = wandb_offline_records(run)
+    assert b"model-my_run-" in records  # the final model as an artifact, its name made safe
     assert len(offline_runs) == 1
     tracking = json.loads((run / "tracking.json").read_text())
     assert offline_runs[0].name.endswith(tracking["wandb_run_id"])
