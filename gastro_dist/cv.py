@@ -234,11 +234,13 @@ def log_summary(out_dir: Path, config: TrainConfig, result: dict) -> None:
     params["data"].pop("fold")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), **accelerator_tracking_kwargs(tracking, run))
     run_log = RunLog(accelerator, run, tracking, {**params, "cv": {"num_folds": result["num_folds"]}})
-    pooled = {"out_of_fold": result["out_of_fold"], "ensemble_test": result["ensemble_test"]}
-    run_log.log("cv", {"across_folds": result["across_folds"],
-                       **{where: {**{name: value for name, value in _fold_metrics(metrics).items()
-                                     if name != "confusion_matrix"}, "ci": metrics.get("ci")}
-                          for where, metrics in pooled.items() if metrics is not None}})
+    values = {"across_folds": result["across_folds"]}
+    for where in ("out_of_fold", "ensemble_test"):
+        metrics = result[where]
+        if metrics is not None:
+            values[where] = {**_fold_metrics(metrics), "ci": metrics.get("ci")}
+            del values[where]["confusion_matrix"]  # a table, not a number a tracker plots
+    run_log.log("cv", values)
     files = [out_dir / name for name in (CV_JSON, CV_MARKDOWN, OOF_PREDICTIONS, ENSEMBLE_PREDICTIONS)]
     run_log.log_files(f"cv-{out_dir.resolve().name}", "cv-summary", [path for path in files if path.is_file()])
     run_log.close()
