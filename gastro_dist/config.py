@@ -35,7 +35,7 @@ class ModelConfig:
     drop_path: float | None = None
     """Stochastic depth (residual branches dropped at random in training), given as the rate of the
     deepest block (timm's drop_path_rate, torchvision's stochastic_depth_prob; shallower blocks drop
-    less). null: the model's own default (0 for timm models; 0.1 for torchvision's ConvNeXt-T, 0.2 for its
+    less). null: the model's own default (0 for most timm models; 0.1 for torchvision's ConvNeXt-T, 0.2 for its
     EfficientNets). Models without it (ResNet, VGG, Inception in torchvision) take only null."""
     aux_loss_weight: float = 0.4
     """Inception-V3 only: weight of the auxiliary head's loss in training (it is off at eval)."""
