@@ -212,6 +212,9 @@ def paired_blocks(paired: dict) -> list:
     points = lambda v: "n/a" if v is None else f"{100 * v:+.1f}"  # noqa: E731
     p = lambda v: "n/a" if v is None else ("<0.001" if v < 0.001 else f"{v:.3f}")  # noqa: E731
 
+    def tested(test: dict | None) -> str:
+        return "n/a" if not test else f"{p(test['p_value'])} ({p(test.get('p_holm'))})"
+
     def interval(entry: dict, fmt) -> str:
         ci = entry["ci"]
         bounds = "n/a" if ci is None else f"{fmt(ci['lower'])} to {fmt(ci['upper'])}"
@@ -219,13 +222,10 @@ def paired_blocks(paired: dict) -> list:
 
     rows = []
     for pair in paired["pairs"]:
-        delong = pair["delong"] or {}
         rows.append([f"{pair['a']} − {pair['b']}", interval(pair["accuracy_difference"], points),
-                     f"{p(pair['mcnemar']['p_value'])} ({p(pair['mcnemar'].get('p_holm'))})",
-                     interval(pair["macro_auc_difference"], signed),
-                     f"{p(pair['macro_auc_test']['p_value'])} ({p(pair['macro_auc_test'].get('p_holm'))})",
-                     interval(pair["cancer_auc_difference"], signed),
-                     f"{p(delong.get('p_value'))} ({p(delong.get('p_holm'))})" if delong else "n/a"])
+                     tested(pair["mcnemar"]), interval(pair["macro_auc_difference"], signed),
+                     tested(pair["macro_auc_test"]), interval(pair["cancer_auc_difference"], signed),
+                     tested(pair["delong"])])
     unit = "patients" if paired["unit"] == "patient" else "images"
     method = (f"All {paired['num_images']} images every model scored"
               + (f" ({paired['num_images_not_in_all']} scored by only some were left out)"

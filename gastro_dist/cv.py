@@ -227,7 +227,8 @@ def log_summary(out_dir: Path, config: TrainConfig, result: dict) -> None:
     summary files as a tracker run of their own: OUT is its run folder (OUT/tracking.json, so a later
     collect adds to the same run), named OUT-summary, in the folds' group, tagged cv-summary. Main
     process only: it follows the folds' runs, and the other processes have returned."""
-    tracking = dataclasses.replace(config.tracking, run_name=f"{out_dir.resolve().name}-summary",
+    name = out_dir.resolve().name
+    tracking = dataclasses.replace(config.tracking, run_name=f"{name}-summary",
                                    tags=[*config.tracking.tags, "cv-summary"])
     run = RunDir(out_dir)
     params = to_dict(config)
@@ -242,7 +243,7 @@ def log_summary(out_dir: Path, config: TrainConfig, result: dict) -> None:
             del values[where]["confusion_matrix"]  # a table, not a number a tracker plots
     run_log.log("cv", values)
     files = [out_dir / name for name in (CV_JSON, CV_MARKDOWN, OOF_PREDICTIONS, ENSEMBLE_PREDICTIONS)]
-    run_log.log_files(f"cv-{out_dir.resolve().name}", "cv-summary", [path for path in files if path.is_file()])
+    run_log.log_files(f"cv-{name}", "cv-summary", [path for path in files if path.is_file()])
     run_log.close()
     print(f"cv: summary logged to {', '.join(tracking.tracker)}")
 

@@ -107,8 +107,7 @@ class ModelMeta:
         """The evaluation preprocessing this model was validated with."""
         return DataConfig(image_size=self.image_size, eval_crop_ratio=self.eval_crop_ratio, mean=tuple(self.mean),
                           std=tuple(self.std), interpolation=self.interpolation, batch_size=batch_size,
-                          eval_batch_size=batch_size,
-                          num_workers=num_workers)
+                          eval_batch_size=batch_size, num_workers=num_workers)
 
     @classmethod
     def read(cls, path: Path) -> ModelMeta:

@@ -39,6 +39,7 @@ def forgets_accelerator_settings(function):
             AcceleratorState._reset_state()
     return forgetting
 
+
 def deepspeed_requested() -> bool:
     """`accelerate launch` with a DeepSpeed config (or --use_deepspeed) says so in the environment."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
