@@ -266,7 +266,7 @@ EOF
 
     local junit="$work_dir/pytest-gpu.xml"
     rm -f "$junit"
-    run_row pytest-gpu 120 240 "$junit" -- "$py" -m pytest -m gpu -q -rA --durations=15 -p no:cacheprovider \
+    run_row pytest-gpu 120 240 "$junit" -- "$py" -m pytest -o addopts="" -m gpu -q -rA --durations=15 -p no:cacheprovider \
         --continue-on-collection-errors --basetemp "$work_dir/pytest" --junitxml "$junit" tests
     bench() {  # NAME NEED_S CAP_S MODEL BATCH SIZE [flags]
         local name=$1 need_s=$2 cap_s=$3 model=$4 batch=$5 image_size=$6

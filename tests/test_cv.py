@@ -17,7 +17,7 @@ from gastro_dist.cli import main
 from gastro_dist.evaluation.metrics import evaluate_predictions
 from wandb_offline import wandb_offline_records
 
-pytestmark = pytest.mark.slow  # end to end: packs, trains and evaluates
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cv")]  # end to end; its cv run is made once
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 

@@ -22,7 +22,7 @@ from gastro_dist.evaluation.evaluate import read_predictions_csv
 from gastro_dist.evaluation.metrics import evaluate_predictions, patient_level
 from gastro_dist.training.calibration import calibrated_probabilities
 
-pytestmark = pytest.mark.slow  # end to end: trains, packs or launches processes
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("evaluate-cli")]  # end to end; its run is trained once
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 

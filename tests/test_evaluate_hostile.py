@@ -25,7 +25,7 @@ from gastro_dist.files import MAX_NAME_CHARS, csv_text, distinct_names, safe_nam
 from hostile import (copy_pack, edit_index, jpeg_bytes, read_index, read_members, rename_keys, replace_shard_bytes,
                      rewrite_shard, set_each_sample_json, set_images, set_labels)
 
-pytestmark = pytest.mark.slow  # end to end: trains, packs or launches processes
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("evaluate-hostile")]  # its run is trained once
 
 
 @pytest.fixture(scope="module")

@@ -212,7 +212,7 @@ def test_finished_run_with_another_model_or_other_shards_is_refused(shards, synt
     capsys.readouterr()
     assert main(_train_args(synthetic_shards, run, "model.name=resnet34")) == 2
     err = capsys.readouterr().err
-    assert "model was 'resnet18', now 'resnet34'" in err and len(err.strip().splitlines()) == 1
+    assert "model was 'shufflenet_v2_x0_5', now 'resnet34'" in err and len(err.strip().splitlines()) == 1
     hostile.edit_index(shards, lambda index: index.update(created="another pack"))
     assert main(_train_args(shards, run)) == 2
     assert "index.json differs" in capsys.readouterr().err

@@ -103,8 +103,9 @@ def test_delong_degenerate_cases():
 def test_holm_is_statsmodels_holm():
     # Sorted 0.01 0.03 0.04: 3 x 0.01 = 0.03; max(0.03, 2 x 0.03) = 0.06; max(0.06, 1 x 0.04) = 0.06.
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-    p_values = [0.002, 0.2, 0.013, 0.04, 0.5]
-    assert holm(p_values) == pytest.approx(list(multipletests(p_values, method="holm")[1]))
+    for p_values in ([0.002, 0.2, 0.013, 0.04, 0.5], [0.3, 0.3, 0.01, 0.9, 0.3],
+                     list(np.random.default_rng(0).uniform(size=12))):  # ties, and values capped at 1
+        assert holm(p_values) == pytest.approx(list(multipletests(p_values, method="holm")[1]))
     assert holm([None, 0.02, None]) == [None, 0.02, None]
 
 

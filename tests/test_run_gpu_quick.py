@@ -17,7 +17,7 @@ import torch
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("gpu-dry-run")]  # its module fixture runs once
 
 SCRIPT = REPO / "benchmarks" / "run_gpu.sh"
 BENCH_ROWS = ["resnet50-224-bf16-cl", "resnet50-224-bf16-cl-decode-on-device", "vgg19-224-bf16-cl",

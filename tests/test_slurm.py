@@ -24,7 +24,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from slurm_cluster import ClusterUnavailable, SlurmCluster, ensure_installed  # noqa: E402
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]  # one cluster, one worker
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SBATCH = REPO / "slurm" / "train.sbatch"

@@ -58,7 +58,7 @@ def _check_training_logged(run: Path, project: str) -> None:
                 "train/loss"):
         assert key in mlflow_run.data.metrics, f"{key} was not logged to MLflow"
     assert any(key.startswith("val/lr/head") for key in mlflow_run.data.metrics), "no learning rate per group"
-    assert mlflow_run.data.params["model.name"] == "resnet18"
+    assert mlflow_run.data.params["model.name"] == "shufflenet_v2_x0_5"  # conftest.TINY_TRAIN_OVERRIDES
     assert "system.versions.torch" in mlflow_run.data.tags
 
     scalars = _tensorboard(run, project).Tags()["scalars"]

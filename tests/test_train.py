@@ -79,7 +79,8 @@ def test_head_phase_changes_only_the_head(synthetic_shards, tmp_path):
     weights_file = tmp_path / "resnet18-local.pth"
     torch.save(pretrained, weights_file)
     run = tmp_path / "run"
-    assert main(_train_args(synthetic_shards, run, f"model.pretrained={weights_file}", "finetune.epochs=0")) == 0
+    assert main(_train_args(synthetic_shards, run, "model.name=resnet18", f"model.pretrained={weights_file}",
+                            "finetune.epochs=0")) == 0
 
     trained = load_file(str(run / "checkpoints" / "head-last" / "model.safetensors"))
     backbone = {k: v for k, v in trained.items() if not k.startswith("fc.")}
@@ -174,7 +175,7 @@ def test_wandb_offline_run_holds_the_metrics(synthetic_shards, tmp_path, monkeyp
 
 def test_missing_pretrained_weights_is_one_clear_line(synthetic_shards, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
-    code = main(_train_args(synthetic_shards, tmp_path / "run", "model.pretrained=imagenet"))
+    code = main(_train_args(synthetic_shards, tmp_path / "run", "model.name=resnet18", "model.pretrained=imagenet"))
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1
