@@ -223,15 +223,19 @@ def paired_blocks(paired: dict) -> list:
     rows = []
     for pair in paired["pairs"]:
         rows.append([f"{pair['a']} − {pair['b']}", interval(pair["accuracy_difference"], points),
-                     tested(pair["mcnemar"]), interval(pair["macro_auc_difference"], signed),
+                     tested(pair["accuracy_test"]), tested(pair["mcnemar"]), interval(pair["macro_auc_difference"], signed),
                      tested(pair["macro_auc_test"]), interval(pair["cancer_auc_difference"], signed),
                      tested(pair["delong"])])
     unit = "patients" if paired["unit"] == "patient" else "images"
     method = (f"All {paired['num_images']} images every model scored"
               + (f" ({paired['num_images_not_in_all']} scored by only some were left out)"
                  if paired.get("num_images_not_in_all") else "")
-              + f", compared pairwise (a − b). McNemar's exact test compares which images each model gets right "
-              "(it treats images as independent); DeLong's test compares the "
+              + f", compared pairwise (a − b). Accuracy is tested on which images each model gets right by "
+              + ("the clustered McNemar test (Durkalski et al. 2003), which counts patients, not frames, as the "
+                 "independent units; McNemar's exact test, which treats every image as independent, is shown beside "
+                 "it" if paired["unit"] == "patient" else "McNemar's test (the images are the independent units), "
+                 "asymptotic and exact")
+              + "; DeLong's test compares the "
               f"{paired['positive_class'] or 'binary'}-vs-rest AUCs"
               + (", its variance clustered by patient (Obuchowski 1997)" if paired["unit"] == "patient" else "")
               + ". The macro AUC test is the paired bootstrap test (the difference over the SD of its "
@@ -240,7 +244,8 @@ def paired_blocks(paired: dict) -> list:
               f"and read at {paired['alpha']}. The {level} CIs of the differences come from {paired['num_resamples']} "
               f"paired bootstrap resamples of the {paired['num_units']} {unit} (seed {paired['seed']}).")
     return [Heading("Paired comparison"), Paragraph(method),
-            Table(["pair (a − b)", f"accuracy, points ({level} CI)", "McNemar p (Holm)",
+            Table(["pair (a − b)", f"accuracy, points ({level} CI)", "accuracy test p (Holm)",
+                   "McNemar exact, images independent p (Holm)",
                    f"macro AUC ({level} CI)", "bootstrap p (Holm)", f"cancer AUC ({level} CI)",
                    "DeLong p (Holm)"], rows),
             Images([(FOREST_PLOT, "Differences between the models with their CIs; the dashed line is no "

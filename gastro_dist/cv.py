@@ -21,6 +21,7 @@ from gastro_dist.compare import reference_study_note
 from gastro_dist.config import TrainConfig, load_config, to_dict
 from gastro_dist.data.shard_index import ShardIndex, fold_split, load_shard_index
 from gastro_dist.evaluation.evaluate import evaluate_run
+from gastro_dist.evaluation.inference import full_precision
 from gastro_dist.evaluation.metrics import evaluate_predictions
 from gastro_dist.files import csv_text, file_sha256, write_json_atomic, write_text_atomic
 from gastro_dist.run_dir import RunDir, redact
@@ -290,19 +291,22 @@ def _ensemble(test: dict[int, _Predictions]) -> tuple[list[str], np.ndarray, np.
 
 
 def _write_oof_csv(path: Path, runs: dict[int, RunDir], oof: dict[int, _Predictions], classes: list[str]) -> None:
-    rows = [[key, str(fold), patient, csv_text(classes[label]), csv_text(classes[int(p.argmax())]),
-             *[f"{v:.6f}" for v in p]]
-            for fold in runs for key, patient, label, p in zip(oof[fold].keys, oof[fold].patient_ids,
-                                                                  oof[fold].labels, oof[fold].probs)]
-    _write_csv(path, ["key", "fold", "patient_id", "true_label", "predicted_label", *[f"prob_{c}" for c in classes]],
-               rows)
+    """Every fold's validation predictions, with the bootstrap unit (`group`) and the probabilities at full
+    precision, as evaluate's predictions.csv: `compare --predictions` and `evaluate`'s readers take it."""
+    rows = [[key, str(fold), patient, group, csv_text(classes[label]), csv_text(classes[int(p.argmax())]),
+             *map(full_precision, p)]
+            for fold in runs for key, patient, group, label, p in zip(oof[fold].keys, oof[fold].patient_ids,
+                                                                         oof[fold].groups, oof[fold].labels,
+                                                                         oof[fold].probs)]
+    _write_csv(path, ["key", "fold", "patient_id", "group", "true_label", "predicted_label",
+                      *[f"prob_{c}" for c in classes]], rows)
 
 
 def _write_ensemble_csv(path: Path, keys: list[str], groups: list[str], labels: np.ndarray, probs: np.ndarray,
                         classes: list[str]) -> None:
-    rows = [[key, group, csv_text(classes[label]), csv_text(classes[int(p.argmax())]), *[f"{v:.6f}" for v in p]]
+    rows = [[key, group, csv_text(classes[label]), csv_text(classes[int(p.argmax())]), *map(full_precision, p)]
             for key, group, label, p in zip(keys, groups, labels, probs)]
-    _write_csv(path, ["key", "patient_or_key", "true_label", "predicted_label", *[f"prob_{c}" for c in classes]], rows)
+    _write_csv(path, ["key", "group", "true_label", "predicted_label", *[f"prob_{c}" for c in classes]], rows)
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:

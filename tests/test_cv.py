@@ -14,6 +14,7 @@ from imagefactory import read_split
 
 from conftest import REPO, TINY_TRAIN_OVERRIDES
 from gastro_dist.cli import main
+from gastro_dist.evaluation.evaluate import read_predictions_csv
 from gastro_dist.evaluation.metrics import evaluate_predictions
 from wandb_offline import wandb_offline_records
 
@@ -85,6 +86,13 @@ def test_cv_fold_by_fold_then_the_summary(fold_shards, tmp_path, capsys):
     pooled = evaluate_predictions(y_true=labels, probs=probs, classes=classes, num_bootstrap=0)
     assert result["out_of_fold"]["mcc"] == pytest.approx(pooled["mcc"], abs=1e-9)
     assert result["out_of_fold"]["ci"] is not None and result["out_of_fold"]["bootstrap"]["unit"] == "patient"
+    # The pooled file holds what cv.json was computed from: the bootstrap unit and the exact probabilities.
+    pooled_file = read_predictions_csv(out / "oof_predictions.csv", classes)
+    boot = result["out_of_fold"]["bootstrap"]
+    again = evaluate_predictions(pooled_file["labels"], pooled_file["probs"], classes, pooled_file["groups"],
+                                 num_bootstrap=boot["num_resamples"], seed=boot["seed"])
+    assert again["ci"] == result["out_of_fold"]["ci"] and again["brier"] == result["out_of_fold"]["brier"]
+    assert again["num_groups"] == result["out_of_fold"]["num_groups"]
 
     # The ensemble: the mean of the two fold models' test probabilities, sample by sample.
     per_fold = [{row["key"]: _probs(row, classes) for row in _rows(out / f"fold-{fold}" / "test" / "predictions.csv")}
@@ -92,8 +100,8 @@ def test_cv_fold_by_fold_then_the_summary(fold_shards, tmp_path, capsys):
     ensemble = _rows(out / "test_ensemble_predictions.csv")
     assert len(ensemble) == len(read_split(fold_shards, "test")) == result["ensemble_test"]["num_samples"] == 9
     for row in ensemble:
-        assert _probs(row, classes) == pytest.approx((per_fold[0][row["key"]] + per_fold[1][row["key"]]) / 2,
-                                                     abs=2e-6)
+        assert list(_probs(row, classes)) == list((per_fold[0][row["key"]] + per_fold[1][row["key"]]) / 2)
+        assert row["group"]
     correct = [classes.index(row["true_label"]) == int(_probs(row, classes).argmax()) for row in ensemble]
     assert result["ensemble_test"]["accuracy"] == pytest.approx(np.mean(correct))
 

@@ -89,7 +89,8 @@ def test_positive_class_is_a_parameter():
                              positive_class="malignant")
     assert m["cancer_vs_benign"]["positive_class"] == "malignant"
     assert m["cancer_vs_benign"]["sensitivity"] == m["per_class_accuracy"]["malignant"]
-    assert set(m["ci"]["cancer_vs_benign"]) == {"sensitivity", "specificity", "auc"}
+    assert set(m["ci"]["cancer_vs_benign"]) == {"sensitivity", "specificity", "ppv", "npv", "auc"}
+    assert m["ci"]["cancer_vs_benign"]["ppv"] == m["ci"]["per_class_ppv"]["malignant"]
 
 
 def test_five_classes_perfect_and_degenerate():
@@ -185,16 +186,24 @@ def test_debiased_ece_interval_contains_its_estimate_where_the_percentile_interv
 
 
 def test_debiased_ece_corrects_each_bin_by_its_expected_noise():
-    # One bin of 10 images at confidence 0.95 with 9 right: gap -0.05, s^2 = 0.9 * 0.1 / 9 = 0.01, s = 0.1.
-    # E|N(-0.05, 0.1^2)| = 0.1 sqrt(2/pi) exp(-0.125) + (-0.05) erf(-0.05 / (0.1 sqrt 2)) = 0.09871...
-    # debiased = 2 * 0.05 - 0.09871 = 0.00129 (the plug-in ECE is 0.05).
+    # One bin of 10 images at confidence 0.95 with 9 right: gap -0.05, s^2 = 0.9 * 0.1 / 10 = 0.009 (the
+    # authors' library divides by n). E|N(g, s^2)| = s sqrt(2/pi) exp(-g^2/2s^2) + g erf(g / (s sqrt 2)), and
+    # debiased = 2 * 0.05 - E|N(g, s^2)| (the plug-in ECE is 0.05).
     from scipy.special import erf
+
+    def expected_abs(gap, sd):
+        return sd * np.sqrt(2 / np.pi) * np.exp(-gap ** 2 / (2 * sd ** 2)) + gap * erf(gap / (sd * np.sqrt(2)))
+
     probs = np.tile([0.95, 0.05], (10, 1))
     y_true = np.array([0] * 9 + [1])
     m = evaluate_predictions(y_true, probs, ["a", "b"], num_bootstrap=0)
-    expected_abs = 0.1 * np.sqrt(2 / np.pi) * np.exp(-0.125) - 0.05 * erf(-0.05 / (0.1 * np.sqrt(2)))
     assert m["ece"] == pytest.approx(0.05)
-    assert m["ece_debiased"] == pytest.approx(2 * 0.05 - expected_abs)
+    assert m["ece_debiased"] == pytest.approx(2 * 0.05 - expected_abs(-0.05, np.sqrt(0.009)))
+    # A bin whose images are all right (here one image at 0.9) has no accuracy variance; the bin's confidence
+    # gives it, 0.9 * 0.1 / 1, so it is debiased too instead of counted as a gap of 0.1.
+    single = evaluate_predictions(np.array([0]), np.array([[0.9, 0.1]]), ["a", "b"], num_bootstrap=0)
+    assert single["ece"] == pytest.approx(0.1)
+    assert single["ece_debiased"] == max(0.0, 2 * 0.1 - expected_abs(0.1, 0.3))
 
 
 def test_patient_level_mean_and_max():
@@ -235,11 +244,13 @@ def test_bootstrap_intervals_contain_estimate_and_are_seeded():
     other = evaluate_predictions(y_true, probs, STUDY_CLASSES, groups, num_bootstrap=300, seed=2)
 
     assert first["ci"] == again["ci"]
-    assert first["ci"]["accuracy"] != other["ci"]["accuracy"]
-    assert first["bootstrap"] == {"num_resamples": 300, "seed": 1, "level": 0.95, "method": "percentile",
-                                  "ece_method": "debiased ECE (normal approximation per bin), basic bootstrap "
-                                                "interval centred on it",
-                                  "unit": "patient", "num_units": 100}
+    assert first["ci"]["macro_auc"] != other["ci"]["macro_auc"]
+    assert first["ci"]["accuracy"] == other["ci"]["accuracy"]  # exact intervals draw nothing
+    assert first["bootstrap"] == {"num_resamples": 300, "seed": 1, "level": 0.95,
+                                  "method": "expanded percentile (AUC, macro-F1, MCC, Brier score)",
+                                  "proportion_method": M.intervals.PROPORTION_METHOD,
+                                  "balanced_accuracy_method": M.intervals.BALANCED_ACCURACY_METHOD,
+                                  "ece_method": M.ECE_INTERVAL_METHOD, "unit": "patient", "num_units": 100}
     ci = first["ci"]
 
     def contains(interval, value):
@@ -250,30 +261,33 @@ def test_bootstrap_intervals_contain_estimate_and_are_seeded():
     for name in STUDY_CLASSES:
         assert contains(ci["per_class_accuracy"][name], first["per_class_accuracy"][name])
         assert contains(ci["per_class_auc"][name], first["per_class"][name]["auc"])
-    for name in ("sensitivity", "specificity", "auc"):
+        for statistic in ("specificity", "ppv", "npv"):
+            assert contains(ci[f"per_class_{statistic}"][name], first["per_class"][name][statistic])
+    for name in ("sensitivity", "specificity", "ppv", "npv", "auc"):
         assert contains(ci["cancer_vs_benign"][name], first["cancer_vs_benign"][name])
 
 
 def test_bootstrap_resamples_patients_not_images():
-    # Patient A: 10 images all right; patient B: 10 images all wrong. Drawing two patients gives
-    # accuracy 0, 1/2 or 1 (each extreme with probability 1/4), so the 95% interval spans [0, 1];
-    # resampling images instead gives a narrow interval around 1/2.
+    # Patient A: 10 images all right; patient B: 10 images all wrong. Two patients are one degree of freedom:
+    # the accuracy's interval spans about [0, 1]; treating the images as independent gives one around 1/2.
     y_true = np.zeros(20, dtype=int)
     predicted = np.r_[np.zeros(10, dtype=int), np.ones(10, dtype=int)]
     probs = probs_predicting(predicted, 2)
     groups = np.array(["A"] * 10 + ["B"] * 10)
     by_patient = evaluate_predictions(y_true, probs, ["a", "b"], groups, num_bootstrap=400)
     by_image = evaluate_predictions(y_true, probs, ["a", "b"], num_bootstrap=400)
-    assert by_patient["ci"]["accuracy"] == {"lower": 0.0, "upper": 1.0}
+    assert by_patient["ci"]["accuracy"] == pytest.approx({"lower": 0.0, "upper": 1.0}, abs=1e-6)
+    assert by_patient["ci"]["macro_f1"]["lower"] == 0.0  # the bootstrap draws A twice a quarter of the time
     assert by_patient["num_groups"] == 2 and by_patient["bootstrap"]["unit"] == "patient"
     assert by_image["ci"]["accuracy"]["upper"] - by_image["ci"]["accuracy"]["lower"] < 0.5
     assert by_image["bootstrap"]["unit"] == "image"
 
-    # A single patient: every resample is the whole data set, the interval collapses.
+    # A single patient says nothing about the next one: the accuracy's interval is nearly [0, 1] (a bootstrap of
+    # one patient collapses to the estimate).
     y_true, probs = random_predictions(3, 60, 3)
     single = evaluate_predictions(y_true, probs, STUDY_CLASSES, np.full(60, 17), num_bootstrap=50)
-    assert single["ci"]["accuracy"]["lower"] == pytest.approx(single["accuracy"])
-    assert single["ci"]["accuracy"]["upper"] == pytest.approx(single["accuracy"])
+    assert single["ci"]["accuracy"]["lower"] < 0.01 and single["ci"]["accuracy"]["upper"] > 0.99
+    assert single["ci"]["macro_auc"]["lower"] == pytest.approx(single["macro_auc"])
 
 
 def test_weighted_replicate_equals_metrics_of_the_resampled_images():

@@ -10,8 +10,8 @@ from scipy.stats import binomtest, norm
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
-from gastro_dist.evaluation.paired import (bootstrap_difference_test, compare_models, delong_test, holm, mcnemar_exact,
-                                           significance_sentences)
+from gastro_dist.evaluation.paired import (MIN_DELONG_UNITS, bootstrap_difference_test, clustered_mcnemar,
+                                           compare_models, delong_test, holm, mcnemar_exact, significance_sentences)
 
 CLASSES = ["gastric_cancer", "gastric_ulcer", "chronic_gastritis"]
 
@@ -27,6 +27,57 @@ def test_mcnemar_is_statsmodels_exact_test_and_the_binomial_test_of_the_discorda
     # Exact McNemar = two-sided binomial test of 2 successes in 10 discordant pairs at 1/2: 2 * 56/1024.
     assert result["p_value"] == pytest.approx(binomtest(2, 10, 0.5).pvalue) == pytest.approx(0.109375)
     assert mcnemar_exact(a, a)["p_value"] == 1.0
+
+
+def test_clustered_mcnemar_is_mcnemars_test_per_image_and_counts_patients_when_clustered():
+    a = np.array([1] * 7 + [1] * 8 + [0] * 2 + [0] * 3, bool)
+    b = np.array([1] * 7 + [0] * 8 + [1] * 2 + [0] * 3, bool)
+    unclustered = clustered_mcnemar(a, b)
+    reference = mcnemar([[7, 8], [2, 3]], exact=False, correction=False)  # (8 - 2)^2 / (8 + 2) = 3.6
+    assert unclustered["statistic"] == pytest.approx(reference.statistic) == pytest.approx(3.6)
+    assert unclustered["p_value"] == pytest.approx(reference.pvalue)
+    # 4 patients of 5 images; per patient, images only a got right minus those only b got right: d = 0, 2, 5, -2,
+    # so the statistic is (0 + 2 + 5 - 2)^2 / (0 + 4 + 25 + 4) = 25 / 33.
+    patients = np.repeat([0, 1, 2, 3], 5)
+    a = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 1, 1, 0], bool)
+    b = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0], bool)
+    clustered = clustered_mcnemar(a, b, patients)
+    assert clustered["statistic"] == pytest.approx(25 / 33) and clustered["units_with_discordance"] == 3
+    assert clustered["p_value"] > mcnemar_exact(a, b)["p_value"]  # 4 patients are less evidence than 20 images
+    assert clustered_mcnemar(a, a, patients)["p_value"] == 1.0
+
+
+def test_delong_gives_no_p_value_when_a_class_comes_from_one_unit():
+    """27 positive frames of one patient and one negative image: the variance has no term for the positives'
+    spread between patients, and the old p-value (0.023) came from the negatives' term alone."""
+    rng = np.random.default_rng(0)
+    truth = np.r_[np.ones(27, bool), np.zeros(1, bool)]
+    a, b = rng.normal(size=28), rng.normal(size=28)
+    for groups in (np.r_[np.zeros(27, int), [1]], None):  # one positive patient; one negative image
+        result = delong_test(truth, a, b, groups)
+        assert result["p_value"] is None and result["se"] is None and "needs at least 2" in result["note"]
+        assert result["auc_a"] is not None  # the AUCs themselves are still given
+    truth = np.r_[np.ones(1, bool), np.zeros(20, bool)]
+    one_positive = delong_test(truth, rng.normal(size=21), rng.normal(size=21))
+    assert one_positive["p_value"] is None and "positive images number 1" in one_positive["note"]
+
+
+def test_delong_below_its_unit_threshold_is_never_called_significant():
+    rng = np.random.default_rng(1)
+    positives = MIN_DELONG_UNITS - 5
+    truth = np.r_[np.ones(positives, bool), np.zeros(60, bool)]
+    strong = truth + rng.normal(0, 0.3, len(truth))
+    weak = rng.normal(size=len(truth))
+    result = delong_test(truth, strong, weak)
+    assert result["p_value"] < 0.05 and f"only {positives} positive images" in result["note"]
+    y_true = np.where(truth, 0, 1)
+    probs = {name: np.stack([s, -s], axis=1) for name, s in (("strong", strong), ("weak", weak))}
+    probs = {name: np.exp(x) / np.exp(x).sum(1, keepdims=True) for name, x in probs.items()}
+    comparison = compare_models(y_true, probs, ["gastric_cancer", "other"], num_bootstrap=50)
+    delong = comparison["pairs"][0]["delong"]
+    assert delong["p_holm"] < 0.05 and not delong["significant"]
+    sentence = next(s for s in significance_sentences(comparison) if "DeLong" in s)
+    assert "not significantly different" in sentence and "read as descriptive" in sentence
 
 
 def test_delong_hand_worked_example():
@@ -134,11 +185,15 @@ def test_compare_models_pairs_tests_and_verdicts():
     assert better["mcnemar"]["p_value"] == mcnemar(
         [[better["mcnemar"]["both_right"], better["mcnemar"]["only_a_right"]],
          [better["mcnemar"]["only_b_right"], better["mcnemar"]["both_wrong"]]], exact=True).pvalue
-    for test in ("mcnemar", "delong", "macro_auc_test"):
+    for test in ("accuracy_test", "mcnemar", "delong", "macro_auc_test"):
         raw = [pair[test]["p_value"] for pair in result["pairs"]]
         assert [pair[test]["p_holm"] for pair in result["pairs"]] == pytest.approx(
             list(multipletests(raw, method="holm")[1]))
-    assert better["mcnemar"]["significant"] and better["delong"]["significant"]
+    assert better["accuracy_test"] == {**clustered_mcnemar(strong.argmax(1) == y_true, weak.argmax(1) == y_true,
+                                                            groups), "p_holm": better["accuracy_test"]["p_holm"],
+                                       "significant": better["accuracy_test"]["significant"]}
+    assert better["accuracy_test"]["method"].startswith("clustered McNemar")
+    assert better["accuracy_test"]["significant"] and better["delong"]["significant"]
     assert better["macro_auc_test"]["significant"] and not same["macro_auc_test"]["significant"]
     assert same["macro_auc_test"]["p_value"] == 1.0 and same["macro_auc_test"]["z"] is None  # a copy: no difference
     assert not same["mcnemar"]["significant"] and same["mcnemar"]["p_value"] == 1.0

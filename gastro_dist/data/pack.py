@@ -63,6 +63,7 @@ from gastro_dist.data.images import (
 from gastro_dist.data.pseudonym import METHOD, Pseudonymiser, load_pseudonymiser
 from gastro_dist.data.shard_index import INDEX_FILE, fold_of_split
 from gastro_dist.data.splitting import SplitRules, assign_splits, drop_duplicates, samples_per_class
+from gastro_dist.data.synth import read_synthetic_marker
 from gastro_dist.data.video import opened_video, require_pyav, video_frames
 from gastro_dist.files import file_sha256, write_json_atomic
 from gastro_dist.progress import progress
@@ -262,11 +263,14 @@ def pack_dataset(
                           f"{', '.join(c['path'] for c in copies)} (one copy per label kept, all in one split; "
                           f"see {DUPLICATES_FILE})")
         classes = _check_classes(inputs, kept, out_dir)
+        without_patient_id = _warn_missing_patient_ids(kept, console)
         splits = assign_splits(kept, dropped, classes, settings.split_rules)
         shards = _write_shards(splits, classes, out_dir, settings, options.spool_dir, pseudonyms.enabled, console)
 
     index = _build_index(src, listings, label_for, classes, files_seen, inputs, splits, shards, conflicts, settings,
                          pseudonyms)
+    index["without_patient_id"] = without_patient_id
+    index["synthetic"] = read_synthetic_marker(src)
     _print_summary(index, Console(soft_wrap=True))
     write_json_atomic(out_dir / INDEX_FILE, index)  # a folder without index.json is an incomplete pack
     totals = index["totals"]
@@ -274,6 +278,20 @@ def pack_dataset(
                       split_counts={split: info["count"] for split, info in index["splits"].items()},
                       **{result_field.name: totals[result_field.name] for result_field in fields(PackResult)
                          if result_field.name in totals})
+
+
+def _warn_missing_patient_ids(kept: list[Input], console: Console) -> dict[str, int]:
+    """Stills and videos without a patient id, counted (index.json's without_patient_id) and said in one
+    line: each is then a patient of its own, so one patient's images can fall into train and test."""
+    stills = sum(1 for item in kept if item.patient_id is None and item.frame_counts is None)
+    videos = sum(1 for item in kept if item.patient_id is None and item.frame_counts is not None)
+    if stills or videos:
+        what = " and ".join(f"{count} {name}" for count, name in ((stills, "stills"), (videos, "videos")) if count)
+        console.print(f"[yellow]warning:[/] {what} of {len(kept)} inputs have no patient id: each counts as a patient "
+                      "of its own (a video's frames stay together), so one patient's images can sit in train and test "
+                      "and the intervals treat them as independent; a --manifest with a patient_id column "
+                      "(path,label,patient_id) keeps a patient's images in one split")
+    return {"stills": stills, "videos": videos}
 
 
 def _check_folders(src: Path, out_dir: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import colorsys
 import csv
+import json
 import math
 import multiprocessing
 import os
@@ -23,6 +24,9 @@ from gastro_dist import UserError
 CLASSES = ("gastric_cancer", "gastric_ulcer", "chronic_gastritis")
 STYLES = ("default", "alt")
 JPEG_QUALITY = 92
+# Written next to manifest.csv; pack records it in index.json, and reports then say the frames are synthetic.
+SYNTHETIC_MARKER = "synthetic.json"
+GENERATOR = "gastro-dist synth"
 WORK_WIDTH = 320  # frames are rendered at most this wide, then upscaled
 MIN_WIDTH = 32
 
@@ -192,7 +196,7 @@ class _Surface:
 def generate_dataset(out_dir, per_class: int, seed: int = 0, size_range=(640, 1280),
                      images_per_patient=(2, 5), style: str = "default", workers: int | None = None,
                      classes=CLASSES) -> SynthSummary:
-    """Render `per_class` frames for each class into `out_dir` (class folders + manifest.csv)."""
+    """Render `per_class` frames for each class into `out_dir` (class folders, manifest.csv and synthetic.json)."""
     out_dir = Path(out_dir)
     size_range, images_per_patient, classes = _check_arguments(
         out_dir, per_class, seed, size_range, images_per_patient, style, workers, classes)
@@ -201,11 +205,31 @@ def generate_dataset(out_dir, per_class: int, seed: int = 0, size_range=(640, 12
         (out_dir / label).mkdir(parents=True, exist_ok=True)
     _run_jobs(jobs, int(workers or os.cpu_count() or 1))
     _write_manifest(out_dir / "manifest.csv", jobs)
+    (out_dir / SYNTHETIC_MARKER).write_text(json.dumps(
+        {"generator": GENERATOR, "seed": int(seed), "per_class": int(per_class), "style": style,
+         "classes": list(classes), "note": "synthetic frames rendered by gastro-dist synth, not endoscopy images"},
+        indent=2) + "\n")
     summary = SynthSummary(out_dir=out_dir, num_images=len(jobs),
                            per_class={label: per_class for label in classes},
                            num_patients=len({job.patient_id for job in jobs}))
     print(summary.line())
     return summary
+
+
+def read_synthetic_marker(folder: Path) -> dict | None:
+    """What `generate_dataset` recorded in FOLDER/synthetic.json, or None when the folder was not made by it.
+    The file is a user's as much as ours: only a small JSON object naming this generator counts."""
+    path = Path(folder) / SYNTHETIC_MARKER
+    try:
+        if not path.is_file() or path.stat().st_size > 65536:
+            return None
+        marker = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(marker, dict) or marker.get("generator") != GENERATOR:
+        return None
+    return {key: marker[key] for key in ("generator", "seed", "per_class", "style")
+            if isinstance(marker.get(key), (str, int)) and not isinstance(marker.get(key), bool)}
 
 
 def _check_arguments(out_dir, per_class, seed, size_range, images_per_patient, style, workers, classes):

@@ -12,8 +12,17 @@ import numpy as np
 from scipy.special import erf
 
 from gastro_dist import UserError
+from gastro_dist.evaluation import intervals
 
 NUM_CALIBRATION_BINS = 15
+# Where the simulated coverage of an interval kind falls below APPROXIMATE_BELOW (`_flag_approximate`).
+APPROXIMATE_BELOW = 0.92
+BOOTSTRAP_MIN_UNITS = 200
+NEAR_BEST = {"auc": (1.0, 0.05), "macro_f1": (1.0, 0.05), "mcc": (1.0, 0.1), "brier": (0.0, 0.1)}  # (best, reach)
+ECE_APPROXIMATE_ABOVE_ACCURACY = 0.95
+ECE_INTERVAL_METHOD = ("debiased ECE (normal approximation per bin); the union of the basic and the "
+                       "median-centred bootstrap intervals, its lower limit 0 when a model calibrated by "
+                       "definition gives an ECE as large in at least 2.5% of label draws")
 # Bootstrap replicates are processed in chunks of about this many (resample, image) weights:
 # small enough for the working arrays to stay in cache, which roughly halves the run time.
 _CHUNK_ELEMENTS = 100_000
@@ -42,10 +51,12 @@ def evaluate_predictions(
     confusion_matrix, per_class, macro_f1, macro_auc, mcc, ece (plug-in), ece_debiased, brier, nll,
     calibration, cancer_vs_benign (None without the positive class), ci, bootstrap.
 
-    ECE's plug-in estimate is biased upwards (the noise of each bin's accuracy only ever adds to
-    |accuracy - confidence|) and its bootstrap replicates, biased once more, can lie wholly above it:
-    a percentile interval then misses its own estimate. The interval is therefore given for the
-    debiased ECE (`_debiased_ece`), as a basic bootstrap interval centred on it (`_centred_interval`).
+    Intervals: every proportion (accuracy, each class's sensitivity, specificity, PPV and NPV, the
+    cancer-versus-benign view's) is Clopper-Pearson's, on the effective sample size when a patient has
+    several images, and balanced accuracy's is MOVER's (`intervals`): a percentile bootstrap collapses
+    at 0/n and n/n. AUCs, macro-F1, MCC and the Brier score keep the percentile bootstrap of the
+    patients. ECE's plug-in estimate is biased upwards (the noise of each bin's accuracy only ever adds
+    to |accuracy - confidence|), so the interval is given for the debiased ECE (`_ece_interval`).
     """
     y_true, probs = _validated(y_true, probs, classes)
     group_ids = None if groups is None else _group_indices(groups, len(y_true))
@@ -85,15 +96,22 @@ def evaluate_predictions(
     if num_bootstrap > 0:
         units = group_ids if group_ids is not None else np.arange(len(y_true))
         replicates = _bootstrap_statistics(data, units, num_bootstrap, seed, on_resamples)
-        metrics["ci"] = _confidence_intervals(replicates, classes, positive_index, ci_level)
-        metrics["ci"]["ece_debiased"] = _centred_interval(float(point["ece_debiased"]), replicates["ece_debiased"],
-                                                          ci_level)
+        metrics["ci"] = _confidence_intervals(replicates, classes, positive_index, int(units.max() + 1), ci_level)
+        proportions = _proportion_intervals(y_true, probs.argmax(axis=1), units, classes, positive_index, ci_level)
+        if positive_index is not None:
+            metrics["ci"]["cancer_vs_benign"].update(proportions.pop("cancer_vs_benign"))
+        metrics["ci"].update(proportions)
+        metrics["ci"]["ece_debiased"] = _ece_interval(data, float(point["ece_debiased"]), replicates["ece_debiased"],
+                                                      num_bootstrap, seed, ci_level)
+        _flag_approximate(metrics, int(units.max() + 1))
         metrics["bootstrap"] = {
             "num_resamples": int(num_bootstrap),
             "seed": int(seed),
             "level": float(ci_level),
-            "method": "percentile",
-            "ece_method": "debiased ECE (normal approximation per bin), basic bootstrap interval centred on it",
+            "method": "expanded percentile (AUC, macro-F1, MCC, Brier score)",
+            "proportion_method": intervals.PROPORTION_METHOD,
+            "balanced_accuracy_method": intervals.BALANCED_ACCURACY_METHOD,
+            "ece_method": ECE_INTERVAL_METHOD,
             "unit": "patient" if group_ids is not None else "image",
             "num_units": int(units.max() + 1),
         }
@@ -426,15 +444,19 @@ def _debiased_ece(bin_weight: np.ndarray, bin_correct: np.ndarray, bin_confidenc
     """Sum over bins of count x debiased |accuracy - confidence| (divide by the total for the ECE).
 
     A bin's observed gap g = accuracy - confidence carries the noise of its accuracy, variance
-    s^2 = a(1 - a)/(n - 1); |g| is then biased upwards by E|N(g, s^2)| - |g|, which is subtracted
-    (Kumar, Liang & Ma 2019, "Verified uncertainty calibration", debiasing under the normal
-    approximation; here in closed form: E|N(g, s^2)| = s sqrt(2/pi) exp(-g^2/2s^2) + g erf(g/(s sqrt 2))).
+    s^2 = a(1 - a)/n as in the authors' library (Kumar, Liang & Ma 2019, "Verified uncertainty
+    calibration", debiasing under the normal approximation); |g| is then biased upwards by
+    E|N(g, s^2)| - |g|, which is subtracted, here in closed form: E|N(g, s^2)| = s sqrt(2/pi)
+    exp(-g^2/2s^2) + g erf(g/(s sqrt 2)). Where the bin's accuracy is 0 or 1 (every bin of one image)
+    it gives no variance, and the bin's mean confidence c stands for a: c(1 - c)/n, the noise a
+    calibrated model's bin would have, so those bins are debiased too instead of counted at face value.
     The result may be negative in a well-calibrated model's bins; the reported ECE is floored at 0.
     """
     count = np.maximum(bin_weight, 1e-300)
     accuracy = bin_correct / count
     gap = accuracy - bin_confidence / count
-    variance = np.where(bin_weight > 1, accuracy * (1 - accuracy) / np.maximum(bin_weight - 1, 1.0), 0.0)
+    noise_rate = np.where((accuracy > 0) & (accuracy < 1), accuracy, bin_confidence / count)
+    variance = np.where(bin_weight > 0, noise_rate * (1 - noise_rate) / count, 0.0)
     sd = np.sqrt(np.maximum(variance, 0.0))
     safe_sd = np.where(sd > 0, sd, 1.0)
     expected_abs = np.where(sd > 0, sd * math.sqrt(2 / math.pi) * np.exp(-gap ** 2 / (2 * safe_sd ** 2))
@@ -442,39 +464,114 @@ def _debiased_ece(bin_weight: np.ndarray, bin_correct: np.ndarray, bin_confidenc
     return np.sum(bin_weight * (2 * np.abs(gap) - expected_abs), axis=-1)
 
 
-def _centred_interval(estimate: float, replicates: np.ndarray, level: float) -> dict:
-    """Basic bootstrap interval (Davison & Hinkley 1997, eq. 5.6) of a debiased statistic, centred on it.
+def _ece_interval(data: PreparedPredictions, estimate: float, replicates: np.ndarray, num_resamples: int, seed: int,
+                  level: float) -> dict:
+    """The debiased ECE's interval, built to keep its level both at ECE 0 and away from it (simulated in
+    `simulation`; a plain percentile interval of these replicates almost never contains 0).
 
-    [t - (q_hi - m), t - (q_lo - m)] with the replicates' quantiles q and median m standing for the
-    value the replicates estimate: np.percentile is monotone in q, so q_lo <= m <= q_hi and the
-    interval contains t whatever the replicates. Estimate and bounds are floored at 0.
+    Two bootstrap intervals, each good where the other is not, are joined: the basic interval
+    [2t - q_hi, 2t - q_lo] (Davison & Hinkley 1997, eq. 5.6) and the same interval pivoting on the
+    replicates' median instead of t, [t - (q_hi - m), t - (q_lo - m)], which always contains t. Its
+    lower limit becomes 0 when ECE 0 is not rejected: when models that are calibrated by definition, the
+    labels drawn from their own confidences (Broecker & Smith's 2007 consistency resampling), give a
+    debiased ECE at least t in more than (1 - level)/2 of draws. Those draws are independent per image,
+    so with several frames per patient the lower limit leaves 0 a little too readily (the simulation
+    says how much). Bounds are floored at 0.
     """
-    lower, median, upper = np.percentile(replicates, [50 * (1 - level), 50, 50 * (1 + level)])
-    return {"lower": max(0.0, float(estimate - (upper - median))), "upper": max(0.0, float(estimate - (lower - median)))}
+    lower_q, median, upper_q = np.percentile(replicates, [50 * (1 - level), 50, 50 * (1 + level)])
+    floored = max(estimate, 0.0)
+    lower = min(2 * estimate - upper_q, floored - (upper_q - median))
+    upper = max(2 * estimate - lower_q, floored - (lower_q - median))
+    if estimate <= np.percentile(_calibrated_ece_draws(data, num_resamples, seed), 50 * (1 + level)):
+        lower = 0.0
+    return {"lower": max(0.0, float(lower)), "upper": max(0.0, float(upper))}
 
 
-def _confidence_intervals(replicates: dict[str, np.ndarray], classes: list[str],
+def _calibrated_ece_draws(data: PreparedPredictions, num_draws: int, seed: int) -> np.ndarray:
+    """Debiased ECEs of a model calibrated by definition with these confidences: each image right with
+    probability its confidence, in its own bin."""
+    rng = np.random.default_rng([seed, 1])  # its own stream: the bootstrap's replicates stay as they were
+    bin_weight = np.bincount(data.calibration_bin, minlength=NUM_CALIBRATION_BINS)
+    bin_confidence = np.bincount(data.calibration_bin, weights=data.confidence, minlength=NUM_CALIBRATION_BINS)
+    chunk = max(1, _CHUNK_ELEMENTS // len(data.confidence))
+    draws = []
+    for start in range(0, num_draws, chunk):
+        correct = rng.random((min(chunk, num_draws - start), len(data.confidence))) < data.confidence
+        bin_correct = _row_bincount(data.calibration_bin[None, :], NUM_CALIBRATION_BINS, correct.astype(float))
+        draws.append(_debiased_ece(bin_weight, bin_correct, bin_confidence) / len(data.confidence))
+    return np.concatenate(draws)
+
+
+def _flag_approximate(metrics: dict, num_units: int) -> None:
+    """Mark (`flag`: why) each interval of ``metrics["ci"]`` where `simulation.coverage` found intervals of its
+    kind covering less than APPROXIMATE_BELOW of the time: a bootstrap interval (AUC, macro-F1, MCC, Brier)
+    with fewer than BOOTSTRAP_MIN_UNITS patients resampled or a value within reach of its best, and the ECE's
+    when nearly every image is right (its debiasing then removes a small miscalibration with the noise).
+    tests/test_simulation.py checks that every unflagged interval keeps the level."""
+    ci = metrics["ci"]
+    few = num_units < BOOTSTRAP_MIN_UNITS
+    unit_word = "patients" if metrics["num_groups"] is not None else "images"
+
+    def flag(interval: dict | None, measure: str, value) -> None:
+        if interval is None or value is None:
+            return
+        best, reach = NEAR_BEST[measure]
+        if few:
+            interval["flag"] = (f"approximate: a bootstrap interval from {num_units} {unit_word} (fewer than "
+                                f"{BOOTSTRAP_MIN_UNITS}) covers less than {APPROXIMATE_BELOW:.0%} in simulation")
+        elif abs(best - value) <= reach:
+            interval["flag"] = (f"approximate: a bootstrap interval this close to {best:g} covers less than "
+                                f"{APPROXIMATE_BELOW:.0%} in simulation")
+
+    for measure in ("macro_f1", "macro_auc", "mcc", "brier"):
+        flag(ci[measure], "auc" if measure == "macro_auc" else measure, metrics[measure])
+    for name, interval in ci["per_class_auc"].items():
+        flag(interval, "auc", metrics["per_class"][name]["auc"])
+    if metrics["accuracy"] >= ECE_APPROXIMATE_ABOVE_ACCURACY:
+        ci["ece_debiased"]["flag"] = (f"approximate: with accuracy above {ECE_APPROXIMATE_ABOVE_ACCURACY:.0%} the "
+                                      "interval can miss a small miscalibration (simulation)")
+
+
+def _proportion_intervals(y_true: np.ndarray, predicted: np.ndarray, unit_of_image: np.ndarray, classes: list[str],
                           positive_index: int | None, level: float) -> dict:
+    """Exact (clustered) intervals of every proportion the metrics hold, and MOVER's for balanced accuracy."""
+    def interval(success, counted) -> dict | None:
+        found = intervals.proportion_interval(success, counted, unit_of_image, level)
+        return None if found is None else {"lower": found["lower"], "upper": found["upper"]}
+
+    everything = np.ones(len(y_true), dtype=bool)
+    result = {"accuracy": interval(predicted == y_true, everything)}
+    rows = {}
+    for k, name in enumerate(classes):
+        truth, said = y_true == k, predicted == k
+        rows[name] = {"sensitivity": interval(said, truth), "specificity": interval(~said, ~truth),
+                      "ppv": interval(truth, said), "npv": interval(~truth, ~said)}
+    for key, statistic in (("per_class_accuracy", "sensitivity"), ("per_class_specificity", "specificity"),
+                           ("per_class_ppv", "ppv"), ("per_class_npv", "npv")):
+        result[key] = {name: rows[name][statistic] for name in classes}
+    present = [k for k, name in enumerate(classes) if rows[name]["sensitivity"] is not None]
+    recalls = np.array([np.mean(predicted[y_true == k] == k) for k in present])
+    result["balanced_accuracy"] = dict(zip(("lower", "upper"), intervals.mover_mean_interval(
+        recalls, [rows[classes[k]]["sensitivity"]["lower"] for k in present],
+        [rows[classes[k]]["sensitivity"]["upper"] for k in present])))
+    if positive_index is not None:
+        result["cancer_vs_benign"] = dict(rows[classes[positive_index]])
+    return result
+
+
+def _confidence_intervals(replicates: dict[str, np.ndarray], classes: list[str], positive_index: int | None,
+                          num_units: int, level: float) -> dict:
+    """Expanded percentile intervals of the bootstrap replicates, for the measures that are not proportions."""
     def interval(values: np.ndarray) -> dict | None:
         # Replicates where a statistic is undefined (e.g. a rare class was not drawn) are left out.
-        values = values[~np.isnan(values)]
-        if len(values) == 0:
-            return None
-        lower, upper = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
-        return {"lower": float(lower), "upper": float(upper)}
+        return intervals.expanded_percentile_interval(values, num_units, level)
 
-    intervals = {name: interval(replicates[name])
-                 for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "mcc", "brier")}
-    intervals["per_class_accuracy"] = {c: interval(replicates["recall"][:, k]) for k, c in enumerate(classes)}
-    intervals["per_class_auc"] = {c: interval(replicates["auc"][:, k]) for k, c in enumerate(classes)}
-    intervals["cancer_vs_benign"] = None
+    found = {name: interval(replicates[name]) for name in ("macro_f1", "macro_auc", "mcc", "brier")}
+    found["per_class_auc"] = {c: interval(replicates["auc"][:, k]) for k, c in enumerate(classes)}
+    found["cancer_vs_benign"] = None
     if positive_index is not None:
-        intervals["cancer_vs_benign"] = {
-            "sensitivity": intervals["per_class_accuracy"][classes[positive_index]],
-            "specificity": interval(replicates["specificity"][:, positive_index]),
-            "auc": intervals["per_class_auc"][classes[positive_index]],
-        }
-    return intervals
+        found["cancer_vs_benign"] = {"auc": found["per_class_auc"][classes[positive_index]]}
+    return found
 
 
 def _validated(y_true, probs, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
