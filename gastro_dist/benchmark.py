@@ -1,4 +1,5 @@
-"""Benchmarks: `gastro-dist bench loader` and `gastro-dist bench train`.
+"""Benchmarks: `gastro-dist bench loader`, `gastro-dist bench train` and `gastro-dist bench statistics` (the
+coverage and size simulation of `evaluation.simulation`).
 
 `bench loader` times the real training input pipeline, `loaders.train_loader` (shard read, decode,
 augmentation, collation into the batch tensor the trainer gets), and with `--source` the same
@@ -454,6 +455,20 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- command line
+def _cmd_bench_statistics(args: argparse.Namespace) -> int:
+    from gastro_dist.evaluation import simulation
+
+    if args.datasets < 1 or args.bootstrap < 1:
+        raise UserError("--datasets and --bootstrap must be 1 or more")
+    result = simulation.run(args.datasets, args.bootstrap, args.seed)
+    text = simulation.markdown(result)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text, encoding="utf-8")
+    _write_json(args.json, result)
+    return 0
+
+
 def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure input-pipeline and training throughput")
     bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
@@ -493,3 +508,11 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
                    help="data.decode_on for --shards: 'device' decodes and crops on the GPU")
     q.add_argument("--json", type=Path, default=None, help="also write the figures here")
     q.set_defaults(handler=_cmd_bench_train)
+
+    q = bench_sub.add_parser("statistics", help="coverage of the report's intervals and size of its tests, simulated")
+    q.add_argument("--datasets", type=int, default=500, help="simulated test sets per scenario")
+    q.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples per test set")
+    q.add_argument("--seed", type=int, default=0, help="seed of the simulation")
+    q.add_argument("--out", type=Path, default=None, help="write the tables (Markdown) here, e.g. benchmarks/statistics.md")
+    q.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    q.set_defaults(handler=_cmd_bench_statistics)

@@ -42,18 +42,38 @@ def test_full_report_for_the_study_classes(tmp_path):
 
     markdown = paths["markdown"].read_text()
     assert markdown.startswith("# resnet50 on test")
-    assert "| Class | Recognised | Accuracy | 95% CI |" in markdown
+    # The answer first: model, split, images and patients, accuracy with its interval, per-class sensitivity and
+    # specificity with theirs, the operating point, and the reference study's figures beside them.
+    headline = markdown[:markdown.index("## Run details")]
+    ci = metrics["ci"]
+    assert (f"`resnet50` recognised {100 * metrics['accuracy']:.1f}% ({100 * ci['accuracy']['lower']:.1f}% – "
+            f"{100 * ci['accuracy']['upper']:.1f}%) of the 240 images of 80 patients in the `test` split") in headline
+    assert ("| Class | Images | Patients | Sensitivity (95% CI) | Specificity (95% CI) | Reference study, ResNet50 |"
+            in headline)
+    for name in STUDY_CLASSES:
+        row = metrics["per_class"][name]
+        sensitivity, specificity = ci["per_class_accuracy"][name], ci["per_class_specificity"][name]
+        assert (f"| {name.replace('_', ' ').capitalize()} | {row['support']} | {row['patients']} | "
+                f"{100 * row['sensitivity']:.1f}% ({100 * sensitivity['lower']:.1f}% – {100 * sensitivity['upper']:.1f}%)"
+                f" | {100 * row['specificity']:.1f}% ({100 * specificity['lower']:.1f}% – "
+                f"{100 * specificity['upper']:.1f}%) |") in headline
+    assert "| 93% |" in headline and "| 88% |" in headline and "VGG19, ResNet50 and Inception-V3" in headline
+    assert "At the threshold chosen on `val`" in headline and "gastric_cancer" not in headline
+    for section in ("## Per-class metrics (one class vs the rest)", "## Gastric cancer vs the rest",
+                    "## Operating point", "## Baselines", "## Grad-CAM: correct examples and the most confident mistakes",
+                    "| Class | Recognised | Sensitivity (95% CI) | Specificity (95% CI) | PPV (95% CI) | NPV (95% CI) | "
+                    "F1 | AUC (95% CI) |", "runs/a/best.safetensors", "matthews_corrcoef", "80 patients"):
+        assert section in markdown, section
     for k, name in enumerate(STUDY_CLASSES):
-        recognised = f"{metrics['confusion_matrix'][k][k]}/{metrics['per_class'][name]['support']}"
-        interval = metrics["ci"]["per_class_accuracy"][name]
-        assert (f"| {name} | {recognised} | {100 * metrics['per_class_accuracy'][name]:.1f}% | "
-                f"{100 * interval['lower']:.1f}% – {100 * interval['upper']:.1f}% |") in markdown
-    assert "matthews_corrcoef" in markdown and "patient-level bootstrap" in markdown
-    for section in ("## Cancer vs benign", "## Operating point", "## Baselines", "## Grad-CAM of misclassified images",
-                    "| Sensitivity | Specificity | PPV | NPV | F1 | AUC |", "runs/a/best.safetensors"):
-        assert section in markdown
+        interval = ci["per_class_ppv"][name]
+        assert (f"| {metrics['confusion_matrix'][k][k]}/{metrics['per_class'][name]['support']} | "
+                f"{100 * metrics['per_class_accuracy'][name]:.1f}% (") in markdown
+        assert f"{100 * metrics['per_class'][name]['ppv']:.1f}% ({100 * interval['lower']:.1f}% – " in markdown
     assert "](confusion_matrix.png)" in markdown and "](cam_0.png)" in markdown
     assert "| Images | 240 |" in markdown and "| Patients | 80 |" in markdown
+    # 80 patients: the AUC, F1, MCC and Brier bootstrap intervals are marked approximate, with the reason once.
+    assert "†" in markdown and markdown.count("fewer than 200) covers less than 92% in simulation") == \
+        markdown.count("## Per-class metrics") + 2  # per-class, overall and the cancer table each explain it
 
     page = paths["html"].read_text()
     assert page.count("data:image/png;base64,") == 4
@@ -61,11 +81,12 @@ def test_full_report_for_the_study_classes(tmp_path):
     assert "<code>matthews_corrcoef</code>" in page
     assert page.count("<div class='gallery'>") == 1  # the Grad-CAM panels, as a gallery
 
-    # The debiased ECE is shown with an interval that holds it, next to the Brier score.
+    # The debiased ECE is shown with an interval that holds it, next to the Brier score, under one name.
     interval = metrics["ci"]["ece_debiased"]
-    assert (f"| ECE (15 bins, debiased) | {metrics['ece_debiased']:.3f} | {interval['lower']:.3f} – "
-            f"{interval['upper']:.3f} |") in markdown
+    assert (f"| ECE (debiased, 15 bins) | {metrics['ece_debiased']:.3f} ({interval['lower']:.3f} – "
+            f"{interval['upper']:.3f})") in markdown
     assert "| Brier score (0 best, 2 worst) |" in markdown and "Kumar, Liang &amp; Ma 2019" in markdown
+    assert "ECE, plug-in" not in markdown and "Korn &amp; Graubard 1998" in markdown
 
 
 def test_calibration_patient_level_and_model_card_sections(tmp_path):
@@ -92,7 +113,12 @@ def test_calibration_patient_level_and_model_card_sections(tmp_path):
     markdown = paths["markdown"].read_text()
     assert "## Calibration" in markdown and "T = 2.000" in markdown
     assert "| Measure | Before (T = 1) | After (T = 2.000) |" in markdown
-    assert f"| ECE, plug-in | {before['ece']:.3f} | {metrics['ece']:.3f} |" in markdown
+    assert f"| ECE (debiased, 15 bins) (95% CI) | {before['ece_debiased']:.3f} (" in markdown
+    assert f"plug-in ECE, which that noise inflates, is {metrics['ece']:.3f}" in markdown
+    # T = 2 flattens these probabilities: worse on this split, and the report says so.
+    assert metrics["nll"] > before["nll"]
+    assert (f"On this split the temperature made calibration worse (" in markdown
+            and f"the negative log-likelihood {before['nll']:.3f} → {metrics['nll']:.3f}" in markdown)
     assert "## Per image and per patient" in markdown and "45 patients" in markdown
     patient_accuracy = patients["metrics"]["accuracy"]
     assert f"| Accuracy | {100 * metrics['accuracy']:.1f}% (" in markdown
@@ -133,6 +159,6 @@ def test_markdown_shows_untrusted_names_literally(tmp_path):
                          cam_images=[("cam.png", "key](http://evil.example) <b>")])
     markdown = paths["markdown"].read_text()
     assert "<img" not in markdown and "<script>" not in markdown and "<b>" not in markdown
-    assert "&lt;img src=x onerror=alert(1)&gt;" in markdown and "| two lines \\| pipe |" in markdown
+    assert "&lt;img src=x onerror=alert(1)&gt;" in markdown and "| Two lines \\| pipe |" in markdown
     assert "![key\\](http://evil.example) &lt;b&gt;](cam.png)" in markdown
     assert "<script>" not in paths["html"].read_text()

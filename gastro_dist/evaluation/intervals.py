@@ -65,7 +65,9 @@ def clustered_proportion_interval(successes: np.ndarray, trials: np.ndarray, lev
     design_effect = np.maximum(design_effect, 1.0)
     z = ndtri(0.5 + level / 2)
     degrees_of_freedom = np.maximum(num_units - 1, 1)
-    effective_n = np.minimum(n, n / design_effect * (z / stdtrit(degrees_of_freedom, 0.5 + level / 2)) ** 2)
+    # The degrees-of-freedom shrinkage is for a variance estimated from the units; the assumed one is not.
+    shrinkage = np.where(estimable, (z / stdtrit(degrees_of_freedom, 0.5 + level / 2)) ** 2, 1.0)
+    effective_n = np.minimum(n, n / design_effect * shrinkage)
     # One image per unit: nothing is clustered, and the exact interval of x of n is the answer.
     independent = num_units == n
     effective_n = np.where(independent, n, effective_n)

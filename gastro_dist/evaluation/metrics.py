@@ -68,6 +68,8 @@ def evaluate_predictions(
     confusion = np.rint(point["confusion"]).astype(int)
 
     per_class = _per_class_rows(point, confusion, classes)
+    for k, name in enumerate(classes):  # how many patients the class's images come from (None without ids)
+        per_class[name]["patients"] = None if group_ids is None else int(len(np.unique(group_ids[y_true == k])))
     metrics = {
         "num_samples": int(len(y_true)),
         "num_groups": None if group_ids is None else int(group_ids.max() + 1),

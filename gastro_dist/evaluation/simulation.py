@@ -137,6 +137,7 @@ def coverage(scenario: Scenario, num_datasets: int, num_bootstrap: int, seed: in
             result[f"{view}: {name}"] = {
                 "coverage": float(np.mean(given)) if given else None,
                 "unflagged_coverage": float(np.mean(unflagged)) if unflagged else None,
+                "unflagged_count": len(unflagged),
                 "flagged": float(np.mean([flagged for _, flagged in found])),
                 "undefined": 1 - len(given) / len(found)}
     return result
@@ -236,3 +237,50 @@ def run(num_datasets: int = 500, num_bootstrap: int = 200, seed: int = 0, log=pr
         log(f"sizes: {'clustered' if clustered else 'unclustered'} ({time.perf_counter() - started:.0f} s)")
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
+
+
+def markdown(result: dict) -> str:
+    """The coverage and size tables of `run`, as benchmarks/statistics.md holds them."""
+    pct = lambda v: "—" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    lines = [f"Simulated with `gastro-dist bench statistics` ({result['num_datasets']} test sets per cell, "
+             f"{result['num_bootstrap']} bootstrap resamples each, seed {result['seed']}, {result['seconds']:.0f} s "
+             "on one core); the model and data are described in `gastro_dist/evaluation/simulation.py`.", "",
+             f"### Coverage of the nominal {result['level']:.0%} intervals (%)", "",
+             "Each cell: the share of test sets whose interval holds the true value; per-class measures pooled "
+             "over the three classes. In brackets, where the report flags some of them as approximate: the "
+             "coverage of the unflagged ones and the share flagged. `—`: never defined (or always flagged).", ""]
+    views = [("image", "per image"), ("patient", "per patient (clustered scenarios)")]
+    measures = [name.split(": ", 1)[1] for name in result["coverage"][0]["measures"] if name.startswith("image: ")]
+    for view, title in views:
+        rows = [row for row in result["coverage"] if any(name.startswith(view + ": ") for name in row["measures"])]
+        lines += [f"**{title}**", "", "| scenario | " + " | ".join(measures) + " |",
+                  "|---|" + "---|" * len(measures)]
+        for row in rows:
+            cells = []
+            for name in measures:
+                cell = row["measures"][f"{view}: {name}"]
+                text = pct(cell["coverage"])
+                if cell["flagged"] > 0:
+                    text += f" ({pct(cell['unflagged_coverage'])}, {pct(cell['flagged'])} flagged)"
+                cells.append(text)
+            lines.append(f"| {Scenario(row['num_patients'], row['clustered'], row['position'], row['calibrated']).describe()} | "
+                         + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [f"### Size of the paired tests at {result['alpha']:.0%} (% of true nulls rejected)", "",
+              "Two models of equal skill, each with patient effects of its own, so that their disagreements "
+              "cluster by patient. `no p` is the share of test sets where the test gave no p-value.", ""]
+    tests = list(result["sizes"][0]["tests"])
+    lines += ["| scenario | " + " | ".join(tests) + " |", "|---|" + "---|" * len(tests)]
+    for row in result["sizes"]:
+        cells = []
+        for name in tests:
+            cell = row["tests"][name]
+            cells.append(pct(cell["rejection_rate"]) + (f" (no p {pct(cell['no_p_value'])})" if cell["no_p_value"] else ""))
+        lines.append(f"| {Scenario(row['num_patients'], row['clustered']).describe()} | " + " | ".join(cells) + " |")
+    lines += ["", "DeLong's test with few patients of the positive class (60 patients in all):", "",
+              "| positive patients | one image each | clustered frames |", "|---|---|---|"]
+    by_key = {(row["clustered"], row["positive_patients"]): row for row in result["delong"]}
+    for positives in DELONG_POSITIVE_PATIENTS:
+        lines.append(f"| {positives} | {pct(by_key[False, positives]['rejection_rate'])} | "
+                     f"{pct(by_key[True, positives]['rejection_rate'])} |")
+    return "\n".join(lines) + "\n"
