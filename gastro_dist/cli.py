@@ -266,8 +266,9 @@ def add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
                    help="choose the cancer threshold on the val split that reaches sensitivity S; report the split at it")
     p.add_argument("--positive-class", default=None,
                    help="class of the cancer-versus-rest view (default: gastric_cancer when the model has it)")
-    p.add_argument("--cam-misclassified", type=int, default=0, metavar="N",
-                   help="Grad-CAM panels of the N most confident mistakes per class in the report's gallery")
+    p.add_argument("--cam", "--cam-misclassified", dest="cam_misclassified", type=int, default=0, metavar="N",
+                   help="Grad-CAM panels in the report's gallery: of each class, the N most confident correct images "
+                        "and the N most confident mistakes")
     p.add_argument("--patient-aggregation", choices=("mean", "max"), default="mean",
                    help="a patient's probabilities in the per-patient metrics: the mean over its frames, or for "
                         "the positive class the largest (the other classes share the rest)")
@@ -416,7 +417,7 @@ EXAMPLES = {
     "train": "gastro-dist train --config configs/resnet50.yaml --shards /data/shards --out runs/r50 finetune.epochs=40\n"
              "every config key, its meaning and default: gastro-dist config show --config configs/resnet50.yaml",
     "weights": "gastro-dist weights download resnet50 timm:convnext_tiny.fb_in22k",
-    "evaluate": "gastro-dist evaluate --run runs/r50 --shards /data/shards --out runs/r50/eval --cam-misclassified 3",
+    "evaluate": "gastro-dist evaluate --run runs/r50 --shards /data/shards --out runs/r50/eval --cam 3",
     "compare": "gastro-dist compare --configs configs/vgg19.yaml configs/resnet50.yaml --shards /data/shards "
                "--out runs/compare",
     "predict": "gastro-dist predict --run runs/r50 new_images/ --out predictions.csv --tta",

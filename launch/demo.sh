@@ -32,5 +32,5 @@ fi
   --val-fraction 0.15 --test-per-class $((per_class / 5)) --input-size "$input_size" --seed 0
 gastro-dist verify "$out/shards"
 "${launcher[@]}" train --config "$config" --shards "$out/shards" --out "$out/run" ${overrides[@]+"${overrides[@]}"}
-gastro-dist evaluate --run "$out/run" --shards "$out/shards" --split test --out "$out/eval" --cam-misclassified 2
+gastro-dist evaluate --run "$out/run" --shards "$out/shards" --split test --out "$out/eval" --cam 2
 echo "run: $out/run   report: $out/eval/report.md"

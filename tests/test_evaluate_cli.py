@@ -76,15 +76,20 @@ def test_evaluate_writes_metrics_predictions_and_report(trained_run, synthetic_s
     for png in ("confusion_matrix.png", "roc.png"):
         with Image.open(out / png) as image:
             assert image.size[0] > 200 and image.size[1] > 200
+    # --cam 1: per class, its most confident correct image and its most confident mistake, where it has them
     classes_with_mistakes = {r["true_label"] for r in rows if r["true_label"] != r["predicted_label"]}
-    cams = list((out / "cam").glob("*.png")) if (out / "cam").is_dir() else []
-    assert len(cams) == len(classes_with_mistakes)  # --cam-misclassified 1: one per class that has mistakes
+    classes_right = {r["true_label"] for r in rows if r["true_label"] == r["predicted_label"]}
+    cams = list((out / "cam").glob("*.png"))
+    assert len(cams) == len(classes_with_mistakes) + len(classes_right) > 0
+    assert report.count("](cam/") == len(cams) and report.count("*correct: ") == len(classes_right)
+    sources = {r["source"] for r in rows}
+    assert sum(any(f"{verdict}: {source}: true" in report for source in sources)
+               for verdict in ("correct", "mistake")) >= 1  # captions name the source file, not the shard key
     for cam in cams:
         assert f"cam/{cam.name}" in report
-        with Image.open(cam) as panel:  # the stored frame (short side 56 px) beside the overlay, a caption below
-            assert panel.width >= 2 * 56 and panel.height > 56 + 20
-    if cams:
-        assert "<div class='gallery'>" in (out / "report.html").read_text()
+        with Image.open(cam) as panel:  # frames enlarged to 360 px tall for reading, two of them, a colour scale
+            assert panel.width >= 2 * 360 and panel.height > 360 + 20
+    assert "<div class='gallery'>" in (out / "report.html").read_text()
 
 
 def test_metrics_json_is_recomputed_exactly_from_predictions_csv(trained_run, synthetic_shards, tmp_path):

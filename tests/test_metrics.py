@@ -8,6 +8,7 @@ from sklearn import metrics as skm
 
 from gastro_dist import UserError
 from gastro_dist.evaluation import metrics as M
+from gastro_dist.evaluation.intervals import exact_interval
 from gastro_dist.evaluation.metrics import (
     binary_metrics_at_threshold,
     dummy_baselines,
@@ -379,6 +380,19 @@ def test_operating_point_is_chosen_on_one_split_and_applied_to_another():
     assert point["selection"]["sensitivity"] >= 0.9
     assert point["metrics"]["threshold"] == point["threshold"] == point["selection"]["threshold"]
     assert point["metrics"]["tp"] + point["metrics"]["fn"] == int(np.sum(y_test == 0))
+    # Intervals on the reported split: exact, or with patients as the units.
+    tp, fn, tn, fp = (point["metrics"][key] for key in ("tp", "fn", "tn", "fp"))
+    assert point["intervals"]["sensitivity"] == pytest.approx(dict(zip(("lower", "upper"),
+                                                                       map(float, exact_interval(tp, tp + fn)))))
+    assert point["intervals"]["specificity"] == pytest.approx(dict(zip(("lower", "upper"),
+                                                                       map(float, exact_interval(tn, tn + fp)))))
+    assert point["target_reached"] == (point["metrics"]["sensitivity"] >= 0.9)
+    clustered = operating_point(y_val, probs_val, y_test, probs_test, STUDY_CLASSES, 0.9, groups_report=np.arange(300) // 5)
+    width = lambda i: i["upper"] - i["lower"]  # noqa: E731
+    assert width(clustered["intervals"]["specificity"]) >= width(point["intervals"]["specificity"])
+    # A target the reported split misses is said so.
+    missed = operating_point(y_val, probs_val, y_val, np.roll(probs_val, 1, axis=1), STUDY_CLASSES, 0.9)
+    assert not missed["target_reached"] and missed["metrics"]["sensitivity"] < 0.9
     with pytest.raises(UserError, match="positive class"):
         operating_point(y_val, probs_val, y_test, probs_test, ["a", "b", "c"], 0.9)
 

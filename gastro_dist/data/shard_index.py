@@ -41,6 +41,7 @@ class ShardIndex:
     stored_short_side: int = 0  # pack's --resize-short: no stored image has a longer short side (0: originals kept)
     index_sha256: str = ""  # of index.json's bytes: identifies the shard set wherever it is copied
     num_folds: int = 0  # pack's --folds: splits fold-0 .. fold-(K-1) replace train and val (0: no folds)
+    synthetic: dict | None = None  # what `gastro-dist synth` recorded when it made the packed images, else None
 
     def shards(self, split: str) -> list[ShardFile]:
         if split not in self.splits:
@@ -132,7 +133,17 @@ def _parse_index(root: Location, data: Any, index_sha256: str) -> ShardIndex:
         raise ValueError(f"settings.resize_short {stored_short_side!r} is not a whole number >= 0")
     return ShardIndex(root=root, classes=list(classes), splits=splits, per_class_counts=per_class_counts,
                       stored_short_side=stored_short_side, index_sha256=index_sha256,
-                      num_folds=_parse_folds(data, splits))
+                      num_folds=_parse_folds(data, splits), synthetic=_parse_synthetic(data.get("synthetic")))
+
+
+def _parse_synthetic(record: Any) -> dict | None:
+    """index.json's `synthetic` (pack's copy of synth's marker) as a few short strings, for the report's banner."""
+    if record is None:
+        return None
+    if not isinstance(record, dict):
+        raise TypeError("'synthetic' must be an object or null")
+    return {str(key)[:40]: str(value)[:200] for key, value in list(record.items())[:10]
+            if isinstance(value, (str, int)) and not isinstance(value, bool)}
 
 
 # ---------------------------------------------------------------- cross-validation folds

@@ -240,38 +240,80 @@ def eval_crop_box(width: int, height: int, image_size: int, eval_crop_ratio: flo
     return left, top, left + side, top + side
 
 
+# Panels are drawn with frames at least this tall (small stored frames are enlarged for display, nearest
+# neighbour so that no detail is invented) and captions at a size that stays readable when a report shows
+# two panels side by side on a 1,400 px screen.
+PANEL_MIN_FRAME_PX = 360
+PANEL_FONT_PX = 22
+
+
 def cam_panel(frame: Image.Image, cam: np.ndarray, crop_box: tuple[float, float, float, float],
               caption: list[str], alpha: float = 0.45) -> Image.Image:
-    """The frame as stored (its own resolution) beside the same frame with the CAM laid over the part
-    the network saw (`eval_crop_box`; the rest dimmed and outlined), a caption of one or more lines below.
+    """The frame as stored beside the same frame with the CAM laid over the part the network saw
+    (`eval_crop_box`; the rest dimmed and outlined), a colour scale, and a caption wrapped under them.
 
-    Captions hold class names from model.json: drawn as text in the image, they cannot run as markup.
+    Frames shorter than PANEL_MIN_FRAME_PX are enlarged for display. Captions hold class names from
+    model.json and source names from the shards: drawn as text in the image, they cannot run as markup.
     """
     frame = frame.convert("RGB")
-    width, height = frame.size
-    box = tuple(int(round(v)) for v in crop_box)
     overlay = Image.eval(frame, lambda value: value // 2)  # outside the network's view: dimmed
-    seen = frame.crop(box)
-    overlay.paste(overlay_heatmap(seen, cam, alpha=alpha), box[:2])
-    gap = max(8, width // 40)
-    font_px = max(12, min(32, height // 18))
-    font = _caption_font(font_px)
-    lines = [" ".join(line.split())[:200] for line in caption]
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_width = max((int(measure.textlength(line, font=font)) for line in lines), default=0)
-    panel_width = max(2 * width + gap, text_width + 2 * gap)
-    line_height = int(font_px * 1.3)
+    box = tuple(int(round(v)) for v in crop_box)
+    overlay.paste(overlay_heatmap(frame.crop(box), cam, alpha=alpha), box[:2])
+    scale = max(1.0, PANEL_MIN_FRAME_PX / frame.height)
+    size = (round(frame.width * scale), round(frame.height * scale))
+    frame, overlay = (image.resize(size, Image.Resampling.NEAREST) for image in (frame, overlay))
+    width, height = size
+    gap = max(12, width // 40)
+    font = _caption_font(PANEL_FONT_PX)
+    colour_scale = _colour_scale(height, font)
+    images_width = 2 * width + 2 * gap + colour_scale.width
+    lines = _wrapped([" ".join(line.split())[:300] for line in caption], font, max(images_width, 600) - 2 * gap)
+    line_height = int(PANEL_FONT_PX * 1.35)
+    panel_width = max(images_width, 600)
     panel = Image.new("RGB", (panel_width, height + gap + line_height * len(lines) + gap), "white")
-    left = (panel_width - (2 * width + gap)) // 2
+    left = (panel_width - images_width) // 2
     panel.paste(frame, (left, 0))
     panel.paste(overlay, (left + width + gap, 0))
+    panel.paste(colour_scale, (left + 2 * width + 2 * gap, 0))
     draw = ImageDraw.Draw(panel)
-    x0, y0, x1, y1 = box
-    draw.rectangle((left + width + gap + x0, y0, left + width + gap + x1 - 1, y1 - 1), outline="white",
-                   width=max(1, width // 200))
+    x0, y0, x1, y1 = (round(v * scale) for v in box)
+    draw.rectangle((left + width + gap + x0, y0, left + width + gap + x1 - 1, y1 - 1), outline="white", width=2)
     for k, line in enumerate(lines):
         draw.text((gap, height + gap + k * line_height), line, fill="black", font=font)
     return panel
+
+
+def _colour_scale(height: int, font: ImageFont.ImageFont) -> Image.Image:
+    """A vertical jet bar, 'high' at its top and 'low' at its bottom: how to read the heatmap's colours."""
+    label_height = int(PANEL_FONT_PX * 1.3)
+    bar_height = max(10, height - 2 * label_height)
+    values = np.linspace(1.0, 0.0, bar_height)[:, None].repeat(24, axis=1)
+    bar = Image.fromarray((matplotlib.colormaps["jet"](values)[..., :3] * 255).astype(np.uint8))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max(24, int(max(measure.textlength(word, font=font) for word in ("high", "low"))) + 4)
+    scale = Image.new("RGB", (width, height), "white")
+    scale.paste(bar, ((width - 24) // 2, label_height))
+    draw = ImageDraw.Draw(scale)
+    draw.text((0, 0), "high", fill="black", font=font)
+    draw.text((0, label_height + bar_height + 2), "low", fill="black", font=font)
+    return scale
+
+
+def _wrapped(lines: list[str], font: ImageFont.ImageFont, width_px: int) -> list[str]:
+    """Each line broken at spaces into lines no wider than width_px (a word longer than that stays whole)."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = []
+    for line in lines:
+        current = ""
+        for word in line.split(" "):
+            candidate = f"{current} {word}".strip()
+            if current and measure.textlength(candidate, font=font) > width_px:
+                wrapped.append(current)
+                current = word
+            else:
+                current = candidate
+        wrapped.append(current)
+    return wrapped
 
 
 def _caption_font(size_px: int) -> ImageFont.ImageFont:

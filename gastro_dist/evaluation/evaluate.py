@@ -96,14 +96,17 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
     op = None
     if selection is not None:
         op = operating_point(selection["labels"], selection["probs"], labels, probs, classes,
-                             target_sensitivity=cancer_sensitivity, positive_class=positive_class, selected_on="val")
+                             target_sensitivity=cancer_sensitivity, positive_class=positive_class, selected_on="val",
+                             groups_report=groups)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_predictions_csv(out_dir / "predictions.csv", predictions["keys"], metas, groups, labels, probs,
                            predictions["logits"], classes)
     if cases is not None:
         _write_patient_csv(out_dir / "patient_predictions.csv", cases, classes)
-    cam_images = _misclassified_cams(trained, index, split, predictions, cam_misclassified, out_dir) if cam_misclassified else []
+    names = [meta.get("source") or key for meta, key in zip(metas, predictions["keys"])]
+    cam_images = _cam_gallery(trained, index, split, predictions, names, cam_misclassified, out_dir) \
+        if cam_misclassified else []
     details = {"run": str(run_dir), "model": trained.architecture, "checkpoint": trained.checkpoint,
                "shards": location_record(index.root), "split": split, "images": len(labels),
                "patients": len(set(groups.tolist())), "input size": trained.image_size,
@@ -123,9 +126,13 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
     write_run_json(out_dir / "metrics.json", result)
     card = model_card_blocks(trained.meta, RunDir(run_dir), index, result)
     write_markdown(out_dir / "MODEL_CARD.md", card)
+    with_ids = sum(not unit.startswith("image:") for unit in groups)
+    provenance = {"synthetic": index.synthetic,
+                  "patient_ids": "all" if with_ids == len(groups) else "none" if with_ids == 0 else "some"}
     paths = write_report(out_dir, metrics, labels, probs, classes, title=f"{trained.architecture} on {split}",
                          details=details, baselines=baselines, operating_point=op, cam_images=cam_images,
-                         temperature_scaling=temperature_scaling, patient_level=patients, model_card=card)
+                         temperature_scaling=temperature_scaling, patient_level=patients, model_card=card,
+                         provenance=provenance)
     print(f"report: {paths['markdown']}  (html: {paths['html']}; model card: {out_dir / 'MODEL_CARD.md'})")
     if tracking is not None:
         _log_to_training_run(accelerator, RunDir(run_dir), tracking, split, result, paths, out_dir, cam_images)
@@ -414,11 +421,13 @@ def read_shard_images(index: ShardIndex, split: str, keys: set[str], max_member_
 
 
 def cam_panels(trained: TrainedModel, images: list, class_index: list[int] | None = None,
-               true_labels: list[int] | None = None, device: torch.device | None = None) -> list:
-    """Grad-CAM panels (`cam.cam_panel`, PIL images) of frames: each frame at its own resolution beside
-    the heatmap laid on the part the network saw, captioned with the true class (when given), the
-    predicted class and its probability (temperature-scaled, as evaluate and predict report it) and
-    the class the heatmap explains: the predicted one, or `class_index` (one for all, or one per image)."""
+               true_labels: list[int] | None = None, device: torch.device | None = None,
+               names: list[str] | None = None) -> list:
+    """Grad-CAM panels (`cam.cam_panel`, PIL images) of frames: each frame beside the heatmap laid on the
+    part the network saw, captioned with its name (when given: the source file or its pseudonym), the true
+    class (when given), the predicted class and its probability (temperature-scaled, as evaluate and
+    predict report it) and the class the heatmap explains: the predicted one, or `class_index` (one for
+    all, or one per image)."""
     device = device or default_device()
     model = trained.model.to(device)
     data_cfg = trained.data_config()
@@ -432,7 +441,7 @@ def cam_panels(trained: TrainedModel, images: list, class_index: list[int] | Non
         predicted = int(p.argmax())
         explained = predicted if class_index is None else int(class_index[0 if len(class_index) == 1 else n])
         truth = "" if true_labels is None else f"true: {classes[true_labels[n]]} · "
-        caption = [f"{truth}predicted: {classes[predicted]} ({p[predicted]:.1%})",
+        caption = ([names[n]] if names else []) + [f"{truth}predicted: {classes[predicted]} ({p[predicted]:.1%})",
                    f"heatmap: evidence for {classes[explained]}"
                    + ("" if explained == predicted else f" ({p[explained]:.1%})")
                    + f"; outlined: the {size}x{size} px network input"]
@@ -441,9 +450,11 @@ def cam_panels(trained: TrainedModel, images: list, class_index: list[int] | Non
     return panels
 
 
-def _misclassified_cams(trained: TrainedModel, index: ShardIndex, split: str, predictions: dict,
-                        per_class: int, out_dir: Path) -> list[tuple[str, str]]:
-    """Grad-CAM panels of the `per_class` most confident mistakes of each true class, in out_dir/cam.
+def _cam_gallery(trained: TrainedModel, index: ShardIndex, split: str, predictions: dict, names: list[str],
+                 per_class: int, out_dir: Path) -> list[tuple[str, str]]:
+    """Grad-CAM panels in out_dir/cam for each true class: its `per_class` most confident correct images and its
+    `per_class` most confident mistakes, side by side in the report. ``names`` (the source file, or its
+    pseudonym, else the key) caption them.
 
     File names come from sample keys, which the shards chose: `safe_name` keeps them inside cam/.
     """
@@ -451,9 +462,9 @@ def _misclassified_cams(trained: TrainedModel, index: ShardIndex, split: str, pr
     predicted = probs.argmax(1)
     chosen = []
     for k in range(len(trained.classes)):
-        wrong = np.flatnonzero((labels == k) & (predicted != k))
-        wrong = wrong[np.argsort(-probs[wrong, predicted[wrong]])][:per_class]
-        chosen.extend(int(i) for i in wrong)
+        for wanted in ((labels == k) & (predicted == k), (labels == k) & (predicted != k)):
+            found = np.flatnonzero(wanted)
+            chosen.extend(int(i) for i in found[np.argsort(-probs[found, predicted[found]], kind="stable")][:per_class])
     if not chosen:
         return []
     stored = read_shard_images(index, split, {keys[i] for i in chosen}, DataConfig.max_member_mb << 20)
@@ -465,21 +476,23 @@ def _misclassified_cams(trained: TrainedModel, index: ShardIndex, split: str, pr
             continue
         readable.append(i)
     if len(readable) < len(chosen):
-        print(f"warning: {len(chosen) - len(readable)} misclassified images could not be read again: no Grad-CAM "
+        print(f"warning: {len(chosen) - len(readable)} images chosen for Grad-CAM could not be read again: no panel "
               "for them")
     if not readable:
         return []
     cam_dir = out_dir / "cam"
     cam_dir.mkdir(exist_ok=True)
     classes = trained.classes
-    names = distinct_names([safe_name(keys[i]) for i in readable], [keys[i] for i in readable])
-    panels = cam_panels(trained, images, [int(predicted[i]) for i in readable], [int(labels[i]) for i in readable])
+    files = distinct_names([safe_name(keys[i]) for i in readable], [keys[i] for i in readable])
+    panels = cam_panels(trained, images, [int(predicted[i]) for i in readable], [int(labels[i]) for i in readable],
+                        names=[names[i] for i in readable])
     result = []
-    for i, name, panel in zip(readable, names, panels):
-        panel.save(cam_dir / f"{name}.png")
-        caption = (f"{keys[i]}: true {classes[labels[i]]}, predicted {classes[predicted[i]]} "
+    for i, file, panel in zip(readable, files, panels):
+        panel.save(cam_dir / f"{file}.png")
+        verdict = "correct" if predicted[i] == labels[i] else "mistake"
+        caption = (f"{verdict}: {names[i]}: true {classes[labels[i]]}, predicted {classes[predicted[i]]} "
                    f"({probs[i, predicted[i]]:.2f}); heatmap for the predicted class")
-        result.append((f"cam/{name}.png", caption))
+        result.append((f"cam/{file}.png", caption))
     return result
 
 

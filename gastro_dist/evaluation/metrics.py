@@ -274,12 +274,15 @@ def binary_metrics_at_threshold(y_true_binary: np.ndarray, scores: np.ndarray, t
 
 def operating_point(y_true_select: np.ndarray, probs_select: np.ndarray, y_true_report: np.ndarray,
                     probs_report: np.ndarray, classes: list[str], target_sensitivity: float,
-                    positive_class: str = "gastric_cancer", selected_on: str = "val") -> dict:
+                    positive_class: str = "gastric_cancer", selected_on: str = "val", groups_report=None,
+                    level: float = 0.95) -> dict:
     """Threshold on P(positive class) chosen on one split for a target sensitivity, applied to another.
 
     Returns the ``operating_point`` dict that :func:`gastro_dist.evaluation.report.write_report`
     renders: target_sensitivity, positive_class, selected_on, threshold, ``selection`` (metrics on
-    the split it was chosen on) and ``metrics`` (on the reported split).
+    the split it was chosen on), ``metrics`` (on the reported split), ``intervals`` (the reported
+    sensitivity's and specificity's, patients as units with ``groups_report``) and ``target_reached``
+    (whether the reported sensitivity reaches the target: a threshold chosen on one split need not).
     """
     if positive_class not in classes:
         raise UserError(f"no class named {positive_class!r} among {classes}; "
@@ -288,14 +291,22 @@ def operating_point(y_true_select: np.ndarray, probs_select: np.ndarray, y_true_
     select_truth = np.asarray(y_true_select) == k
     select_scores = np.asarray(probs_select, dtype=float)[:, k]
     threshold = threshold_for_sensitivity(select_truth, select_scores, target_sensitivity)
+    report_truth = np.asarray(y_true_report) == k
+    said = np.asarray(probs_report, dtype=float)[:, k] >= threshold
+    reported = binary_metrics_at_threshold(report_truth, np.asarray(probs_report, dtype=float)[:, k], threshold)
+    units = np.arange(len(report_truth)) if groups_report is None else _group_indices(groups_report, len(report_truth))
+    found = {name: intervals.proportion_interval(success, counted, units, level)
+             for name, success, counted in (("sensitivity", said, report_truth), ("specificity", ~said, ~report_truth))}
     return {
         "target_sensitivity": float(target_sensitivity),
         "positive_class": positive_class,
         "selected_on": selected_on,
         "threshold": threshold,
         "selection": binary_metrics_at_threshold(select_truth, select_scores, threshold),
-        "metrics": binary_metrics_at_threshold(np.asarray(y_true_report) == k,
-                                               np.asarray(probs_report, dtype=float)[:, k], threshold),
+        "metrics": reported,
+        "intervals": {name: None if value is None else {"lower": value["lower"], "upper": value["upper"]}
+                      for name, value in found.items()},
+        "target_reached": reported["sensitivity"] is not None and reported["sensitivity"] >= target_sensitivity,
     }
 
 

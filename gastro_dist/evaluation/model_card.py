@@ -270,7 +270,7 @@ def _checklist(result: dict) -> list:
         ["Clinically meaningful threshold", "CLAIM, TRIPOD+AI",
          "Operating point" if result.get("operating_point") else "not chosen (evaluate --cancer-sensitivity)"],
         ["Comparison with a baseline", "CLAIM", "majority-class baseline (report: Baselines)"],
-        ["Failure analysis", "CLAIM", "report: Grad-CAM of misclassified images (evaluate --cam-misclassified)"],
+        ["Failure analysis", "CLAIM", "report: Grad-CAM of correct and misclassified images (evaluate --cam N)"],
         ["Fairness, subgroups", "TRIPOD+AI", "not assessed: no demographic data"],
         ["External validation", "CLAIM, TRIPOD+AI", "none: internal test split only"],
         ["Intended use, limitations", "CLAIM, TRIPOD+AI", "Intended use; Caveats and recommendations"],
