@@ -141,9 +141,16 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------- training
 def _cmd_train(args: argparse.Namespace) -> int:
     from gastro_dist.config import load_config
-    from gastro_dist.training.trainer import train
+    from gastro_dist.training.trainer import check_training, train
 
-    train(load_config(args.config, args.overrides), shards_dir=args.shards, run_dir=args.out)
+    config = load_config(args.config, args.overrides)
+    if args.check:
+        processes = args.processes if args.processes is not None else int(os.environ.get("WORLD_SIZE", "1"))
+        if processes < 1:
+            raise UserError("--processes must be 1 or more")
+        print(check_training(config, shards_dir=args.shards, run_dir=args.out, num_processes=processes))
+        return 0
+    train(config, shards_dir=args.shards, run_dir=args.out)
     return 0
 
 
@@ -164,6 +171,11 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:
                    help="folder written by `gastro-dist pack`, or its URL (https://, s3://, gs://; shards/README.md)")
     p.add_argument("--out", type=Path, required=True, help="run folder (created; resumed when it holds checkpoints)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. head.epochs=2 data.batch_size=64")
+    p.add_argument("--check", action="store_true",
+                   help="check the config, shards, pretrained weights, run folder and batch size against the processes, "
+                        "then stop: exit 0 and one line when all is well, exit 2 and what to fix when not")
+    p.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="with --check: the processes the run will have (default: WORLD_SIZE, else 1)")
     p.set_defaults(handler=_cmd_train)
 
     p = sub.add_parser("weights", help="manage pretrained weights")

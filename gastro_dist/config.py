@@ -98,6 +98,11 @@ class DataConfig:
     """Cross-validation fold to validate on, for shards packed with --folds K (which need it): fold N is
     the val split and the other folds train (0..K-1; `gastro-dist cv` sets it per fold). null: the
     pack's own train and val splits."""
+    max_upsampling: float = 1.5
+    """Largest factor by which the model may see the stored images enlarged: the short side evaluation
+    resizes to (image_size / eval_crop_ratio) over the short side pack stored (--resize-short). Above 1
+    training warns; above this it is refused, since the network would learn interpolation blur that
+    real frames at that size lack (re-pack with --input-size image_size, or raise this to train anyway)."""
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 32, "image_size must be >= 32")
@@ -115,6 +120,7 @@ class DataConfig:
         _check(not (self.decode_on == "device" and self.hue_jitter > 0),
                "hue_jitter needs data.decode_on=workers (hue is shifted in the workers)")
         _check(len(self.mean) == 3 and len(self.std) == 3, "mean and std need 3 values (RGB)")
+        _check(self.max_upsampling >= 1.0, "max_upsampling must be >= 1 (1: never enlarge the stored images)")
         _check(self.fold is None or self.fold >= 0, f"fold must be a fold number >= 0 or null, got {self.fold}")
 
     @property
@@ -408,3 +414,23 @@ def _inline_yaml(value: Any) -> str:
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+# Keys a run folder may be continued with at other values: how the run runs and reports, not what it learns.
+RUN_SETTINGS = ("tracking.", "data.num_workers", "data.eval_batch_size", "data.strict", "data.max_member_mb",
+                "data.decode_on", "data.max_upsampling", "model.compile", "checkpoint_every_steps", "keep_checkpoints",
+                "max_nonfinite_steps")
+
+
+def changed_training_keys(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """'key: was X, now Y' for every key (dotted) whose value in ``config`` differs from ``saved`` (a run's
+    config.yaml), leaving out RUN_SETTINGS."""
+    def flat(data: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(data, dict):
+            return {prefix[:-1]: data}
+        return {key: value for name, sub in data.items() for key, value in flat(sub, f"{prefix}{name}.").items()}
+
+    before, now = flat(saved), flat(to_dict(config))
+    return [f"{key} was {_inline_yaml(before.get(key))}, now {_inline_yaml(now.get(key))}"
+            for key in sorted(set(before) | set(now))
+            if before.get(key) != now.get(key) and not key.startswith(RUN_SETTINGS)]

@@ -10,5 +10,7 @@ if [ "$num_gpus" -lt 1 ]; then
   echo "launch/train.sh: no GPU visible; use launch/debug.sh for a one-process CPU run" >&2
   exit 2
 fi
+# A mistake in the config, shards, weights or run folder ends here: one line, exit 2, no launcher traceback.
+python -m gastro_dist train --check --processes "$num_gpus" "$@"
 exec accelerate launch --config_file "$repo/accelerate_config.yaml" --num_processes "$num_gpus" \
   -m gastro_dist train "$@"

@@ -223,6 +223,11 @@ gd_run_training() {
     gd_log "job ${SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+ (array ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID})} restart ${SLURM_RESTART_COUNT:-0} | $nnodes node(s) ${SLURM_JOB_NODELIST} | master $master:$port | $procs proc/node x $nnodes = $total process$([ "$total" -gt 1 ] && echo es) ($([ "$gpus" -gt 0 ] && echo "$gpus GPU/node" || echo CPU), $threads threads/proc)"
     gd_log "run dir $GD_RUN | python $(command -v python) | W&B mode=${WANDB_MODE:-default} project=${WANDB_PROJECT:--} entity=${WANDB_ENTITY:--} key=$([ -n "${WANDB_API_KEY:-}" ] && echo set || echo unset)"
 
+    # Mistakes in the config, shards, weights or run folder end the job here: one line, exit 2, no requeue.
+    if ! python -m gastro_dist train --check --processes "$total" "$@"; then
+        gd_log "the check above failed: not starting the run (fix it and submit again)"
+        return 2
+    fi
     mkdir -p "$GD_RUN"
     trap gd_on_usr1 USR1
     trap gd_on_term TERM

@@ -253,3 +253,20 @@ def eval_loader(index: ShardIndex, cfg: DataConfig, split: str, *, rank: int, wo
                            decode_short_side=round(cfg.image_size / cfg.eval_crop_ratio),
                            stored_short_side=index.stored_short_side, with_meta=with_meta, strict=cfg.strict)
     return _loader(dataset, cfg.eval_batch_size, cfg.num_workers, pin_memory)
+
+
+def check_stored_resolution(data: DataConfig, index: ShardIndex) -> str | None:
+    """How much larger than stored the model would see the images: a warning (returned) above 1, a
+    UserError above data.max_upsampling. The stored short side is pack's --resize-short (0: originals
+    kept, nothing to check)."""
+    stored = index.stored_short_side
+    needed = round(data.image_size / data.eval_crop_ratio)
+    if not stored or needed <= stored:
+        return None
+    factor = needed / stored
+    what = (f"data.image_size={data.image_size} needs images with a short side of {needed} px and {index.root} "
+            f"stores {stored} px: the model sees them enlarged {factor:.2f}x")
+    if factor > data.max_upsampling:
+        raise UserError(f"{what}, more than data.max_upsampling={data.max_upsampling:g}; re-pack with --input-size "
+                        f"{data.image_size} into a new folder, or set data.max_upsampling={factor:.2f} to train anyway")
+    return f"{what} (re-pack with --input-size {data.image_size} for full detail)"

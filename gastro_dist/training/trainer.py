@@ -15,21 +15,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from accelerate.utils import gather_object, set_seed
 from rich.console import Console
 from rich.progress import Progress
 from torch import nn
 
 from gastro_dist import Preempted, RunFailure, UserError
-from gastro_dist.config import DataConfig, PhaseConfig, TrainConfig, save_config, to_dict
+from gastro_dist.config import DataConfig, PhaseConfig, TrainConfig, changed_training_keys, save_config, to_dict
 from gastro_dist.data.augmentation import DeviceAugmentation
 from gastro_dist.data.decode import CorruptSample
 from gastro_dist.data.epoch_plan import train_steps_per_epoch
-from gastro_dist.data.loaders import train_loader
+from gastro_dist.data.loaders import check_stored_resolution, train_loader
 from gastro_dist.data.locations import location_record, shard_location
 from gastro_dist.data.shard_index import ShardIndex, load_shard_index, select_fold
-from gastro_dist.models.backbones import (PREPROCESSING_FIELDS, build_model, check_model_config, model_logits,
-                                         resolve_preprocessing, sync_batchnorm)
+from gastro_dist.models.backbones import (PREPROCESSING_FIELDS, Preprocessing, build_model, check_model_config,
+                                         model_logits, resolve_preprocessing, sync_batchnorm)
 from gastro_dist.models.freezing import keep_frozen_batchnorm_in_eval, set_trainable
 from gastro_dist.progress import LineProgress
 from gastro_dist.run_dir import ModelMeta, RunDir
@@ -76,6 +77,21 @@ def check_run_dir(run_dir: RunDir, config: TrainConfig, index: ShardIndex) -> No
                                                        f"on ({previous.get('shards')})"]))
         raise UserError(f"{run_dir.path} holds a run with other settings ({details}); use a new --out directory, "
                         "or the same model and shards to resume it")
+    saved = _saved_config(run_dir)
+    changes = changed_training_keys(saved, config) if saved is not None else []
+    if changes:
+        state = "a finished run" if previous.get("status") == "completed" else "a run"
+        raise UserError(f"{run_dir.path} holds {state} trained with other settings ({'; '.join(changes)}); train into "
+                        f"a new --out directory, or give the settings it was trained with ({run_dir.config_yaml})")
+
+
+def _saved_config(run_dir: RunDir) -> dict | None:
+    """The run folder's config.yaml as a dict; None when there is none (a new run) or it cannot be read."""
+    try:
+        saved = yaml.safe_load(run_dir.config_yaml.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return saved if isinstance(saved, dict) else None
 
 
 class Diverged(RunFailure):
@@ -88,29 +104,66 @@ def train(config: TrainConfig, shards_dir: str | Path, run_dir: str | Path) -> d
     return Trainer(config, shards_dir, run_dir).run()
 
 
+@dataclasses.dataclass
+class CheckedInputs:
+    """What a run starts from, every user mistake in it found before any device work (`check_inputs`)."""
+    preprocessing: Preprocessing
+    config: TrainConfig  # with the model's preprocessing resolved into config.data
+    index: ShardIndex  # index.json as listed (with data.fold applied); shard bytes not read yet
+    loss_weights: torch.Tensor | None
+    warnings: list[str]
+
+
+def check_inputs(config: TrainConfig, shards_dir: str | Path, run_dir: RunDir) -> CheckedInputs:
+    """Config, model and weights, index.json, splits, class weights, stored resolution and the run folder,
+    checked without reading a shard or touching a device: a mistake is a UserError (one line, exit 2)."""
+    check_model_config(config.model)
+    preprocessing = resolve_preprocessing(config.model.name, config.data, _set_by_config(config.data))
+    config = dataclasses.replace(config, data=preprocessing.data_config(config.data))
+    listed = select_fold(load_shard_index(shards_dir), config.data.fold)  # data.fold: train/val from folds
+    for split in ("train", "val"):
+        if split not in listed.splits or listed.count(split) == 0:
+            raise UserError(f"the {split} split in {shard_location(shards_dir)} is empty; re-pack with more images or "
+                            "a larger --val-fraction")
+    check_run_dir(run_dir, config, listed)
+    warning = check_stored_resolution(config.data, listed)
+    return CheckedInputs(preprocessing, config, listed, class_weights_tensor(config, listed),
+                         [warning] if warning else [])
+
+
+def check_training(config: TrainConfig, shards_dir: str | Path, run_dir: str | Path, num_processes: int) -> str:
+    """`gastro-dist train --check`: everything `check_inputs` checks, and that the training split gives each of
+    `num_processes` processes at least one batch. Returns a one-line description of the run it would start."""
+    checked = check_inputs(config, shards_dir, RunDir(run_dir))
+    config, index = checked.config, checked.index
+    steps = train_steps_per_epoch(index.count("train"), num_processes, config.data.batch_size)
+    for warning in checked.warnings:
+        print(f"warning: {warning}")
+    state = "resumes" if RunDir(run_dir).config_yaml.is_file() else "starts"
+    return (f"check passed: {config.model.name} at {config.data.image_size} px on {index.count('train')} train and "
+            f"{index.count('val')} val images of {len(index.classes)} classes, {num_processes} process"
+            f"{'es' if num_processes > 1 else ''} x batch {config.data.batch_size} = {steps} steps per epoch; "
+            f"{state} {run_dir}")
+
+
 class Trainer:
     """One run: setup, then each phase (epochs of train steps + validation), then the final model."""
 
     def __init__(self, config: TrainConfig, shards_dir: str | Path, run_dir: str | Path):
-        check_model_config(config.model)
-        self.preprocessing = resolve_preprocessing(config.model.name, config.data, _set_by_config(config.data))
-        config = dataclasses.replace(config, data=self.preprocessing.data_config(config.data))
-        self.config = config
         self.shards_dir = shard_location(shards_dir)  # a folder or a URL; str() holds no credentials
         self.run_dir = RunDir(run_dir)
         # Everything a user can get wrong is checked before the accelerator touches a device.
-        listed = select_fold(load_shard_index(shards_dir), config.data.fold)  # data.fold: train/val from folds
-        for split in ("train", "val"):
-            if split not in listed.splits or listed.count(split) == 0:
-                raise UserError(f"the {split} split in {self.shards_dir} is empty; re-pack with more images or a larger --val-fraction")
+        checked = check_inputs(config, shards_dir, self.run_dir)
+        self.preprocessing, self.config, listed = checked.preprocessing, checked.config, checked.index
+        config, loss_weights = self.config, checked.loss_weights
         self.classes = listed.classes
-        check_run_dir(self.run_dir, config, listed)
-        loss_weights = class_weights_tensor(config, listed)
 
         self.accelerator = make_accelerator(config, self.run_dir)
         self.world_size = self.accelerator.num_processes
         use_cpu_cores_fairly(self.accelerator)
         self.console = Console(soft_wrap=True)  # whole lines: log files and grep see each message once
+        for warning in checked.warnings:
+            self._warn(warning)
         self.index, self.shard_problems = self._check_shard_files(listed)
         self.micro_steps_per_epoch = train_steps_per_epoch(self.index.count("train"), self.world_size,
                                                            config.data.batch_size)
