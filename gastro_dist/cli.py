@@ -215,7 +215,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         return 0
     if args.shards is None:
         raise UserError("--configs needs --shards, the shard folder every config trains and is evaluated on")
-    compare_configs(args.configs, args.shards, args.out, overrides=args.overrides, split=args.split,
+    configs = [Path(part) for item in args.configs for part in item.split(",") if part]
+    compare_configs(configs, args.shards, args.out, overrides=args.overrides, split=args.split,
                     num_bootstrap=args.bootstrap, track=not args.no_track)
     return 0
 
@@ -294,7 +295,8 @@ def add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
                                        "and paired tests of every two models",
                        description="With --predictions, compares models evaluated already (e.g. the cv runs of "
                                    "several configs, by their oof_predictions.csv), training nothing.")
-    p.add_argument("--configs", type=Path, nargs="+", default=None, help="YAML configs, one run each")
+    p.add_argument("--configs", nargs="+", default=None, metavar="CONFIG",
+                   help="YAML configs, one run each: a.yaml b.yaml (a.yaml,b.yaml too, as slurm/compare.sbatch takes them)")
     p.add_argument("--predictions", nargs="+", default=None, metavar="NAME=PATH",
                    help="models evaluated already: an `evaluate` --out folder or a predictions CSV per model")
     p.add_argument("--shards", type=Path, default=None, help="shard folder (`gastro-dist pack --out`); with --configs")

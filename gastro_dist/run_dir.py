@@ -187,9 +187,21 @@ class RunDir:
 
     def read_model_meta(self) -> ModelMeta:
         if not self.model_json.is_file():
+            inner = self.runs_inside()
+            if inner:
+                shown = ", ".join(str(path) for path in inner[:3]) + (f" and {len(inner) - 3} more" if len(inner) > 3 else "")
+                raise UserError(f"{self.path} is not a run but holds {'runs' if len(inner) > 1 else 'one'} one level "
+                                f"down: pass --run {inner[0]}" + (f" (or {shown})" if len(inner) > 1 else ""))
             raise UserError(f"{self.path} has no model.json: it is not a finished training run "
                             "(run `gastro-dist train ... --out RUN` to completion, or re-run it to resume)")
         return ModelMeta.read(self.model_json)
+
+    def runs_inside(self) -> list[Path]:
+        """Finished runs one folder down (compare's and cv's output folders hold them), sorted."""
+        try:
+            return sorted(child for child in self.path.iterdir() if (child / "model.json").is_file())
+        except OSError:
+            return []
 
 
 def _read_json_object(path: Path) -> dict:

@@ -173,6 +173,18 @@ def test_two_node_cpu_training(cluster, shards, tmp_path):
     assert "node rank 0: exit 0" in log and "node rank 1: exit 0" in log, log
 
 
+def test_a_usage_error_ends_the_job_with_one_line_and_exit_2(cluster, shards, tmp_path):
+    """train --check runs before the launcher: a bad override is one line in the log, exit 2, no traceback, no
+    requeue, and no run folder."""
+    run = tmp_path / "run"
+    job = _submit(cluster, tmp_path, 2, run, shards, ["head.lr=fast"])
+    info = cluster.wait_job(job, timeout=120)
+    log = _log(tmp_path, job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", _describe(cluster, tmp_path, job)
+    assert "head.lr" in log and "the check above failed" in log and "Traceback" not in log, log
+    assert info["Restarts"] == "0" and not run.exists()
+
+
 def test_two_node_deepspeed_zero2(cluster, shards, tmp_path):
     """The same script with GASTRO_DIST_ACCELERATE_CONFIG=launch/deepspeed_zero2.yaml: ZeRO-2 across nodes."""
     pytest.importorskip("deepspeed")
@@ -268,7 +280,7 @@ def test_compare_array_one_config_per_task(cluster, shards, tmp_path):
     (tmp_path / "logs").mkdir()
     array = cluster.sbatch(
         "--array=0-1", "--cpus-per-task=1", "--time=10",
-        str(COMPARE_SBATCH), "--configs", ",".join(map(str, configs)), "--shards", str(shards), "--out", str(out),
+        str(COMPARE_SBATCH), "--configs", *map(str, configs), "--shards", str(shards), "--out", str(out),
         *COMMON_OVERRIDES, "head.epochs=1", "finetune.epochs=1", "data.batch_size=16", "max_steps_per_epoch=2",
         cwd=tmp_path, env=_job_env(),
     )

@@ -4,6 +4,7 @@ checked (plain shard file names inside the folder, whole counts, distinct printa
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import unicodedata
@@ -89,8 +90,30 @@ def read_index_bytes(root: Location) -> bytes:
         raise UserError(f"shard directory {root} not found; create it with `gastro-dist pack SRC --out {root}`")
     path = root / INDEX_FILE
     if not path.is_file():
-        raise UserError(f"{root} has no {INDEX_FILE} (not a finished pack); run `gastro-dist pack SRC --out {root}`")
+        if _holds_inputs(root):
+            raise UserError(f"{root} holds images, not shards: pack them into a new folder first, e.g. `gastro-dist pack "
+                            f"{root} --out {root.parent / (root.name + '-shards')}`, and pass that folder as --shards")
+        raise UserError(f"{root} has no {INDEX_FILE} (not a finished pack); pack your images into it with "
+                        f"`gastro-dist pack IMAGES --out {root}`")
     return path.read_bytes()
+
+
+def _holds_inputs(folder: Path, limit: int = 2000) -> bool:
+    """Whether an image, video or DICOM file lies in FOLDER or one level down (the first `limit` entries looked at)."""
+    from gastro_dist.data.discovery import RECORDED_EXTENSIONS
+
+    looked = 0
+    try:
+        for entry in itertools.chain([folder], (child for child in folder.iterdir() if child.is_dir())):
+            for child in entry.iterdir():
+                looked += 1
+                if looked > limit:
+                    return False
+                if child.suffix.lower() in RECORDED_EXTENSIONS - {".csv"} and child.is_file():
+                    return True
+    except OSError:  # an unreadable folder: the plain message is the one to give
+        return False
+    return False
 
 
 def _parse_index(root: Location, data: Any, index_sha256: str) -> ShardIndex:

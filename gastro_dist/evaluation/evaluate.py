@@ -29,7 +29,7 @@ from gastro_dist.evaluation.inference import full_precision
 from gastro_dist.evaluation.metrics import (PATIENT_AGGREGATIONS, dummy_baselines, evaluate_predictions,
                                             operating_point, patient_level)
 from gastro_dist.evaluation.model_card import model_card_blocks
-from gastro_dist.evaluation.report import write_markdown, write_report
+from gastro_dist.evaluation.report import headline_lines, write_markdown, write_report
 from gastro_dist.files import csv_text, distinct_names, safe_name
 from gastro_dist.progress import progress
 from gastro_dist.run_dir import RunDir, write_run_json
@@ -133,6 +133,7 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
                          details=details, baselines=baselines, operating_point=op, cam_images=cam_images,
                          temperature_scaling=temperature_scaling, patient_level=patients, model_card=card,
                          provenance=provenance)
+    print("\n".join(headline_lines(metrics, classes, details, op)))
     print(f"report: {paths['markdown']}  (html: {paths['html']}; model card: {out_dir / 'MODEL_CARD.md'})")
     if tracking is not None:
         _log_to_training_run(accelerator, RunDir(run_dir), tracking, split, result, paths, out_dir, cam_images)
@@ -509,6 +510,11 @@ def cam_files(trained: TrainedModel, images: list[str | Path], out_dir: str | Pa
         raise UserError(f"--class {class_name!r} is not one of the model's classes {trained.classes}")
     out_dir = Path(out_dir)
     paths = [Path(p) for p in images]
+    folder = next((path for path in paths if path.is_dir()), None)
+    if folder is not None:
+        raise UserError(f"{folder} is a folder and cam takes image files: pass them ({folder}/*.jpg), or use "
+                        f"`gastro-dist predict --run RUN {folder}` for the folder's predictions and `gastro-dist evaluate "
+                        "... --cam N` for a report with Grad-CAM panels of each class")
     check_output_folder(out_dir, paths)
     stems = distinct_names([safe_name(p.stem) for p in paths], [str(p) for p in paths])
     outputs = [out_dir / f"{stem}_cam.png" for stem in stems]

@@ -225,8 +225,21 @@ def _banners(metrics: dict, provenance: dict) -> list:
     return banners
 
 
-def _headline_blocks(metrics: dict, classes: list[str], details: dict, operating_point: dict | None) -> list:
-    """The answer first: how good, for which class, how sure, on how many images and patients."""
+def headline_lines(metrics: dict, classes: list[str], details: dict, operating_point: dict | None) -> list[str]:
+    """The report's first paragraph and one line per class (sensitivity and specificity with their intervals),
+    as plain text: what `evaluate` prints when it is done."""
+    ci = metrics["ci"] or {}
+    lines = [_headline_text(metrics, details, operating_point).replace("`", "")]
+    for name in classes:
+        row = metrics["per_class"][name]
+        lines.append(f"  {display_name(name)}: sensitivity "
+                     f"{_with_ci(row['sensitivity'], ci.get('per_class_accuracy', {}).get(name), _percent)}, specificity "
+                     f"{_with_ci(row['specificity'], ci.get('per_class_specificity', {}).get(name), _percent)} "
+                     f"({row['support']} images)")
+    return lines
+
+
+def _headline_text(metrics: dict, details: dict, operating_point: dict | None) -> str:
     ci = metrics["ci"] or {}
     model = f"`{details['model']}`" if details.get("model") else "The model"
     split = f"the `{details['split']}` split" if details.get("split") else "these predictions"
@@ -243,6 +256,13 @@ def _headline_blocks(metrics: dict, classes: list[str], details: dict, operating
                  f"specificity {_with_ci(view['specificity'], view_ci.get('specificity'), _percent)}.")
     if operating_point is not None:
         text += " " + _operating_point_sentence(operating_point, split)
+    return text
+
+
+def _headline_blocks(metrics: dict, classes: list[str], details: dict, operating_point: dict | None) -> list:
+    """The answer first: how good, for which class, how sure, on how many images and patients."""
+    ci = metrics["ci"] or {}
+    text = _headline_text(metrics, details, operating_point)
     reference = set(classes) == set(REFERENCE_STUDY)
     if reference:
         text += f" The last column gives {REFERENCE_CITATION}."

@@ -162,6 +162,15 @@ class Trainer:
         self.world_size = self.accelerator.num_processes
         use_cpu_cores_fairly(self.accelerator)
         self.console = Console(soft_wrap=True)  # whole lines: log files and grep see each message once
+        if self.is_main:
+            device = self.accelerator.device
+            name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+            machines = num_machines(self.world_size)
+            self.console.print(f"gastro-dist train: {device.type} ({name}), {self.world_size} process"
+                               f"{'es' if self.world_size > 1 else ''} on {machines} machine{'s' if machines > 1 else ''}"
+                               f", precision {config.mixed_precision}"
+                               + ("" if self.world_size == 1 else f", {self.accelerator.distributed_type.value}") + " | "
+                               f"{config.model.name} at {config.data.image_size} px -> {self.run_dir.path}", highlight=False)
         for warning in checked.warnings:
             self._warn(warning)
         self.index, self.shard_problems = self._check_shard_files(listed)
@@ -342,10 +351,10 @@ class Trainer:
                 task = progress.add_task(f"{phase_name} epoch {state.epoch + 1}/{phase.epochs}", total=self.micro_steps_per_epoch,
                                          completed=state.micro_step, loss=float("nan"), ips=0.0)
                 epoch_start = time.perf_counter()
-                epoch_images = self.train_epoch(state, phase, ddp_model, optimizer, scheduler, progress, task)
+                epoch_images, train_loss = self.train_epoch(state, phase, ddp_model, optimizer, scheduler, progress, task)
                 images_seen += epoch_images
                 epoch_time = time.perf_counter() - epoch_start
-                self.end_epoch(state, phase, ddp_model, optimizer, scheduler, epoch_time, epoch_images)
+                self.end_epoch(state, phase, ddp_model, optimizer, scheduler, epoch_time, epoch_images, train_loss)
                 phase_summary["epoch_time_s"].append(round(epoch_time, 3))
                 progress.remove_task(task)
 
@@ -386,8 +395,9 @@ class Trainer:
 
     # ------------------------------------------------------------ one epoch
     def train_epoch(self, state: TrainerState, phase: PhaseConfig, ddp_model, optimizer, scheduler,
-                    progress: Progress | LineProgress, task: int) -> int:
-        """Train from the state's position to the end of the epoch; returns images processed (all ranks)."""
+                    progress: Progress | LineProgress, task: int) -> tuple[int, float]:
+        """Train from the state's position to the end of the epoch; returns the images processed (all ranks) and
+        the epoch's mean training loss."""
         config, accelerator = self.config, self.accelerator
         positions = self._resume_positions(state) or [0] * max(config.data.num_workers, 1)
         loader = train_loader(self.index, config.data, seed=config.seed, epoch=_epoch_seed(state.phase, state.epoch),
@@ -401,6 +411,7 @@ class Trainer:
         # The loss is summed on the device and read back only when logged: .item() every step would
         # make the host wait for the GPU and stall the input pipeline.
         loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
+        epoch_loss_sum, epoch_steps = torch.zeros((), device=accelerator.device), 0  # for the epoch's line
         window_start, window_images, images_seen = time.perf_counter(), 0, 0
         shown: dict[str, float] = {}  # the last logged loss and images/s, for the progress bar
         for batch in loader:
@@ -424,6 +435,8 @@ class Trainer:
             self.skipped_local.extend(batch["skipped"])
             loss_sum += loss.detach().float()
             loss_count += 1
+            epoch_loss_sum += loss.detach().float()
+            epoch_steps += 1
             window_images += images.shape[0] * self.world_size
             if is_update:
                 self.optimizer_update(state, ddp_model, optimizer, scheduler, positions)
@@ -445,7 +458,10 @@ class Trainer:
             progress.update(task, completed=state.micro_step, **shown)
         if state.micro_step != self.micro_steps_per_epoch:
             raise RuntimeError(f"rank {accelerator.process_index} ran {state.micro_step} of {self.micro_steps_per_epoch} steps")
-        return images_seen + window_images
+        # The mean training loss of the steps every rank ran this epoch (since a resume, if it resumed): one
+        # collective per epoch.
+        mean_loss = accelerator.reduce(epoch_loss_sum / max(epoch_steps, 1), reduction="mean")
+        return images_seen + window_images, float(mean_loss)
 
     def optimizer_update(self, state: TrainerState, ddp_model, optimizer, scheduler, positions: list[int]) -> None:
         """Clip, step, and skip the update when the loss or gradients are not finite.
@@ -485,7 +501,7 @@ class Trainer:
                            f"divergence are in {path}; lower the learning rate or check the data, then re-run to resume")
 
     def end_epoch(self, state: TrainerState, phase: PhaseConfig, ddp_model, optimizer, scheduler, epoch_time_s: float,
-                  epoch_images: int) -> None:
+                  epoch_images: int, train_loss: float) -> None:
         """Validate, keep best/last weights, log, report skipped samples, save the training state."""
         try:
             val = predict_split(self.accelerator, ddp_model, self.index, self.config.data, "val",
@@ -510,10 +526,13 @@ class Trainer:
             ckpt.save_weights(unwrapped, self.run_dir.phase_weights(state.phase, "last"), meta)
             if improved:
                 ckpt.save_weights(unwrapped, self.run_dir.phase_weights(state.phase, "best"), meta)
-            print_epoch(self.console, state.phase, state.epoch, phase.epochs, scores, improved)
         learning_rates = {group.get("name", f"group{i}"): group["lr"] for i, group in enumerate(optimizer.param_groups)}
+        if self.is_main:
+            print_epoch(self.console, state.phase, state.epoch, phase.epochs, scores, improved, train_loss,
+                        learning_rates, epoch_time_s)
         self.run_log.log("val", {"phase": state.phase, "epoch": state.epoch, "epoch_time_s": epoch_time_s,
                                  "images_per_s": epoch_images / max(epoch_time_s, 1e-9), "lr": learning_rates,
+                                 "train_loss": train_loss,
                                  "best_macro_accuracy": state.best_score, **scores},
                          step=state.total_optimizer_steps, epoch=self._epochs_before(state.phase) + state.epoch)
         self._report_skipped(state)
