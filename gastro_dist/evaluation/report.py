@@ -264,8 +264,6 @@ def _headline_blocks(metrics: dict, classes: list[str], details: dict, operating
     ci = metrics["ci"] or {}
     text = _headline_text(metrics, details, operating_point)
     reference = set(classes) == set(REFERENCE_STUDY)
-    if reference:
-        text += f" The last column gives {REFERENCE_CITATION}."
     header = ["Class", "Images", "Patients", "Sensitivity (95% CI)", "Specificity (95% CI)"]
     if reference:
         header.append("Reference study, ResNet50")
@@ -279,7 +277,8 @@ def _headline_blocks(metrics: dict, classes: list[str], details: dict, operating
         if reference:
             cells.append(f"{REFERENCE_STUDY[name]:.0%}")
         rows.append(cells)
-    return [Paragraph(text), Table(header, rows), *notes.flush()]
+    cited = [Paragraph(f"The last column is {REFERENCE_CITATION}.")] if reference else []
+    return [Paragraph(text), Table(header, rows), *notes.flush(), *cited]
 
 
 def _operating_point_sentence(operating_point: dict, split: str) -> str:
@@ -542,8 +541,8 @@ def _markdown_line(text: str) -> str:
 _CSS = """
 body { font-family: system-ui, sans-serif; max-width: 1300px; margin: 2em auto; padding: 0 1em; color: #222;
        line-height: 1.45; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: left; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.93em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.55em; text-align: left; }
 th { background: #f0f3f7; }
 tr:nth-child(even) td { background: #fafafa; }
 code { background: #f0f0f0; padding: 0 0.2em; }
@@ -597,8 +596,9 @@ def _data_uri(path: Path) -> str:
 
 
 def _save(figure: Figure, path: Path) -> None:
+    """PNG at FIGURE_DPI, cropped to what is drawn: a long class name or axis label is never cut off."""
     FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=FIGURE_DPI)
+    figure.savefig(path, dpi=FIGURE_DPI, bbox_inches="tight", pad_inches=0.15)
 
 
 def _confusion_figure(confusion: np.ndarray, classes: list[str]) -> Figure:
