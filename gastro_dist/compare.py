@@ -158,12 +158,18 @@ def write_comparison(out_dir: Path, result: dict) -> None:
         save_forest_plot(result["paired"], out_dir / FOREST_PLOT)
     blocks = comparison_blocks(result)
     (out_dir / "comparison.md").write_text(render_markdown(blocks), encoding="utf-8")
-    (out_dir / "comparison.html").write_text(render_html(blocks, f"Backbone comparison ({result['split']} split)",
+    (out_dir / "comparison.html").write_text(render_html(blocks, comparison_title(result),
                                                          out_dir), encoding="utf-8")
 
 
 def comparison_markdown(result: dict) -> str:
     return render_markdown(comparison_blocks(result))
+
+
+def comparison_title(result: dict) -> str:
+    if result.get("predictions"):
+        return "Model comparison from prediction files"
+    return f"Backbone comparison on the {result['split']} split"
 
 
 def comparison_blocks(result: dict) -> list:
@@ -188,7 +194,7 @@ def comparison_blocks(result: dict) -> list:
                            "n/a" if ips is None else f"{ips:.0f}"])
     notes = "MCC is scikit-learn's multiclass matthews_corrcoef; ECE is the debiased expected calibration error."
     notes += reference_study_note(classes)
-    blocks = [Heading(f"Backbone comparison ({result['split']} split)", level=1)]
+    blocks = [Heading(comparison_title(result), level=1)]
     if result["models"]:
         blocks += [Paragraph("Share of each class's images recognised correctly (the study's table), with 95% "
                              "patient-level bootstrap CIs."),
@@ -243,11 +249,11 @@ def paired_blocks(paired: dict) -> list:
               + f". Each test's p-values are Holm-adjusted across the {len(paired['pairs'])} pairs (in brackets) "
               f"and read at {paired['alpha']}. The {level} CIs of the differences come from {paired['num_resamples']} "
               f"paired bootstrap resamples of the {paired['num_units']} {unit} (seed {paired['seed']}).")
-    return [Heading("Paired comparison"), Paragraph(method),
+    return [Heading("Paired comparison"), *[Paragraph(sentence) for sentence in significance_sentences(paired)],
+            Paragraph(method),
             Table(["pair (a − b)", f"accuracy, points ({level} CI)", "accuracy test p (Holm)",
                    "McNemar exact, images independent p (Holm)",
                    f"macro AUC ({level} CI)", "bootstrap p (Holm)", f"cancer AUC ({level} CI)",
                    "DeLong p (Holm)"], rows),
             Images([(FOREST_PLOT, "Differences between the models with their CIs; the dashed line is no "
-                                  "difference")]),
-            *[Paragraph(sentence) for sentence in significance_sentences(paired)]]
+                                  "difference")])]

@@ -23,6 +23,7 @@ from gastro_dist.data.shard_index import ShardIndex, fold_split, load_shard_inde
 from gastro_dist.evaluation.evaluate import evaluate_run
 from gastro_dist.evaluation.inference import full_precision
 from gastro_dist.evaluation.metrics import evaluate_predictions
+from gastro_dist.evaluation.report import display_name
 from gastro_dist.files import csv_text, file_sha256, write_json_atomic, write_text_atomic
 from gastro_dist.run_dir import RunDir, redact
 from gastro_dist.tracking import RunLog, accelerator_tracking_kwargs, group_run
@@ -198,6 +199,7 @@ def summarise(out_dir: Path, index: ShardIndex, runs: dict[int, RunDir], config_
     result = {
         "config": str(config_path), "overrides": overrides, "shards": str(index.root),
         "shards_index_sha256": index.index_sha256, "classes": classes, "num_folds": index.num_folds,
+        "synthetic": index.synthetic,
         "folds": per_fold,
         "across_folds": {"val": _spread([row["val"] for row in per_fold], classes)},
         "out_of_fold": {**pooled, "num_listed": sum(index.count(fold_split(fold)) for fold in runs),
@@ -327,7 +329,7 @@ def cv_markdown(result: dict) -> str:
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     num = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     folds = [row["fold"] for row in result["folds"]]
-    rows_of = [(f"accuracy: {c}", ("per_class_accuracy", c), pct) for c in classes] + [
+    rows_of = [(f"sensitivity: {display_name(c)}", ("per_class_accuracy", c), pct) for c in classes] + [
         ("overall accuracy", ("accuracy",), pct), ("balanced accuracy", ("balanced_accuracy",), pct),
         ("macro AUC", ("macro_auc",), num), ("MCC", ("mcc",), num), ("macro F1", ("macro_f1",), num)]
 
@@ -348,11 +350,14 @@ def cv_markdown(result: dict) -> str:
         ci = metrics.get("ci") or {}
 
         def cell(value, interval, fmt) -> str:
-            return fmt(value) + (f" ({fmt(interval['lower'])} – {fmt(interval['upper'])})" if interval else "")
+            if not interval:
+                return fmt(value)
+            return (fmt(value) + f" ({fmt(interval['lower'])} – {fmt(interval['upper'])})"
+                    + (" †" if interval.get("flag") else ""))
 
-        lines = ["| metric | value (95% patient-level bootstrap CI) |", "|---|---:|"]
+        lines = ["| metric | value (95% CI, patients as the units) |", "|---|---:|"]
         for c in classes:
-            lines.append(f"| accuracy: {c} | "
+            lines.append(f"| sensitivity: {display_name(c)} | "
                          f"{cell(metrics['per_class_accuracy'][c], (ci.get('per_class_accuracy') or {}).get(c), pct)} |")
         for title, name, fmt in (("overall accuracy", "accuracy", pct), ("balanced accuracy", "balanced_accuracy", pct),
                                  ("macro AUC", "macro_auc", num), ("MCC", "mcc", num), ("macro F1", "macro_f1", num)):
@@ -360,7 +365,11 @@ def cv_markdown(result: dict) -> str:
         return lines
 
     oof = result["out_of_fold"]
-    lines = [f"# Cross-validation: {num_folds} folds", "",
+    synthetic = result.get("synthetic")
+    banner = [f"> **Synthetic data: the images were rendered by `{synthetic.get('generator', 'synth')}`, not taken by an "
+              "endoscope; the figures show the pipeline works, not how a model would do on patients.**", ""] \
+        if synthetic else []
+    lines = [f"# Cross-validation: {num_folds} folds", "", *banner,
              f"Config `{result['config']}`{' with ' + ' '.join(result['overrides']) if result['overrides'] else ''}; "
              f"shards `{result['shards']}`. Each fold's model trained on the other "
              f"{'fold' if num_folds == 2 else f'{num_folds - 1} folds'} "
@@ -377,5 +386,7 @@ def cv_markdown(result: dict) -> str:
                   "## Fold ensemble on the test split", "",
                   f"Mean of the {ensemble['num_models']} fold models' probabilities, {ensemble['num_samples']} of "
                   f"{ensemble['num_listed']} test images.", "", *pooled_table(ensemble), ""]
-    lines += ["MCC is scikit-learn's multiclass matthews_corrcoef." + reference_study_note(classes), ""]
+    lines += ["Intervals as in `evaluate`'s report: exact for the proportions, the bootstrap for the others, † where "
+              "simulation finds intervals of that kind covering less than 92% (fewer than 200 patients, or a value near "
+              "its bound). MCC is scikit-learn's multiclass matthews_corrcoef." + reference_study_note(classes), ""]
     return "\n".join(lines)

@@ -129,7 +129,7 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
     with_ids = sum(not unit.startswith("image:") for unit in groups)
     provenance = {"synthetic": index.synthetic,
                   "patient_ids": "all" if with_ids == len(groups) else "none" if with_ids == 0 else "some"}
-    paths = write_report(out_dir, metrics, labels, probs, classes, title=f"{trained.architecture} on {split}",
+    paths = write_report(out_dir, metrics, labels, probs, classes, title=f"{trained.architecture} on the {split} split",
                          details=details, baselines=baselines, operating_point=op, cam_images=cam_images,
                          temperature_scaling=temperature_scaling, patient_level=patients, model_card=card,
                          provenance=provenance)

@@ -20,6 +20,7 @@ from statsmodels.stats.contingency_tables import mcnemar
 
 from gastro_dist.evaluation.intervals import expanded_percentile_interval
 from gastro_dist.evaluation.metrics import PreparedPredictions, bootstrap_weights, replicate_statistics
+from gastro_dist.evaluation.report import display_name
 
 ALPHA = 0.05  # the significance level the text reads the Holm-adjusted p-values at
 # Fewest patients (or images) with the positive class for DeLong's test to keep its size (simulated).
@@ -241,11 +242,11 @@ def significance_sentences(comparison: dict) -> list[str]:
                                       "paired bootstrap test", level, _dec, _signed))
         delong = pair["delong"]
         if delong is not None and delong["p_value"] is not None:
-            sentences.append(_verdict(f"{comparison['positive_class']}-vs-rest AUC", pair, "cancer_auc_difference",
+            sentences.append(_verdict(f"{display_name(comparison['positive_class'])}-vs-rest AUC", pair, "cancer_auc_difference",
                                       delong, "DeLong", level, _dec, _signed,
                                       f" ({delong['note']})" if delong.get("note") else ""))
         elif delong is not None and delong.get("note"):
-            sentences.append(f"{comparison['positive_class']}-vs-rest AUC of {a} and {b}: {delong['note']}.")
+            sentences.append(f"{display_name(comparison['positive_class'])}-vs-rest AUC of {a} and {b}: {delong['note']}.")
     return sentences
 
 

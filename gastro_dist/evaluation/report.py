@@ -724,9 +724,9 @@ def save_forest_plot(comparison: dict, path: Path) -> Path:
     measures = [("accuracy_difference", "Accuracy difference (points)", 100.0),
                 ("macro_auc_difference", "Macro AUC difference", 1.0)]
     if comparison.get("positive_class"):
-        measures.append(("cancer_auc_difference", f"{comparison['positive_class']} AUC difference", 1.0))
+        measures.append(("cancer_auc_difference", f"{display_name(comparison['positive_class'])} AUC difference", 1.0))
     labels = [f"{pair['a']} − {pair['b']}" for pair in pairs]
-    figure = Figure(figsize=(4.2 * len(measures) + 0.12 * max(map(len, labels)), 1.2 + 0.55 * len(pairs)),
+    figure = Figure(figsize=(4.2 * len(measures) + 0.12 * max(map(len, labels)), 2.0 + 0.55 * len(pairs)),
                     layout="constrained")
     axes_row = figure.subplots(1, len(measures), sharey=True, squeeze=False)[0]
     rows = np.arange(len(pairs))[::-1]
