@@ -16,8 +16,8 @@ from gastro_dist.config import load_config
 from gastro_dist.data.shard_index import load_shard_index
 from gastro_dist.evaluation.evaluate import POSITIVE_CLASS, evaluate_run, read_predictions_csv
 from gastro_dist.evaluation.paired import compare_models, significance_sentences
-from gastro_dist.evaluation.report import Heading, Images, Paragraph, Table, render_html, render_markdown, \
-    save_forest_plot
+from gastro_dist.evaluation.report import (Heading, Images, Paragraph, Table, display_name, render_html, render_markdown,
+                                          save_forest_plot)
 from gastro_dist.run_dir import write_run_json
 from gastro_dist.tracking import group_run
 from gastro_dist.training.trainer import train
@@ -196,9 +196,9 @@ def comparison_blocks(result: dict) -> list:
     notes += reference_study_note(classes)
     blocks = [Heading(comparison_title(result), level=1)]
     if result["models"]:
-        blocks += [Paragraph("Share of each class's images recognised correctly (the study's table), with 95% "
-                             "patient-level bootstrap CIs."),
-                   Table(["model", *classes, "overall"], accuracy_rows),
+        blocks += [Paragraph("Share of each class's images recognised correctly (the study's table), with exact "
+                             "95% CIs counting patients as the units."),
+                   Table(["model", *[display_name(c) for c in classes], "overall"], accuracy_rows),
                    Table(["model", "macro F1", "MCC", "macro AUC", "ECE", "Brier", "cancer sens.", "cancer spec.",
                           "cancer AUC", "train time (s)", "train images/s"], other_rows),
                    Paragraph(notes)]

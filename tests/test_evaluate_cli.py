@@ -201,14 +201,15 @@ def test_compare_writes_the_study_table(synthetic_shards, tmp_path):
     assert [m["name"] for m in comparison["models"]] == ["smoke", "mobilenet"]
     assert comparison["models"][1]["model"] == "mobilenet_v3_small"
     table = (out / "comparison.md").read_text()
-    assert "| smoke |" in table and "gastric_cancer" in table
+    assert "| smoke |" in table and "| Gastric cancer |" in table
     for row in comparison["models"]:
         assert set(row["per_class_accuracy"]) == set(comparison["classes"])
         assert row["train_time_s"] > 0
     (pair,) = comparison["paired"]["pairs"]
     assert (pair["a"], pair["b"]) == ("smoke", "mobilenet")
-    for test in ("mcnemar", "macro_auc_test", "delong"):
+    for test in ("accuracy_test", "mcnemar", "macro_auc_test", "delong"):
         assert {"p_value", "p_holm", "significant"} <= set(pair[test])
+    assert "Accuracy of smoke and mobilenet is" in table and "clustered McNemar (Durkalski et al. 2003)" in table
     assert comparison["paired"]["unit"] == "patient"
     assert "## Paired comparison" in table and "significantly different" in table
     assert "| bootstrap p (Holm) |" in table and "Macro AUC of smoke and mobilenet is" in table

@@ -113,8 +113,9 @@ def _factors() -> list:
 
 def _metrics_section(result: dict) -> list:
     boot = result.get("bootstrap") or {}
-    intervals = (f"95% CIs from {boot.get('num_resamples')} bootstrap resamples of the "
-                 f"{'patients' if boot.get('unit') == 'patient' else 'images'}" if boot else "no CIs were computed")
+    intervals = (f"95% CIs with the {'patients' if boot.get('unit') == 'patient' else 'images'} as the independent "
+                 f"units: exact for the proportions, from {boot.get('num_resamples')} bootstrap resamples for AUC, F1, "
+                 "MCC and Brier score (the report's Methods)" if boot else "no CIs were computed")
     return [Heading("Metrics"),
             Paragraph("Per-class accuracy (the share of each class's images recognised: sensitivity), "
                       "specificity, PPV, NPV, F1 and AUC of each class against the rest, macro AUC, MCC, "
