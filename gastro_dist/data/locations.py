@@ -123,6 +123,17 @@ def open_location(location: Location) -> BinaryIO:
     return open_regular_file(location)
 
 
+def location_fingerprint(location: Location) -> dict | None:
+    """What identifies the file's present content without reading it: size, modification time, inode
+    and device of a local file; size and ETag (or Last-Modified) of a file at a URL, from the headers of
+    a request whose body is not read (None when the store gives neither). Raises OSError."""
+    if isinstance(location, ShardURL):
+        with _RemoteStream(location) as stream:
+            return None if stream.version is None else {"size": stream.size, "version": stream.version}
+    status = os.stat(location)
+    return {"size": status.st_size, "mtime_ns": status.st_mtime_ns, "inode": status.st_ino, "device": status.st_dev}
+
+
 def fetch_bytes(location: ShardURL, max_bytes: int) -> bytes:
     """The whole file at a URL (index.json); RemoteFetchError when it is larger than `max_bytes`."""
     with _RemoteStream(location) as stream:

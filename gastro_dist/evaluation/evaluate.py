@@ -73,7 +73,8 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, out_dir: str | Pat
     num_listed = index.count(split)
     # counts and sha256 of the shards read first: the plan asks only for samples that are there
     scanned_splits = sorted({split, "val"} if cancer_sensitivity is not None else {split})
-    index, shard_problems = checked_shard_index(accelerator, index, scanned_splits, data_cfg.max_member_mb)
+    index, shard_problems = checked_shard_index(accelerator, index, scanned_splits, data_cfg.max_member_mb,
+                                                run_dir=Path(run_dir))
     predictions, rejected = _predict(accelerator, trained, index, data_cfg, split, num_listed)
     selection = _predict(accelerator, trained, index, data_cfg, "val")[0] if cancer_sensitivity is not None else None
     if not accelerator.is_main_process:

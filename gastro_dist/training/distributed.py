@@ -21,6 +21,7 @@ from gastro_dist.config import TrainConfig
 from gastro_dist.data.locations import ShardURL
 from gastro_dist.data.shard_index import ShardFile, ShardIndex
 from gastro_dist.data.shard_reader import ShardScan, checked_index, scan_shard
+from gastro_dist.data.verified_shards import VerifiedShards, fingerprint_of
 from gastro_dist.run_dir import RunDir
 from gastro_dist.tracking import accelerator_tracking_kwargs, check_trackers_installed
 
@@ -151,25 +152,40 @@ class PreemptionWatch:
         return bool(flag.item() > 0)
 
 
-def checked_shard_index(accelerator: Accelerator, listed: ShardIndex, splits: list[str],
-                        max_member_mb: int) -> tuple[ShardIndex, list[str]]:
+def checked_shard_index(accelerator: Accelerator, listed: ShardIndex, splits: list[str], max_member_mb: int,
+                        run_dir: Path | None = None) -> tuple[ShardIndex, list[str]]:
     """`shards.checked_index`, each process reading a share of the shards; every process gets the
-    same result, so that all plan the same epoch. For shards at a URL this downloads each once: the
-    main process says how much and how long."""
+    same result, so that all plan the same epoch. A shard verified before and unchanged since
+    (`verified_shards`: the record next to index.json, or in `run_dir`) is not read again; the main
+    process says what was read and, for shards at a URL, how much was downloaded."""
     rank, world = accelerator.process_index, accelerator.num_processes
     started, scans = time.monotonic(), []
+    verified = VerifiedShards.load(listed, max_member_mb << 20, run_dir)
+
+    def scan_or_recall(shard: ShardFile) -> tuple[ShardScan, dict | None, bool]:
+        fingerprint = fingerprint_of(shard.path)  # before the read: a file changed during it fails its sha256
+        known = verified.recall(shard, fingerprint)
+        return (known, fingerprint, True) if known else (scan_shard(shard, max_member_mb << 20), fingerprint, False)
 
     def scan_all(shards: list[ShardFile]) -> list[ShardScan]:
-        mine = [scan_shard(shard, max_member_mb << 20) for shard in shards[rank::world]]
+        mine = [scan_or_recall(shard) for shard in shards[rank::world]]
         per_rank = gather_object([mine]) if world > 1 else [mine]
         in_order = [per_rank[i % world][i // world] for i in range(len(shards))]
-        scans.extend(in_order)  # every split's, for the download report below
-        return in_order
+        scans.extend(in_order)  # every split's, for the record and the report below
+        return [scan for scan, _, _ in in_order]
 
     checked = checked_index(listed, splits, max_member_mb << 20, scan_all)
-    if isinstance(listed.root, ShardURL) and accelerator.is_main_process:
-        print(f"checked {len(scans)} shards against index.json: read {sum(s.num_bytes for s in scans) / 1e6:,.1f} MB "
-              f"from {listed.root} in {time.monotonic() - started:,.1f} s", flush=True)
+    if accelerator.is_main_process and scans:
+        read = [scan for scan, _, recalled in scans if not recalled]
+        for scan, fingerprint, recalled in scans:
+            if not recalled:
+                verified.remember(scan, fingerprint)
+        if read:
+            verified.save()
+        downloaded = (f", {sum(s.num_bytes for s in read) / 1e6:,.1f} MB from {listed.root}"
+                      if isinstance(listed.root, ShardURL) else "")
+        print(f"shards checked against index.json: {len(scans) - len(read)} of {len(scans)} unchanged since verified, "
+              f"{len(read)} read{downloaded} in {time.monotonic() - started:,.1f} s", flush=True)
     return checked
 
 

@@ -208,7 +208,8 @@ class Trainer:
         """Every train and val shard read once (each process a share): sample counts and sha256 against
         index.json. The epoch is planned on what the files hold; what differs is reported, or stops
         the run under data.strict."""
-        index, problems = checked_shard_index(self.accelerator, listed, ["train", "val"], self.config.data.max_member_mb)
+        index, problems = checked_shard_index(self.accelerator, listed, ["train", "val"], self.config.data.max_member_mb,
+                                              run_dir=self.run_dir.path)
         if problems and self.config.data.strict:
             raise CorruptSample(f"{problems[0]} (data.strict=true; re-pack, or set data.strict=false to "
                                          "train on the readable samples)")
