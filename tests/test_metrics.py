@@ -174,7 +174,7 @@ def test_debiased_ece_interval_contains_its_estimate_where_the_percentile_interv
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     y_true = (rng.random(450)[:, None] > np.cumsum(probs, axis=1)).sum(axis=1)  # drawn from probs: calibrated
     m = evaluate_predictions(y_true, probs, STUDY_CLASSES, num_bootstrap=500, seed=0)
-    replicates = M._bootstrap_statistics(M.PreparedPredictions(y_true, probs), np.arange(450), 500, 0)["ece"]
+    replicates = M._bootstrap_statistics(M.PreparedPredictions(y_true, probs), 500, 0)["ece"]
     lower, upper = np.percentile(replicates, [2.5, 97.5])
     assert not lower <= m["ece"] <= upper  # the old interval misses its own estimate
     interval = m["ci"]["ece_debiased"]
@@ -308,6 +308,18 @@ def test_weighted_replicate_equals_metrics_of_the_resampled_images():
     assert max(0, replicate["ece_debiased"][0]) == pytest.approx(direct["ece_debiased"])
     for k, name in enumerate("abcd"):
         assert replicate["auc"][0, k] == pytest.approx(direct["per_class"][name]["auc"])
+
+
+def test_unit_weights_are_the_weights_of_their_images():
+    """A replicate drawn by patient (R x U counts, summed per patient) gives the metrics of the same replicate
+    written as per-image weights."""
+    y_true, probs = random_predictions(12, 90, 3)
+    units = np.arange(90) // 4
+    counts = np.random.default_rng(1).integers(0, 3, size=(2, units.max() + 1)).astype(float)
+    by_unit = M.replicate_statistics(M.PreparedPredictions(y_true, probs, units), counts)
+    by_image = M.replicate_statistics(M.PreparedPredictions(y_true, probs), counts[:, units])
+    for name in ("confusion", "accuracy", "auc", "ece_debiased", "brier", "mcc", "bin_confidence"):
+        np.testing.assert_allclose(by_unit[name], by_image[name], rtol=1e-12, atol=1e-12)
 
 
 def test_absent_class_gives_none_and_json_without_nan():

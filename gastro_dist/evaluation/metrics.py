@@ -9,6 +9,7 @@ import math
 from typing import Callable, Iterator
 
 import numpy as np
+from scipy import sparse
 from scipy.special import erf
 
 from gastro_dist import UserError
@@ -61,9 +62,10 @@ def evaluate_predictions(
     y_true, probs = _validated(y_true, probs, classes)
     group_ids = None if groups is None else _group_indices(groups, len(y_true))
     positive_index = classes.index(positive_class) if positive_class in classes else None
-    data = PreparedPredictions(y_true, probs)
+    units = group_ids if group_ids is not None else np.arange(len(y_true))
+    data = PreparedPredictions(y_true, probs, units)
 
-    point = replicate_statistics(data, np.ones((1, len(y_true))))
+    point = replicate_statistics(data, np.ones((1, data.num_units)))
     point = {name: values[0] for name, values in point.items()}
     confusion = np.rint(point["confusion"]).astype(int)
 
@@ -96,8 +98,7 @@ def evaluate_predictions(
         metrics["cancer_vs_benign"] = _positive_vs_rest(per_class, confusion, classes, positive_index)
 
     if num_bootstrap > 0:
-        units = group_ids if group_ids is not None else np.arange(len(y_true))
-        replicates = _bootstrap_statistics(data, units, num_bootstrap, seed, on_resamples)
+        replicates = _bootstrap_statistics(data, num_bootstrap, seed, on_resamples)
         metrics["ci"] = _confidence_intervals(replicates, classes, positive_index, int(units.max() + 1), ci_level)
         proportions = _proportion_intervals(y_true, probs.argmax(axis=1), units, classes, positive_index, ci_level)
         if positive_index is not None:
@@ -329,33 +330,56 @@ def roc_curve(y_true_binary: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray
 
 
 class PreparedPredictions:
-    """Per-image quantities that every replicate reuses: confusion cells, calibration bins, AUC orders."""
+    """What every bootstrap replicate reuses, summed per resampling unit (a patient, or an image), so that a
+    replicate's confusion matrix, calibration bins and Brier score are one sparse product of its unit counts
+    with these sums: per unit and statistic, ``unit_sums`` holds the images in each confusion cell, in each
+    calibration bin, right in each bin, their confidence per bin and their Brier score. AUCs need the images
+    themselves: per class, the negatives in score order, the positives, and for each positive how many
+    negatives score below it and at or below it (`_weighted_auc`)."""
 
-    def __init__(self, y_true: np.ndarray, probs: np.ndarray):
-        self.num_classes = probs.shape[1]
+    def __init__(self, y_true: np.ndarray, probs: np.ndarray, unit_of_image: np.ndarray | None = None):
+        num_images, k = probs.shape
+        self.num_classes = k
+        self.unit_of_image = np.arange(num_images) if unit_of_image is None else np.asarray(unit_of_image)
+        self.num_units = int(self.unit_of_image.max()) + 1 if num_images else 0
         predicted = probs.argmax(axis=1)
-        self.confusion_cell = y_true * self.num_classes + predicted
         confidence = probs.max(axis=1)
         self.confidence = confidence
-        self.correct = (predicted == y_true).astype(float)
+        correct = (predicted == y_true).astype(float)
         squared_error = probs ** 2
-        squared_error[np.arange(len(y_true)), y_true] = (1.0 - probs[np.arange(len(y_true)), y_true]) ** 2
-        self.brier = squared_error.sum(axis=1)
+        squared_error[np.arange(num_images), y_true] = (1.0 - probs[np.arange(num_images), y_true]) ** 2
         # Bins are (lower, upper], the first one also holding 0.
         self.calibration_bin = np.clip(np.ceil(confidence * NUM_CALIBRATION_BINS).astype(int) - 1,
                                        0, NUM_CALIBRATION_BINS - 1)
+        bins = NUM_CALIBRATION_BINS
+        columns = np.concatenate([y_true * k + predicted, k * k + self.calibration_bin,
+                                  k * k + bins + self.calibration_bin, k * k + 2 * bins + self.calibration_bin,
+                                  np.full(num_images, k * k + 3 * bins)])
+        values = np.concatenate([np.ones(num_images), np.ones(num_images), correct, confidence,
+                                 squared_error.sum(axis=1)])
+        self.unit_sums = sparse.csr_matrix((values, (np.tile(self.unit_of_image, 5), columns)),
+                                           shape=(self.num_units, k * k + 3 * bins + 1))
         self.auc_orders = []
-        for k in range(self.num_classes):
-            order = np.argsort(probs[:, k], kind="stable")
-            level_ends = np.r_[np.flatnonzero(np.diff(probs[order, k])), len(order) - 1]
-            self.auc_orders.append((order, level_ends, y_true[order] == k))
+        for c in range(k):
+            negatives = np.flatnonzero(y_true != c)
+            negatives = negatives[np.argsort(probs[negatives, c], kind="stable")]
+            positives = np.flatnonzero(y_true == c)
+            negative_scores = probs[negatives, c]
+            below = np.searchsorted(negative_scores, probs[positives, c], side="left")
+            at_or_below = np.searchsorted(negative_scores, probs[positives, c], side="right")
+            # unit -1 first: the zero column `_weighted_auc` appends, so the cumulative sums start at 0
+            self.auc_orders.append((np.r_[-1, self.unit_of_image[negatives]], self.unit_of_image[positives], below,
+                                    None if np.array_equal(below, at_or_below) else at_or_below))
 
 
-def replicate_statistics(data: PreparedPredictions, weights: np.ndarray) -> dict[str, np.ndarray]:
-    """Metrics of each row of ``weights`` (R x N: how often each image is in a replicate)."""
-    num_replicates = weights.shape[0]
-    k = data.num_classes
-    confusion = _row_bincount(data.confusion_cell[None, :], k * k, weights).reshape(num_replicates, k, k)
+def replicate_statistics(data: PreparedPredictions, unit_weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Metrics of each row of ``unit_weights`` (R x U: how often each unit is in a replicate; ones for the
+    data as they are)."""
+    num_replicates = unit_weights.shape[0]
+    k, bins = data.num_classes, NUM_CALIBRATION_BINS
+    sums = np.asarray((data.unit_sums.T @ unit_weights.T).T)  # R x statistics
+    confusion = sums[:, :k * k].reshape(num_replicates, k, k)
+    bin_weight, bin_correct, bin_confidence = (sums[:, k * k + j * bins:k * k + (j + 1) * bins] for j in range(3))
     total = confusion.sum(axis=(1, 2))
     support = confusion.sum(axis=2)
     predicted_count = confusion.sum(axis=1)
@@ -374,13 +398,7 @@ def replicate_statistics(data: PreparedPredictions, weights: np.ndarray) -> dict
     mcc_denominator = np.sqrt(cov_true_true * cov_pred_pred)
     mcc = np.divide(cov_true_pred, mcc_denominator, out=np.zeros_like(total), where=mcc_denominator > 0)
 
-    bin_weight = _row_bincount(data.calibration_bin[None, :], NUM_CALIBRATION_BINS, weights)
-    bin_correct = _row_bincount(data.calibration_bin[None, :], NUM_CALIBRATION_BINS,
-                                weights * data.correct)
-    bin_confidence = _row_bincount(data.calibration_bin[None, :], NUM_CALIBRATION_BINS,
-                                   weights * data.confidence)
-
-    auc = np.stack([_weighted_auc(weights, *data.auc_orders[c]) for c in range(k)], axis=1)
+    auc = np.stack([_weighted_auc(unit_weights, *data.auc_orders[c]) for c in range(k)], axis=1)
     return {
         "confusion": confusion,
         "accuracy": correct_total / total,
@@ -396,7 +414,7 @@ def replicate_statistics(data: PreparedPredictions, weights: np.ndarray) -> dict
         "macro_auc": _nanmean(auc),
         "ece": np.abs(bin_correct - bin_confidence).sum(axis=1) / total,
         "ece_debiased": _debiased_ece(bin_weight, bin_correct, bin_confidence) / total,
-        "brier": weights @ data.brier / total,
+        "brier": sums[:, -1] / total,
         "bin_weight": bin_weight,
         "bin_correct": bin_correct,
         "bin_confidence": bin_confidence,
@@ -414,39 +432,42 @@ def _row_bincount(index: np.ndarray, size: int, weights: np.ndarray | None = Non
     return np.bincount(offsets.ravel(), weights=weights.ravel(), minlength=num_rows * size).reshape(num_rows, size)
 
 
-def _weighted_auc(weights: np.ndarray, order: np.ndarray, level_ends: np.ndarray,
-                  is_positive_sorted: np.ndarray) -> np.ndarray:
-    """Mann-Whitney AUC per weight row: P(score_pos > score_neg) + P(tie) / 2; NaN without both classes.
+def _weighted_auc(weights: np.ndarray, negatives: np.ndarray, positives: np.ndarray, below: np.ndarray,
+                  at_or_below: np.ndarray | None) -> np.ndarray:
+    """Mann-Whitney AUC per weight row (R x U unit counts): P(score_pos > score_neg) + P(tie) / 2; NaN without
+    both classes.
 
-    Cumulative weights at the last image of each distinct score give, per score level, the
-    negatives at or below it; each positive wins against those below and half of its own level.
+    The cumulative weight of the negatives in score order (`negatives`: their units, after a zero), read
+    at each positive's place among them (`PreparedPredictions`), is the weight it beats; a tie counts
+    half, so a positive scores the mean of the weight below it and at or below it (the same when no
+    score ties: `at_or_below` None). Linear in the images per replicate.
     """
-    sorted_weights = weights[:, order]
-    positive_cumulative = np.cumsum(sorted_weights * is_positive_sorted, axis=1)[:, level_ends]
-    negative_cumulative = np.cumsum(sorted_weights, axis=1)[:, level_ends] - positive_cumulative
-    positive = np.diff(positive_cumulative, axis=1, prepend=0.0)
-    negative = np.diff(negative_cumulative, axis=1, prepend=0.0)
-    concordant = np.sum(positive * (negative_cumulative - 0.5 * negative), axis=1)
-    return _ratio(concordant, positive_cumulative[:, -1] * negative_cumulative[:, -1])
+    padded = np.concatenate([weights, np.zeros((len(weights), 1))], axis=1)  # unit -1: weight 0
+    negative_cumulative = np.cumsum(padded[:, negatives], axis=1)
+    positive_weights = weights[:, positives]
+    beaten = negative_cumulative[:, below]
+    if at_or_below is not None:
+        beaten = 0.5 * (beaten + negative_cumulative[:, at_or_below])
+    concordant = np.einsum("rp,rp->r", positive_weights, beaten)
+    return _ratio(concordant, positive_weights.sum(axis=1) * negative_cumulative[:, -1])
 
 
-def bootstrap_weights(unit_of_image: np.ndarray, num_resamples: int, seed: int) -> Iterator[np.ndarray]:
-    """Chunks of bootstrap replicates as R x N weights: how often each image is drawn when units
-    (patients: ``unit_of_image`` holds 0..U-1 per image) are drawn U times with replacement.
-    The same seed gives the same replicates, so two models scored on them are compared pairwise."""
+def bootstrap_weights(num_units: int, num_resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """Chunks of bootstrap replicates as R x U unit counts: how often each unit (patient, or image) is drawn
+    when ``num_units`` units are drawn with replacement. The same seed gives the same replicates, so two models
+    scored on them are compared pairwise."""
     rng = np.random.default_rng(seed)
-    num_units = int(unit_of_image.max() + 1)
-    chunk = max(1, _CHUNK_ELEMENTS // max(len(unit_of_image), num_units))
+    chunk = max(1, _CHUNK_ELEMENTS // max(num_units, 1))
     for start in range(0, num_resamples, chunk):
         drawn = rng.integers(0, num_units, size=(min(chunk, num_resamples - start), num_units))
-        yield _row_bincount(drawn, num_units)[:, unit_of_image]
+        yield _row_bincount(drawn, num_units)
 
 
-def _bootstrap_statistics(data: PreparedPredictions, unit_of_image: np.ndarray, num_resamples: int,
-                          seed: int, on_resamples: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
-    """Statistics of ``num_resamples`` replicates drawing units (patients or images) with replacement."""
+def _bootstrap_statistics(data: PreparedPredictions, num_resamples: int, seed: int,
+                          on_resamples: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """Statistics of ``num_resamples`` replicates drawing the data's units (patients or images) with replacement."""
     parts = []
-    for weights in bootstrap_weights(unit_of_image, num_resamples, seed):
+    for weights in bootstrap_weights(data.num_units, num_resamples, seed):
         parts.append(replicate_statistics(data, weights))
         if on_resamples is not None:
             on_resamples(len(weights))

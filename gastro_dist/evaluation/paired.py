@@ -170,12 +170,13 @@ def compare_models(y_true, probs: dict[str, np.ndarray], classes: list[str], gro
     positive = classes.index(positive_class) if positive_class in classes else None
     unit = _units(groups, len(y_true))
     num_units = int(unit.max() + 1) if len(unit) else 0
-    prepared = {name: PreparedPredictions(y_true, np.asarray(probs[name], dtype=float)) for name in names}
+    prepared = {name: PreparedPredictions(y_true, np.asarray(probs[name], dtype=float), unit) for name in names}
+    correct = {name: np.asarray(probs[name]).argmax(axis=1) == y_true for name in names}
     point = {name: {key: values[0] for key, values in replicate_statistics(prepared[name],
-                                                                           np.ones((1, len(y_true)))).items()}
+                                                                           np.ones((1, num_units))).items()}
              for name in names}
     replicates = {name: [] for name in names}
-    for weights in bootstrap_weights(unit, num_bootstrap, seed) if num_bootstrap > 0 else []:
+    for weights in bootstrap_weights(num_units, num_bootstrap, seed) if num_bootstrap > 0 else []:
         for name in names:
             stats = replicate_statistics(prepared[name], weights)
             replicates[name].append(np.stack([stats["accuracy"], stats["macro_auc"],
@@ -186,8 +187,8 @@ def compare_models(y_true, probs: dict[str, np.ndarray], classes: list[str], gro
     pairs = []
     for a, b in itertools.combinations(names, 2):
         pair = {"a": a, "b": b,
-                "accuracy_test": clustered_mcnemar(prepared[a].correct > 0, prepared[b].correct > 0, groups),
-                "mcnemar": mcnemar_exact(prepared[a].correct > 0, prepared[b].correct > 0)}
+                "accuracy_test": clustered_mcnemar(correct[a], correct[b], groups),
+                "mcnemar": mcnemar_exact(correct[a], correct[b])}
         for column, (key, value) in enumerate((("accuracy", "accuracy"), ("macro_auc", "macro_auc"),
                                                ("cancer_auc", "auc"))):
             estimate_a = point[a][value] if key != "cancer_auc" else (point[a]["auc"][positive] if positive is not None
