@@ -1,5 +1,5 @@
-"""Benchmarks: `gastro-dist bench loader`, `gastro-dist bench train` and `gastro-dist bench statistics` (the
-coverage and size simulation of `evaluation.simulation`).
+"""Benchmarks: `gastro-dist bench loader`, `bench train`, `bench infer` (evaluate's and predict's forward pass,
+PyTorch or ONNX Runtime) and `bench statistics` (the coverage and size simulation of `evaluation.simulation`).
 
 `bench loader` times the real training input pipeline, `loaders.train_loader` (shard read, decode,
 augmentation, collation into the batch tensor the trainer gets), and with `--source` the same
@@ -454,6 +454,89 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- inference
+def bench_infer(model_name: str, *, batch_size: int, image_size: int, backend: str, precision: str,
+                channels_last: bool, batches: int, warmup: int, device: str | None = None) -> dict[str, Any]:
+    """Images per second of the forward pass `evaluate` and `predict` run (softmax included), on a batch of
+    random normalised images: PyTorch in eval mode under inference_mode (`backend` torch), or ONNX Runtime
+    on the file `export` writes (`backend` onnx; CPU, or CUDA when onnxruntime-gpu provides it)."""
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from gastro_dist.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+    from gastro_dist.evaluation.export import export_model
+    from gastro_dist.models.backbones import build_model
+
+    if batches < 1 or warmup < 0 or batch_size < 1:
+        raise UserError("--batches and --batch-size must be >= 1 and --warmup >= 0")
+    target = train_device(device)
+    machine = machine_description()
+    model, _ = build_model(ModelConfig(name=model_name, pretrained="none"), num_classes=NUM_CLASSES,
+                           image_size=image_size)
+    model.eval()
+    images = torch.randn(batch_size, 3, image_size, image_size)
+    if backend == "onnx":
+        if precision != "fp32":
+            raise UserError("--backend onnx runs the exported float32 graph; use --precision fp32")
+        try:
+            import onnxruntime
+        except ImportError:
+            raise UserError("--backend onnx needs onnxruntime: pip install 'gastro-dist[export]'") from None
+        with tempfile.TemporaryDirectory() as folder:
+            path = export_model(model, "onnx", Path(folder) / "model.onnx", input_size=image_size,
+                                classes=[f"class_{k}" for k in range(NUM_CLASSES)], mean=IMAGENET_MEAN, std=IMAGENET_STD)
+            providers = (["CUDAExecutionProvider"] if target.type == "cuda" else []) + ["CPUExecutionProvider"]
+            session = onnxruntime.InferenceSession(str(path), providers=providers)
+        feed = {session.get_inputs()[0].name: images.numpy().astype(np.float32)}
+
+        def forward() -> None:
+            session.run(None, feed)
+        where = session.get_providers()[0]
+    else:
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        model = model.to(target, memory_format=memory_format)
+        images = images.to(target).contiguous(memory_format=memory_format)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+        if dtype is torch.float16 and target.type != "cuda":
+            raise UserError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+
+        def forward() -> None:
+            with torch.inference_mode(), torch.autocast(target.type, dtype=dtype, enabled=dtype is not None):
+                torch.softmax(model(images).float(), dim=1)
+        where = target.type
+    for _ in range(warmup):
+        forward()
+    _synchronize(target)
+    started = time.perf_counter()
+    for _ in range(batches):
+        forward()
+    _synchronize(target)
+    elapsed = time.perf_counter() - started
+    return {"images_per_s": batch_size * batches / elapsed, "ms_per_batch": 1000 * elapsed / batches,
+            "model": model_name, "backend": backend, "runs_on": where, "batch_size": batch_size,
+            "image_size": image_size, "precision": precision,
+            "channels_last": channels_last if backend == "torch" else None, "batches": batches, "warmup": warmup,
+            "device": torch.cuda.get_device_name(target) if target.type == "cuda" else f"cpu ({machine['cpu_model']})",
+            "threads": torch.get_num_threads(),
+            "machine": {**machine, "load_average_after": [round(x, 2) for x in os.getloadavg()]}}
+
+
+def _cmd_bench_infer(args: argparse.Namespace) -> int:
+    result = bench_infer(args.model, batch_size=args.batch_size, image_size=args.image_size, backend=args.backend,
+                         precision=args.precision, channels_last=not args.contiguous, batches=args.batches,
+                         warmup=args.warmup, device=args.device)
+    _print_table(f"inference: {result['model']} on {result['device']} ({result['backend']}, {result['runs_on']}): "
+                 f"batch {result['batch_size']}, {result['image_size']} px, {result['precision']}"
+                 f"{', channels_last' if result['channels_last'] else ''}",
+                 [("images/s", result["images_per_s"]), ("ms per batch", result["ms_per_batch"]),
+                  ("threads", result["threads"]),
+                  ("load average before", " ".join(map(str, result["machine"]["load_average"])))])
+    _write_json(args.json, result)
+    return 0
+
+
 # ---------------------------------------------------------------- command line
 def _cmd_bench_statistics(args: argparse.Namespace) -> int:
     from gastro_dist.evaluation import simulation
@@ -508,6 +591,22 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
                    help="data.decode_on for --shards: 'device' decodes and crops on the GPU")
     q.add_argument("--json", type=Path, default=None, help="also write the figures here")
     q.set_defaults(handler=_cmd_bench_train)
+
+    q = bench_sub.add_parser("infer", help="images/s of evaluate's and predict's forward pass (PyTorch or ONNX Runtime)")
+    q.add_argument("--model", required=True, help="model name, e.g. resnet18, resnet50, timm:convnext_tiny")
+    q.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    q.add_argument("--image-size", type=int, default=224, help="square input size")
+    q.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                   help="PyTorch (evaluate and predict), or ONNX Runtime on the exported graph")
+    q.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast precision (torch backend; evaluate and predict use fp32)")
+    q.add_argument("--contiguous", action="store_true",
+                   help="contiguous tensors instead of channels_last (evaluate's and predict's default)")
+    q.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when a GPU is visible")
+    q.add_argument("--batches", type=int, default=10, help="timed forward passes")
+    q.add_argument("--warmup", type=int, default=2, help="untimed forward passes first")
+    q.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    q.set_defaults(handler=_cmd_bench_infer)
 
     q = bench_sub.add_parser("statistics", help="coverage of the report's intervals and size of its tests, simulated")
     q.add_argument("--datasets", type=int, default=500, help="simulated test sets per scenario")

@@ -72,3 +72,22 @@ def test_bench_train_measures_mfu_on_a_gpu(tmp_path):
                  "--precision", "bf16", "--channels-last", "--steps", "5", "--warmup", "2", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert 0 < result["mfu"] < 1 and result["matmul_flops_per_s"] > 1e12 and result["peak_memory_gib"] > 0
+
+
+@pytest.mark.parametrize("backend, extra", [("torch", []), ("torch", ["--contiguous", "--precision", "bf16"]),
+                                            ("onnx", [])])
+def test_bench_infer_times_evaluates_forward_pass(tmp_path, backend, extra):
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+    out = tmp_path / "infer.json"
+    assert main(["bench", "infer", "--model", "resnet18", *TINY, "--backend", backend, "--batches", "2",
+                 "--warmup", "1", *extra, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["images_per_s"] > 0 and result["ms_per_batch"] > 0 and result["backend"] == backend
+    assert result["runs_on"] == ("CPUExecutionProvider" if backend == "onnx" else "cpu") or torch.cuda.is_available()
+    assert result["channels_last"] == (None if backend == "onnx" else "--contiguous" not in extra)
+
+
+def test_bench_infer_refuses_what_cannot_run(capsys):
+    assert main(["bench", "infer", "--model", "resnet18", *TINY, "--backend", "onnx", "--precision", "bf16"]) == 2
+    assert "fp32" in capsys.readouterr().err

@@ -25,7 +25,7 @@ from gastro_dist.data.images import BadImage, load_rgb
 from gastro_dist.evaluation import cam as gradcam
 from gastro_dist.evaluation.inference import (TrainedModel, check_output_folder, default_device, file_identities,
                                               load_trained_model)
-from gastro_dist.evaluation.inference import full_precision
+from gastro_dist.evaluation.inference import for_inference, full_precision
 from gastro_dist.evaluation.metrics import (PATIENT_AGGREGATIONS, dummy_baselines, evaluate_predictions,
                                             operating_point, patient_level)
 from gastro_dist.evaluation.model_card import model_card_blocks
@@ -174,7 +174,8 @@ def _predict(accelerator: Accelerator, trained: TrainedModel, index: ShardIndex,
     """Calibrated predictions of every usable sample of `split` (all ranks), and why others were left out.
     With `num_listed` (the index's count before the shard scan), the evaluated split: a split with no
     usable sample is an error, and samples the shards lack count as missing."""
-    predicted = predict_split(accelerator, trained.model.to(accelerator.device), index, data_cfg, split,
+    predicted = predict_split(accelerator, for_inference(trained.model, accelerator.device), index, data_cfg, split,
+                              channels_last=True,
                               with_meta=num_listed is not None,
                               progress_label=f"predicting the {split} split" if num_listed is not None else None)
     if num_listed is not None:
