@@ -1,12 +1,12 @@
 """Benchmarks: `gastro-dist bench loader`, `bench train`, `bench infer` (evaluate's and predict's forward pass,
 PyTorch or ONNX Runtime) and `bench statistics` (the coverage and size simulation of `evaluation.simulation`).
 
-`bench loader` times the real training input pipeline, `loaders.train_loader` (shard read, decode,
+`bench loader` times the real training input pipeline, `loaders.TrainLoader` (shard read, decode,
 augmentation, collation into the batch tensor the trainer gets), and with `--source` the same
 augmentation (`augmentation.train_transform`) through a plain torchvision ImageFolder + DataLoader over
 the original images, in the same run, so that the two are compared under the same load.
 `bench train` times optimizer steps on synthetic in-memory batches (compute only) and, with
-`--shards`, the same step fed by `train_loader` (end to end); on CUDA it adds the model FLOPs
+`--shards`, the same step fed by `TrainLoader` (end to end); on CUDA it adds the model FLOPs
 utilisation against a matmul rate measured in the same run, and the peak memory.
 
 Every figure comes with the machine it was taken on (CPU, cores, load average, versions), since
@@ -135,17 +135,18 @@ def time_batches(per_image_batches: Iterable) -> LoaderRun:
 
 
 def shard_batches(shard_dir: str | Path, data, min_batches: int) -> Iterator:
-    """The label tensor of each `train_loader` batch (one per image, decoded or not: `data.decode_on`),
+    """The label tensor of each `TrainLoader` batch (one per image, decoded or not: `data.decode_on`),
     whole epochs until at least `min_batches`: every image a worker reads is consumed, so its CPU time
     is counted for an image."""
     from gastro_dist.data.epoch_plan import train_steps_per_epoch
-    from gastro_dist.data.loaders import train_loader
+    from gastro_dist.data.loaders import TrainLoader
     from gastro_dist.data.shard_index import load_shard_index
 
     index = load_shard_index(shard_dir)
     steps_per_epoch = train_steps_per_epoch(index.count("train"), 1, data.batch_size)
+    loader = TrainLoader(index, data, seed=0, rank=0, world_size=1)  # its workers serve every epoch, as in training
     for epoch in range(math.ceil(min_batches / steps_per_epoch)):
-        for batch in train_loader(index, data, seed=0, epoch=epoch, rank=0, world_size=1):
+        for batch in loader.epoch(epoch):
             yield batch["label"]
 
 
@@ -331,17 +332,16 @@ def synthetic_batches(batch_size: int, image_size: int, device) -> Iterator[tupl
 
 
 def loader_batches(shards: str | Path, data, device, channels_last: bool) -> Iterator[tuple[Any, Any]]:
-    """`train_loader` batches, epoch after epoch, moved to the device and augmented there as the trainer does."""
+    """`TrainLoader` batches, epoch after epoch, moved to the device and augmented there as the trainer does."""
     from gastro_dist.data.augmentation import DeviceAugmentation
-    from gastro_dist.data.loaders import train_loader
+    from gastro_dist.data.loaders import TrainLoader
     from gastro_dist.data.shard_index import load_shard_index
 
     index = load_shard_index(shards)
     augment = DeviceAugmentation(data)
+    loader = TrainLoader(index, data, seed=0, rank=0, world_size=1, pin_memory=device.type == "cuda")
     for epoch in itertools.count():
-        loader = train_loader(index, data, seed=0, epoch=epoch, rank=0, world_size=1,
-                                       pin_memory=device.type == "cuda")
-        for batch in loader:
+        for batch in loader.epoch(epoch):
             images, labels, _ = augment.training_batch(batch, device, channels_last)
             yield images, labels
 

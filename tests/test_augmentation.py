@@ -16,7 +16,7 @@ from gastro_dist import UserError
 from gastro_dist.config import DataConfig
 from gastro_dist.data.augmentation import AUGMENT_PARAMS, DeviceAugmentation, eval_transform, train_transform
 from gastro_dist.data.decode import CorruptSample, decode_crops_on_device, decode_stored
-from gastro_dist.data.loaders import collate_samples, train_loader
+from gastro_dist.data.loaders import TrainLoader, collate_samples
 from gastro_dist.data.shard_index import load_shard_index
 
 
@@ -166,8 +166,8 @@ def test_eval_transform_takes_a_pil_image_or_the_decoded_tensor_alike():
 # ---------------------------------------------------------------- data.decode_on=device
 def _first_batch(shards, **overrides):
     cfg = DataConfig(image_size=48, batch_size=6, num_workers=0, shuffle_buffer=4, **overrides)
-    loader = train_loader(load_shard_index(shards), cfg, seed=1, epoch=0, rank=0, world_size=1)
-    return cfg, next(iter(loader))
+    loader = TrainLoader(load_shard_index(shards), cfg, seed=1, rank=0, world_size=1)
+    return cfg, next(loader.epoch(0))
 
 
 def test_decoding_on_the_device_feeds_what_the_workers_would(synthetic_shards):

@@ -156,7 +156,7 @@ class DeviceAugmentation:
 
     def training_batch(self, batch: dict, device: torch.device,
                        channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """A `train_loader` batch on `device`: (augmented, normalised images in the model's memory
+        """A `TrainLoader` batch on `device`: (augmented, normalised images in the model's memory
         format, labels, reasons for images dropped because the device could not decode them)."""
         params = batch["augment"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)

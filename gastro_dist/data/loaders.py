@@ -207,40 +207,73 @@ def collate_samples(items: list[dict]) -> dict:
     return batch
 
 
-def _loader(dataset: ShardSamples, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
+def _loader(dataset: ShardSamples, batch_size: int, num_workers: int, pin_memory: bool,
+            persistent: bool = False) -> DataLoader:
     # Its own generator: creating the iterator would otherwise draw from the global RNG, so a
     # resumed epoch (iterator created after the RNG state is restored) would get other dropout masks.
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                      persistent_workers=persistent and num_workers > 0, prefetch_factor=4 if num_workers else None,
                       collate_fn=collate_samples, generator=torch.Generator().manual_seed(0))
 
 
-def train_loader(index: ShardIndex, cfg: DataConfig, *, seed: int, epoch: int, rank: int, world_size: int,
-                 resume_batches: int = 0, resume_positions: list[int] | None = None,
-                 pin_memory: bool = False) -> DataLoader:
-    """The rest of this rank's `train_steps_per_epoch(...)` full batches, after the first
-    `resume_batches` (0: the whole epoch). `resume_positions[w]` is how far slot w's raw stream
-    was consumed; both come from the checkpoint."""
-    num_slots = max(cfg.num_workers, 1)
-    chunks = train_worker_chunks(index.shards("train"), seed=seed, epoch=epoch, rank=rank, world_size=world_size,
-                                 batch_size=cfg.batch_size, num_workers=num_slots)
-    batches = even_split(train_steps_per_epoch(index.count("train"), world_size, cfg.batch_size), num_slots)
-    # The DataLoader yields slots round-robin, so the first `resume_batches` came from each slot in turn.
-    consumed = even_split(resume_batches, num_slots)
-    remaining = [(total - done) * cfg.batch_size for total, done in zip(batches, consumed)]
-    positions = resume_positions or [0] * num_slots
-    if len(positions) != num_slots:
-        raise UserError(f"the checkpoint was written with {len(positions)} data workers per process and this run has "
-                        f"{num_slots}; resume with data.num_workers={len(positions)}")
-    whole_split = whole_shards(shuffled_shards(index.shards("train"), seed, epoch))
-    dataset = ShardSamples(chunks, train_transform(cfg), num_classes=len(index.classes),
-                           max_member_bytes=cfg.max_member_mb << 20, decode_short_side=cfg.image_size,
-                           stored_short_side=index.stored_short_side,
-                           shuffle_buffer=cfg.shuffle_buffer, seed=seed, epoch=epoch, rank=rank,
-                           planned_per_worker=remaining, refill_chunks=whole_split, skip_positions=positions,
-                           strict=cfg.strict, first_slot=resume_batches % num_slots,
-                           decode_on_device=cfg.decode_on == "device")
-    return _loader(dataset, cfg.batch_size, cfg.num_workers, pin_memory)
+class EpochShardSamples(ShardSamples):
+    """`ShardSamples` for any epoch of one rank: the epoch (its seed) and where it resumes are read, as each
+    worker starts an epoch, from a tensor in shared memory that `TrainLoader.epoch` sets, so that the same
+    worker processes serve every epoch and phase of a run; each worker then plans its part of the epoch
+    (`plan_epoch`) exactly as a loader made for that epoch alone would."""
+
+    def __init__(self, index: ShardIndex, cfg: DataConfig, *, seed: int, rank: int, world_size: int):
+        num_slots = max(cfg.num_workers, 1)
+        super().__init__([[] for _ in range(num_slots)], train_transform(cfg), num_classes=len(index.classes),
+                         max_member_bytes=cfg.max_member_mb << 20, decode_short_side=cfg.image_size,
+                         stored_short_side=index.stored_short_side, shuffle_buffer=cfg.shuffle_buffer, seed=seed,
+                         rank=rank, strict=cfg.strict, decode_on_device=cfg.decode_on == "device")
+        self.index, self.cfg, self.world_size = index, cfg, world_size
+        # the epoch, the batches of it already done, then each slot's position in its raw stream
+        self.state = torch.zeros(2 + num_slots, dtype=torch.int64).share_memory_()
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch, resume_batches, *positions = (int(v) for v in self.state)
+        self.plan_epoch(epoch, resume_batches, positions)
+        return super().__iter__()
+
+    def plan_epoch(self, epoch: int, resume_batches: int, positions: list[int]) -> None:
+        """This rank's chunks of `epoch` and, after the first `resume_batches` batches (0: the whole epoch),
+        how many samples each slot still yields; `positions[w]` is how far slot w's raw stream was consumed."""
+        cfg, num_slots = self.cfg, len(self.worker_chunks)
+        self.worker_chunks = train_worker_chunks(self.index.shards("train"), seed=self.seed, epoch=epoch,
+                                                 rank=self.rank, world_size=self.world_size,
+                                                 batch_size=cfg.batch_size, num_workers=num_slots)
+        batches = even_split(train_steps_per_epoch(self.index.count("train"), self.world_size, cfg.batch_size),
+                             num_slots)
+        # The DataLoader yields slots round-robin, so the first `resume_batches` came from each slot in turn.
+        consumed = even_split(resume_batches, num_slots)
+        self.planned_per_worker = [(total - done) * cfg.batch_size for total, done in zip(batches, consumed)]
+        self.refill_chunks = whole_shards(shuffled_shards(self.index.shards("train"), self.seed, epoch))
+        self.skip_positions, self.first_slot, self.epoch = positions, resume_batches % num_slots, epoch
+
+
+class TrainLoader:
+    """One rank's training batches for a whole run: one DataLoader whose workers live across epochs and
+    phases (`persistent_workers`) instead of a fresh set of processes every epoch. `epoch(...)` gives the
+    batches of one epoch, resumed inside it exactly as a loader of its own would."""
+
+    def __init__(self, index: ShardIndex, cfg: DataConfig, *, seed: int, rank: int, world_size: int,
+                 pin_memory: bool = False):
+        self.num_slots = max(cfg.num_workers, 1)
+        self.dataset = EpochShardSamples(index, cfg, seed=seed, rank=rank, world_size=world_size)
+        self.loader = _loader(self.dataset, cfg.batch_size, cfg.num_workers, pin_memory, persistent=True)
+
+    def epoch(self, epoch: int, resume_batches: int = 0, resume_positions: list[int] | None = None) -> Iterator[dict]:
+        """The rest of this rank's `train_steps_per_epoch(...)` full batches of `epoch`, after the first
+        `resume_batches`; `resume_positions[w]` is how far slot w's raw stream was consumed (both from the
+        checkpoint)."""
+        positions = resume_positions or [0] * self.num_slots
+        if len(positions) != self.num_slots:
+            raise UserError(f"the checkpoint was written with {len(positions)} data workers per process and this run "
+                            f"has {self.num_slots}; resume with data.num_workers={len(positions)}")
+        self.dataset.state.copy_(torch.tensor([epoch, resume_batches, *positions], dtype=torch.int64))
+        return iter(self.loader)  # the workers read the state as they start this epoch
 
 
 def eval_loader(index: ShardIndex, cfg: DataConfig, split: str, *, rank: int, world_size: int,

@@ -26,7 +26,7 @@ from gastro_dist.config import DataConfig, PhaseConfig, TrainConfig, changed_tra
 from gastro_dist.data.augmentation import DeviceAugmentation
 from gastro_dist.data.decode import CorruptSample
 from gastro_dist.data.epoch_plan import train_steps_per_epoch
-from gastro_dist.data.loaders import check_stored_resolution, train_loader
+from gastro_dist.data.loaders import TrainLoader, check_stored_resolution
 from gastro_dist.data.locations import location_record, shard_location
 from gastro_dist.data.shard_index import ShardIndex, load_shard_index, select_fold
 from gastro_dist.models.backbones import (PREPROCESSING_FIELDS, Preprocessing, build_model, check_model_config,
@@ -195,6 +195,7 @@ class Trainer:
         self.run_log: RunLog | None = None  # created by `run`, once the run folder is written
         self.total_optimizer_steps = 0  # over all phases: the trackers' step axis
         self.consecutive_nonfinite_steps = 0
+        self.train_batches: TrainLoader | None = None  # made at the first epoch, its workers kept to the end
 
     @property
     def is_main(self) -> bool:
@@ -401,10 +402,12 @@ class Trainer:
         the epoch's mean training loss."""
         config, accelerator = self.config, self.accelerator
         positions = self._resume_positions(state) or [0] * max(config.data.num_workers, 1)
-        loader = train_loader(self.index, config.data, seed=config.seed, epoch=_epoch_seed(state.phase, state.epoch),
-                              rank=accelerator.process_index, world_size=self.world_size,
-                              resume_batches=state.micro_step, resume_positions=positions,
-                              pin_memory=accelerator.device.type == "cuda")
+        if self.train_batches is None:  # one set of loader workers for every epoch and phase of the run
+            self.train_batches = TrainLoader(self.index, config.data, seed=config.seed,
+                                             rank=accelerator.process_index, world_size=self.world_size,
+                                             pin_memory=accelerator.device.type == "cuda")
+        loader = self.train_batches.epoch(_epoch_seed(state.phase, state.epoch), resume_batches=state.micro_step,
+                                          resume_positions=positions)
         ddp_model.train()
         if phase.unfreeze != "all":
             keep_frozen_batchnorm_in_eval(self.model)
