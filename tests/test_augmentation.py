@@ -8,6 +8,7 @@ import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -15,7 +16,7 @@ from torchvision.transforms.v2 import functional as TF
 from gastro_dist import UserError
 from gastro_dist.config import DataConfig
 from gastro_dist.data.augmentation import AUGMENT_PARAMS, DeviceAugmentation, eval_transform, train_transform
-from gastro_dist.data.decode import CorruptSample, decode_crops_on_device, decode_stored
+from gastro_dist.data.decode import CorruptSample, batched_resized_crops, decode_crops_on_device, decode_stored
 from gastro_dist.data.loaders import TrainLoader, collate_samples
 from gastro_dist.data.shard_index import load_shard_index
 
@@ -181,12 +182,40 @@ def test_decoding_on_the_device_feeds_what_the_workers_would(synthetic_shards):
     from_device, device_labels, problems = augment.training_batch(on_device, torch.device("cpu"), channels_last=True)
     assert problems == [] and torch.equal(labels, device_labels)
     assert from_device.shape == (6, 3, 48, 48) and from_device.is_contiguous(memory_format=torch.channels_last)
-    # the float and the uint8 resize kernels round some values the other way, by one grey level
+    # The device resizes the whole batch at once (`batched_resized_crops`), the workers with the uint8 kernel:
+    # the float and the uint8 kernels round some values the other way, by one grey level
     pixels, _, _ = decode_crops_on_device(on_device, 48, torch.device("cpu"), cfg.resize_mode)
     pixel_difference = (pixels - on_workers["image"].permute(0, 3, 1, 2).float()).abs()
     assert pixel_difference.max() <= 1 and (pixel_difference > 0).float().mean() < 0.25
     # which the jitter (factors up to 1.1 each) may stretch a little
     assert (from_device - from_workers).abs().max() <= 1.5 / 255 / min(cfg.std)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_batched_crops_are_the_per_image_antialiased_resize(mode):
+    """Frames of different sizes, boxes from a fifth to all of a frame (up- and downscaling): the batched
+    crop and resize is `interpolate(antialias=True)` per crop, to float rounding (one grey level after rounding)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def draw(low: int, high: int) -> int:
+        return int(torch.randint(low, high, (1,), generator=generator))
+
+    images, boxes, reference = [], [], []
+    for k in range(12):
+        height, width = draw(60, 120), draw(60, 120)
+        # smooth content, as mucosa is: coarse noise enlarged (pixel noise would test aliasing, not the resize)
+        coarse = _test_pixels(12, seed=k).permute(2, 0, 1)[None].float()
+        pixels = F.interpolate(coarse, size=(height, width), mode="bicubic").round().clamp(0, 255)[0].to(torch.uint8)
+        side = draw(min(height, width) // 5, min(height, width) + 1)
+        left, top = draw(0, width - side + 1), draw(0, height - side + 1)
+        images.append(pixels.contiguous())
+        boxes.append([left, top, left + side, top + side])
+        crop = pixels[:, top:top + side, left:left + side][None].float()
+        reference.append(F.interpolate(crop, size=(40, 40), mode=mode, antialias=True).round().clamp(0, 255))
+    crops = batched_resized_crops(images, torch.tensor(boxes, dtype=torch.float32), 40, mode).round().clamp(0, 255)
+    difference = (crops - torch.cat(reference)).abs()
+    assert crops.shape == (12, 3, 40, 40)
+    assert difference.max() <= 1 and (difference > 0).float().mean() < 0.01, difference.max()
 
 
 def test_an_image_the_device_cannot_decode_is_dropped_and_reported():
