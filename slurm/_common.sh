@@ -152,6 +152,15 @@ gd_node_task() {
     [ -n "${GASTRO_DIST_LAUNCH_ARGS:-}" ] && launch+=($GASTRO_DIST_LAUNCH_ARGS)
     launch+=(-m gastro_dist train "$@")
     gd_log "node rank $rank/$nnodes on $(hostname) (${SLURMD_NODENAME:-?}): ${launch[*]}"
+    if [ "$rank" -gt 0 ]; then
+        # Node 0 opens the rendezvous port first. Where nodes share a host (the one-machine test cluster),
+        # torchrun on a later node would otherwise take the port as its own store before node 0's launcher
+        # checks it, and node 0 then stops with "port in use". Elsewhere this waits a few seconds at most.
+        local waited=0
+        until (exec 3<>"/dev/tcp/$master/$port") 2>/dev/null || [ "$waited" -ge 120 ]; do
+            sleep 1; waited=$((waited + 1))
+        done
+    fi
     "${launch[@]}"
     rc=$?
     # A preemption: the trainer exits 75 after saving, but accelerate launch/torchrun turn that
