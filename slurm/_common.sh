@@ -233,7 +233,8 @@ gd_run_training() {
     gd_log "run dir $GD_RUN | python $(command -v python) | W&B mode=${WANDB_MODE:-default} project=${WANDB_PROJECT:--} entity=${WANDB_ENTITY:--} key=$([ -n "${WANDB_API_KEY:-}" ] && echo set || echo unset)"
 
     # Mistakes in the config, shards, weights or run folder end the job here: one line, exit 2, no requeue.
-    if ! python -m gastro_dist train --check --processes "$total" "$@"; then
+    # A requeued job runs the command that passed at its first start, so its restarts skip this.
+    if [ "${SLURM_RESTART_COUNT:-0}" -eq 0 ] && ! python -m gastro_dist train --check --processes "$total" "$@"; then
         gd_log "the check above failed: not starting the run (fix it and submit again)"
         return 2
     fi

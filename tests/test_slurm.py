@@ -32,8 +32,9 @@ COMPARE_SBATCH = REPO / "slurm" / "compare.sbatch"
 CV_SBATCH = REPO / "slurm" / "cv.sbatch"
 SMOKE = REPO / "configs" / "smoke.yaml"
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-# Small and CPU-friendly; every run logs each optimizer step to metrics.jsonl.
-COMMON_OVERRIDES = ["data.num_workers=0", "tracking.tracker=none", "tracking.log_every_steps=1"]
+# Small and CPU-friendly (the tiny model of conftest.TINY_TRAIN_OVERRIDES); every run logs each optimizer step.
+COMMON_OVERRIDES = ["model.name=shufflenet_v2_x0_5", "data.num_workers=0", "tracking.tracker=none",
+                    "tracking.log_every_steps=1"]
 
 
 def _cannot_run(reason: str) -> None:
@@ -202,9 +203,10 @@ def test_two_node_deepspeed_zero2(cluster, shards, tmp_path):
 
 def test_usr1_preemption_requeues_and_resumes(cluster, shards, tmp_path):
     run = tmp_path / "run"
-    # ~36 fine-tuning steps of ~0.5 s on two CPU ranks: long enough to preempt in the middle.
+    # ~96 fine-tuning steps of a few hundredths of a second on two CPU ranks, a validation and a checkpoint each
+    # epoch: 6 to 8 s, long enough to preempt in the middle.
     job = _submit(cluster, tmp_path, 2, run, shards,
-                  ["head.epochs=1", "finetune.epochs=3", "data.batch_size=4"])
+                  ["head.epochs=1", "finetune.epochs=8", "data.batch_size=4"])
     deadline = time.monotonic() + 180
     while not any(e.get("phase") == "finetune" for e in _train_events(run)):
         state = cluster.job(job).get("JobState", "")
@@ -293,7 +295,7 @@ def test_compare_array_one_config_per_task(cluster, shards, tmp_path):
         summary = json.loads((out / name / "summary.json").read_text())
         assert summary["status"] == "completed", summary
         assert summary["phases"]["head"]["steps"] == summary["phases"]["finetune"]["steps"] == 2, summary["phases"]
-        assert json.loads((out / name / "summary.json").read_text())["model"] == "resnet18"
+        assert json.loads((out / name / "summary.json").read_text())["model"] == "shufflenet_v2_x0_5"
 
 
 def test_cv_array_one_fold_per_task_then_the_summary(cluster, fold_shards, tmp_path):
