@@ -70,7 +70,9 @@ def assert_video_totals(out: Path) -> dict:
     assert totals["files_seen"] == totals["files_packed"] + totals["rejected"] + totals["skipped"]
     assert totals["packed"] == totals["files_packed"] - totals["videos_packed"] + totals["frames_from_videos"]
     assert totals["rejected"] == len(read_jsonl(out / "rejected.jsonl"))
-    assert totals["skipped"] == len(read_jsonl(out / "skipped.jsonl"))
+    skipped = read_jsonl(out / "skipped.jsonl")  # whole entries, and parts of packed inputs left out
+    assert (totals["skipped"], totals["parts_skipped"]) == (sum("part" not in e for e in skipped),
+                                                            sum("part" in e for e in skipped))
     return totals
 
 
@@ -125,7 +127,7 @@ def test_drop_blurry_drops_dark_and_blurred_frames_only_when_asked(tmp_path):
     assert (totals["frames_from_videos"], totals["dark_or_blurry_frames_dropped"]) == (4, 3)
 
 
-def test_segments_label_parts_of_a_video_and_bad_or_overlapping_rows_are_rejected(tmp_path):
+def test_segments_label_parts_of_a_video_bad_rows_are_rejected_and_frames_labelled_twice_are_left_out(tmp_path):
     src = tmp_path / "src"
     write_video(src / "day1" / "procedure.mp4", [scene(second) for second in range(6)])
     write_video(src / "day2" / "other.avi", [scene(100 + second) for second in range(4)])
@@ -151,7 +153,8 @@ def test_segments_label_parts_of_a_video_and_bad_or_overlapping_rows_are_rejecte
         times[(meta["source"], meta["label"], tuple(meta["segment_s"]))].append(meta["frame_time_s"])
     assert {key: sorted(values) for key, values in times.items()} == {
         ("day1/procedure.mp4", "normal", (0.0, 2.0)): [0.0, 1.0],
-        ("day1/procedure.mp4", "ulcer", (2.5, 5.0)): [2.6, 3.6, 4.6],  # the first frame of each second from 2.5 s
+        ("day1/procedure.mp4", "ulcer", (2.5, 5.0)): [2.6, 3.6],  # the first frame of each second from 2.5 s
+        ("day1/procedure.mp4", "normal", (4.0, 6.0)): [5.0],  # 4-5 s is labelled twice: kept out of both
         ("day2/other.avi", "normal", (1.0, 3.0)): [1.0, 2.0],
         ("day2/other.avi", "ulcer", (3.0, 4.0)): [3.0],
     }
@@ -159,14 +162,19 @@ def test_segments_label_parts_of_a_video_and_bad_or_overlapping_rows_are_rejecte
     assert [(entry["path"], entry.get("segment_s"), entry.get("segments_row"), entry["reason"]) for entry in rejected] == [
         ("day2/other.avi", None, 8, "bad segment: start_s 'x' and end_s '1' must be numbers of seconds"),
         ("day2/other.avi", None, 9, "bad segment: start_s 2 and end_s 1 must satisfy 0 <= start_s < end_s"),
-        ("day1/procedure.mp4", [4.0, 6.0], None,
-         "overlapping segment: the same video's segment 2.5-5 s (ulcer) covers part of it"),
         ("day2/other.avi", [9.0, 12.0], None, "no frames: nothing to decode (in the segment)"),
     ]
     assert read_jsonl(tmp_path / "out" / "skipped.jsonl") == [
-        {"path": "day2/still.jpg", "reason": "not a video extension", "label": "ulcer"}]
+        {"path": "day2/still.jpg", "reason": "not a video extension", "label": "ulcer"},
+        {"path": "day1/procedure.mp4", "label": "normal", "patient_id": "P1", "segment_s": [4.0, 6.0], "part": "4-5 s",
+         "reason": "label conflict: the same frames are labelled ulcer in day1/procedure.mp4 2.5-5 s; "
+                   "kept out under both labels"},
+        {"path": "day1/procedure.mp4", "label": "ulcer", "patient_id": "P1", "segment_s": [2.5, 5.0], "part": "4-5 s",
+         "reason": "label conflict: the same frames are labelled normal in day1/procedure.mp4 4-6 s; "
+                   "kept out under both labels"}]
     totals = assert_video_totals(tmp_path / "out")
-    assert (totals["files_seen"], totals["files_packed"], totals["videos_packed"]) == (9, 4, 4)
+    assert (totals["files_seen"], totals["files_packed"], totals["videos_packed"]) == (9, 5, 5)
+    assert (totals["parts_skipped"], totals["label_conflicts"]) == (2, 1)
 
 
 def test_a_segment_seconds_after_the_last_keyframe_is_read(tmp_path):

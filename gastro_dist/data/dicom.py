@@ -5,7 +5,10 @@ uncompressed, RLE, deflated, JPEG baseline/extended and JPEG 2000 through Pillow
 YBR_FULL_422 colour, or MONOCHROME1/2 up to 16 bits), the conversion to 8-bit RGB, the frame timing of
 multi-frame objects (Frame Time, Frame Time Vector, Cine Rate or Recommended Display Frame Rate; without
 any, every frame is a candidate), and the PatientID handed to pack for grouping. Frames are decoded one
-at a time, only those sampled. Every failure is a `BadImage` with one line. The header's own error
+at a time, only those sampled. What a file expands to is capped like its size (`--max-file-mb`) before it
+is expanded: a deflated data set is inflated here with a limit (pydicom would inflate all of it), and a
+frame's decoded size (Rows x Columns x samples x bytes) is checked from the header, and each JPEG frame's
+own header against it before it is decoded. Every failure is a `BadImage` with one line. The header's own error
 messages are left out of it, since they can quote header values (names, birth dates); pixel decoding
 messages are kept. pydicom is the optional `dicom` extra: `require_pydicom` says how to add it.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+import zlib
 from collections.abc import Sequence
 from typing import Any, Iterator
 
@@ -23,11 +27,15 @@ from PIL import Image
 
 from gastro_dist import UserError
 from gastro_dist.data.frames import MAX_FRAMES_PER_S, Frame, FrameRules, TimeSampler
-from gastro_dist.data.images import BadImage
+from gastro_dist.data.images import BadImage, jpeg_size
 
 try:
     import pydicom
     from pydicom import pixels
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.encaps import generate_frames
+    from pydicom.filereader import read_dataset, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGTransferSyntaxes
 except ImportError:  # the optional `dicom` extra; pack reports it once, before reading anything
     pydicom = None
 
@@ -45,9 +53,9 @@ def require_pydicom(num_files: int) -> None:
 class DicomObject:
     """A parsed DICOM whose pixel data description has been checked (`read_dicom`)."""
 
-    def __init__(self, dataset: Any, max_pixels: int):
+    def __init__(self, dataset: Any, max_pixels: int, max_bytes: int):
         self._dataset = dataset
-        syntax = dataset.file_meta.get("TransferSyntaxUID")
+        syntax = self._syntax = dataset.file_meta.get("TransferSyntaxUID")
         if syntax is None:
             raise BadImage("corrupt DICOM: no transfer syntax in the file meta information")
         if not _has_decoder(syntax):
@@ -75,6 +83,11 @@ class DicomObject:
             raise BadImage(f"corrupt DICOM: {width_px}x{height_px} pixels, {self.num_frames} frames")
         if width_px * height_px > max_pixels:
             raise BadImage(f"decompression bomb: {width_px}x{height_px} pixels exceeds the limit of {max_pixels}")
+        # A frame is decoded whole: what it expands to is capped like the file, before anything is decoded.
+        decoded_frame_bytes = width_px * height_px * samples_per_pixel * -(-bits_allocated // 8)
+        if decoded_frame_bytes > max_bytes:
+            raise BadImage(f"file too large: a frame of {width_px}x{height_px} pixels expands to {decoded_frame_bytes} "
+                           f"bytes, the limit is {max_bytes}")
         # A declared frame count is checked against the bytes that are there: each compressed frame takes at
         # least one 8-byte item, each uncompressed one its full size.
         frame_bits = width_px * height_px * samples_per_pixel * bits_allocated
@@ -103,14 +116,30 @@ class DicomObject:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # pydicom warns about every odd header value, per file
+                if self._syntax in JPEGTransferSyntaxes:
+                    self._check_jpeg_sizes(indices)
                 for index, array in zip(indices, pixels.iter_pixels(self._dataset, indices=indices, as_rgb=True)):
                     if self.num_frames == 1:
                         yield Frame(self._rgb(array), self.size, None, None)
                     else:
                         time_s = None if self._times_s is None else round(self._times_s[index], 3)
                         yield Frame(self._rgb(array), self.size, index, time_s)
+        except BadImage:
+            raise
         except Exception as err:  # numpy, Pillow and pydicom raise many types for damaged pixel data
             raise BadImage(f"corrupt DICOM pixel data: {type(err).__name__}: {err}") from None
+
+    def _check_jpeg_sizes(self, indices: Sequence[int]) -> None:
+        """Each JPEG frame to decode must be the size the header declares (and the pixel limit allows): the
+        decoder allocates what the JPEG's own header says, so a larger one is refused before decoding."""
+        wanted = set(indices)
+        frames = generate_frames(self._dataset.PixelData, number_of_frames=self.num_frames)
+        for index, frame in enumerate(frames):
+            size = jpeg_size(frame) if index in wanted else None
+            if size is not None and size != self.size:
+                width_px, height_px = size
+                raise BadImage(f"corrupt DICOM pixel data: frame {index} is a {width_px}x{height_px} JPEG, the header "
+                               f"declares {self.size[0]}x{self.size[1]}")
 
     def _rgb(self, array: np.ndarray) -> Image.Image:
         if self.photometric in _COLOUR:
@@ -122,21 +151,41 @@ class DicomObject:
         return Image.fromarray(grey, "L").convert("RGB")
 
 
-def read_dicom(data: bytes, max_pixels: int) -> DicomObject:
-    """Parse a DICOM file's bytes and check its pixel data description (nothing is decoded yet)."""
+def read_dicom(data: bytes, max_pixels: int, max_bytes: int) -> DicomObject:
+    """Parse a DICOM file's bytes and check its pixel data description (nothing is decoded yet); `max_bytes`
+    caps what the file expands to: its inflated data set (deflated transfer syntax) and each decoded frame."""
     if not data:
         raise BadImage("empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dataset = pydicom.dcmread(io.BytesIO(data))
+            dataset = _parsed(data, max_bytes)
+    except BadImage:
+        raise
     except pydicom.errors.InvalidDicomError:
         raise BadImage("not a DICOM file: no DICM prefix after the 128-byte preamble") from None
     except Exception as err:  # the message may quote header values: the type only
         raise BadImage(f"corrupt DICOM: unreadable header ({type(err).__name__})") from None
     if "PixelData" not in dataset:
         raise BadImage("DICOM without pixel data")
-    return DicomObject(dataset, max_pixels)
+    return DicomObject(dataset, max_pixels, max_bytes)
+
+
+def _parsed(data: bytes, max_bytes: int) -> Any:
+    """The data set, as `pydicom.dcmread` gives it; a deflated one is inflated here, at most `max_bytes` of it
+    (pydicom inflates the whole data set in one call: a few MB can expand to gigabytes)."""
+    stream = io.BytesIO(data)
+    preamble = read_preamble(stream, force=False)
+    file_meta = FileMetaDataset(read_dataset(stream, is_implicit_VR=False, is_little_endian=True,
+                                             stop_when=lambda tag, vr, length: tag.group != 2))
+    if file_meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return pydicom.dcmread(io.BytesIO(data))
+    inflated = zlib.decompressobj(-zlib.MAX_WBITS).decompress(memoryview(data)[stream.tell():], max_bytes + 1)
+    if len(inflated) > max_bytes:
+        raise BadImage(f"file too large: its deflated data set inflates to more than {max_bytes} bytes, "
+                       f"the limit is {max_bytes}")
+    dataset = read_dataset(io.BytesIO(inflated), is_implicit_VR=False, is_little_endian=True)
+    return FileDataset(stream, dataset, preamble, file_meta, is_implicit_VR=False, is_little_endian=True)
 
 
 def _has_decoder(syntax: Any) -> bool:

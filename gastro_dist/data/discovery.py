@@ -280,12 +280,12 @@ def _walk_tree(src: Path, exclude_dir: Path, skipped: list[dict], pseudonyms: Ps
 def read_listings(listings: list[tuple[Listing, Path]], src: Path, label_for: dict[str, str] | None,
                    pseudonyms: Pseudonymiser, console: Console) -> Inputs:
     """The rows of --manifest and --segments are the only inputs; with a class map, labels are renamed and
-    unmapped ones skipped. Segments of one video that overlap are rejected (a frame would get two labels)."""
+    unmapped ones skipped. Overlapping segments are settled once the videos are read, by their bytes (a copy or
+    a link of a video is the same video): `splitting.keep_frames_once`."""
     inputs = Inputs()
     used_keys: set[str] = set()
     for listing, path in listings:
         _read_listing(listing, path, src, label_for, pseudonyms, inputs, used_keys)
-    _reject_overlapping_segments(inputs)
     if label_for is not None:
         _warn_unused_keys(label_for, used_keys, "manifest label", console)
     return inputs
@@ -349,26 +349,6 @@ def _segment_times(row: dict[str, str]) -> tuple[float, float]:
     if not (math.isfinite(end_s) and 0 <= start_s < end_s):
         raise ValueError(f"start_s {start_s:g} and end_s {end_s:g} must satisfy 0 <= start_s < end_s")
     return start_s, end_s
-
-
-def _reject_overlapping_segments(inputs: Inputs) -> None:
-    """Of segments of one video that overlap, the one starting first is kept and the others rejected."""
-    segments_of_video: dict[Path, list[Input]] = defaultdict(list)
-    for item in inputs.candidates:
-        if item.segment_s is not None:
-            segments_of_video[Path(os.path.normpath(item.path))].append(item)
-    overlapping: set[int] = set()
-    for segments in segments_of_video.values():
-        previous = None
-        for item in sorted(segments, key=lambda item: (item.segment_s, item.label)):
-            if previous is not None and item.segment_s[0] < previous.segment_s[1]:
-                start_s, end_s = previous.segment_s
-                inputs.rejected.append(item.entry(f"overlapping segment: the same video's segment "
-                                                  f"{start_s:g}-{end_s:g} s ({previous.label}) covers part of it"))
-                overlapping.add(id(item))
-            else:
-                previous = item
-    inputs.candidates = [item for item in inputs.candidates if id(item) not in overlapping]
 
 
 def _csv_rows(path: Path, listing: Listing) -> Iterator[tuple[int, dict[str, str]]]:

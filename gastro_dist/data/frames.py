@@ -37,6 +37,14 @@ class Frame(NamedTuple):
     time_s: float | None  # seconds from the recording's start; None for a still or when the source has no timing
 
 
+class LeftOut(NamedTuple):
+    """A part of a packed input that is not in the shards (a `skipped.jsonl` line with `part`): damaged or
+    oversized frames, a lost tail, frames whose labels conflict."""
+
+    part: str  # which part, in words: "3 frames", "12.4-25.0 s"
+    reason: str  # "category: detail", like every reason pack writes
+
+
 @dataclass(frozen=True)
 class FrameRules:
     """How frames are taken from a moving input (a `pack` option each)."""

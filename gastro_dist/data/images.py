@@ -107,6 +107,25 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     return img
 
 
+# JPEG markers that start a frame header (SOF0-SOF15 less DHT, JPG and DAC), whose fields give the picture's size
+_JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, read without decoding (a decoder allocates the whole
+    picture first); None when no frame header comes before the scan data."""
+    position = 2  # after the start-of-image marker
+    while position + 9 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker in _JPEG_FRAME_MARKERS:
+            height_px = int.from_bytes(data[position + 5:position + 7], "big")
+            return int.from_bytes(data[position + 7:position + 9], "big"), height_px
+        if marker == 0xDA:  # start of scan
+            return None
+        position += 1 if marker == 0xFF else 2 + int.from_bytes(data[position + 2:position + 4], "big")
+    return None
+
+
 def decode_rgb(img: Image.Image, min_short_side_px: int | None = None) -> Image.Image:
     """Fully decode an `open_image` result, apply EXIF orientation and convert to 8-bit RGB.
 

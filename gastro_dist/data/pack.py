@@ -4,7 +4,9 @@ deterministic splits.
 Owns the order of the work and what is written: the pack options, reading every input once in worker
 processes (hashing, decoding, sampling a video's frames, re-encoding what is kept into a spool in the
 output folder), writing the shards from the spool, and the bookkeeping files that account for every
-input seen (index.json, rejected.jsonl, skipped.jsonl, duplicates.jsonl). Finding the inputs is
+input seen (index.json, rejected.jsonl, skipped.jsonl, duplicates.jsonl), and for every part of a packed
+input that was left out (a damaged video's lost frames, frames labelled twice: skipped.jsonl lines with
+`part`, and a warning). Finding the inputs is
 `discovery`'s work, duplicates and splits `splitting`'s; reading one input kind is delegated: images to
 `images`, videos to `video`, DICOM to `dicom`, frame choice to `frames`, pseudonyms to `pseudonym`.
 The on-disk format and the rules are documented in shards/README.md.
@@ -49,7 +51,7 @@ from gastro_dist.data.discovery import (
     scan_class_folders,
     unprintable_characters,
 )
-from gastro_dist.data.frames import MAX_FRAMES_PER_S, Frame, FrameCounts, FrameFilter, FrameRules
+from gastro_dist.data.frames import MAX_FRAMES_PER_S, Frame, FrameCounts, FrameFilter, FrameRules, LeftOut
 from gastro_dist.data.images import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -62,7 +64,7 @@ from gastro_dist.data.images import (
 )
 from gastro_dist.data.pseudonym import METHOD, Pseudonymiser, load_pseudonymiser
 from gastro_dist.data.shard_index import INDEX_FILE, fold_of_split
-from gastro_dist.data.splitting import SplitRules, assign_splits, drop_duplicates, samples_per_class
+from gastro_dist.data.splitting import SplitRules, assign_splits, drop_duplicates, keep_frames_once, samples_per_class
 from gastro_dist.data.synth import read_synthetic_marker
 from gastro_dist.data.video import opened_video, require_pyav, video_frames
 from gastro_dist.files import file_sha256, write_json_atomic
@@ -180,6 +182,7 @@ class PackResult:
     packed: int  # samples in the shards: one per still, one per kept video frame
     rejected: int  # includes duplicates_dropped
     skipped: int
+    parts_skipped: int  # parts of packed inputs left out (lost frames, frames labelled twice): lines with `part`
     duplicates_dropped: int
     label_conflicts: int
     videos_packed: int  # videos, video segments and multi-frame DICOMs among files_packed
@@ -209,6 +212,7 @@ class _Read(NamedTuple):
     frame_counts: FrameCounts | None
     patient_id: str | None  # a DICOM's PatientID, as written in it
     reason: str | None  # None: usable
+    left_out: tuple[LeftOut, ...] = ()  # parts of a usable input that are not packed (a damaged video)
 
 
 # ---------------------------------------------------------------- entry point
@@ -255,13 +259,18 @@ def pack_dataset(
                                spool_dir=Path(spool_dir))
         valid = _read_inputs(inputs, options, settings.workers or _available_cpus(), pseudonyms, console)
         kept, dropped, conflicts = drop_duplicates(valid, inputs.rejected)
-        _write_jsonl(out_dir / REJECTED_FILE, inputs.rejected)
-        _write_jsonl(out_dir / DUPLICATES_FILE, conflicts)
         for conflict in conflicts:
             copies = conflict["copies"]
             console.print(f"[yellow]warning:[/] identical input under labels {sorted({c['label'] for c in copies})}: "
                           f"{', '.join(c['path'] for c in copies)} (one copy per label kept, all in one split; "
                           f"see {DUPLICATES_FILE})")
+        kept, frames_dropped, frame_conflicts = keep_frames_once(kept, inputs.rejected, inputs.skipped)
+        for conflict in frame_conflicts:
+            console.print(f"[yellow]warning:[/] {_frame_conflict(conflict)}")
+        dropped, conflicts = dropped + frames_dropped, conflicts + frame_conflicts
+        _write_jsonl(out_dir / REJECTED_FILE, inputs.rejected)
+        _write_jsonl(out_dir / SKIPPED_FILE, inputs.skipped)  # again: parts of packed inputs were added
+        _write_jsonl(out_dir / DUPLICATES_FILE, conflicts)
         classes = _check_classes(inputs, kept, out_dir)
         without_patient_id = _warn_missing_patient_ids(kept, console)
         splits = assign_splits(kept, dropped, classes, settings.split_rules)
@@ -292,6 +301,16 @@ def _warn_missing_patient_ids(kept: list[Input], console: Console) -> dict[str, 
                       "and the intervals treat them as independent; a --manifest with a patient_id column "
                       "(path,label,patient_id) keeps a patient's images in one split")
     return {"stills": stills, "videos": videos}
+
+
+def _frame_conflict(conflict: dict) -> str:
+    """One line for a duplicates.jsonl entry of `splitting.keep_frames_once`."""
+    start_s, end_s = conflict["seconds"]
+    labelled = " and ".join(f"{copy['label']} in {copy['path']}"
+                            + (" ({:g}-{:g} s)".format(*copy["segment_s"]) if copy["segment_s"] else "")
+                            for copy in conflict["copies"])
+    return (f"the same frames ({start_s:g} s to {f'{end_s:g} s' if end_s else 'the end'} of one recording) are "
+            f"labelled {labelled}: kept out under both labels (see {SKIPPED_FILE}, {REJECTED_FILE}, {DUPLICATES_FILE})")
 
 
 def _check_folders(src: Path, out_dir: Path) -> None:
@@ -332,12 +351,13 @@ def _read_one(path: Path, kind: str, segment_s: tuple[float, float] | None, opti
     try:
         if kind == "video":
             with opened_video(path, options.max_video_bytes) as (handle, sha256):
-                frames = video_frames(handle, options.frame_rules, options.max_pixels, segment_s)
-                return _spooled(sha256, frames, True, options, spool)
+                left_out: list[LeftOut] = []
+                frames = video_frames(handle, options.frame_rules, options.max_pixels, segment_s, left_out)
+                return _spooled(sha256, frames, True, options, spool)._replace(left_out=tuple(left_out))
         data = read_image_file(path, options.max_file_bytes)
         sha256 = hashlib.sha256(data).hexdigest()
         if kind == "dicom":
-            dicom = read_dicom(data, options.max_pixels)
+            dicom = read_dicom(data, options.max_pixels, options.max_file_bytes)
             return _spooled(sha256, dicom.frames(options.frame_rules), dicom.num_frames > 1, options, spool,
                             dicom.patient_id)
         img = open_image(data, options.max_pixels)
@@ -447,6 +467,10 @@ def _read_inputs(inputs: Inputs, options: _ReadOptions, max_workers: int, pseudo
                 continue
             item.sha256, item.samples, item.frame_counts = result.sha256, result.samples, result.frame_counts
             valid.append(item)
+            for part, reason in result.left_out:
+                inputs.skipped.append({**item.entry(reason), "part": part})
+                console.print(f"[yellow]warning:[/] {item.source}: {reason}; packed without {part} "
+                              f"(see {SKIPPED_FILE})")
     return valid
 
 
@@ -542,7 +566,8 @@ def _build_index(src: Path, listings: list[tuple[Listing, Path]], label_for: dic
         "files_packed": len(packed_inputs),
         "packed": sum(info["count"] for info in split_info.values()),
         "rejected": len(inputs.rejected),
-        "skipped": len(inputs.skipped),
+        "skipped": sum(1 for entry in inputs.skipped if "part" not in entry),
+        "parts_skipped": sum(1 for entry in inputs.skipped if "part" in entry),
         "duplicates_dropped": sum(1 for entry in inputs.rejected if "duplicate_of" in entry),
         "label_conflicts": len(conflicts),
         "videos_packed": len(moving),
@@ -595,6 +620,9 @@ def _print_summary(index: dict, console: Console) -> None:
     console.print(f"files seen {totals['files_seen']} = packed {totals['files_packed']} + rejected "
                   f"{totals['rejected']} (incl. {totals['duplicates_dropped']} duplicate copies) + skipped "
                   f"{totals['skipped']}")
+    if totals["parts_skipped"]:
+        console.print(f"[yellow]{totals['parts_skipped']} part(s) of packed inputs left out[/] (damaged or oversized "
+                      f"frames, a lost tail, frames labelled twice); see {SKIPPED_FILE}")
     if totals["videos_packed"]:
         console.print(f"{totals['videos_packed']} video(s) gave {totals['frames_from_videos']} frames; dropped "
                       f"{totals['near_duplicate_frames_dropped']} near-duplicate and "
@@ -603,7 +631,7 @@ def _print_summary(index: dict, console: Console) -> None:
         if by_reason:
             console.print(f"{title}: " + ", ".join(f"{count} {reason}" for reason, count in by_reason.items()))
     if totals["label_conflicts"]:
-        console.print(f"[yellow]{totals['label_conflicts']} identical input(s) carry different labels; "
+        console.print(f"[yellow]{totals['label_conflicts']} identical input(s) or frames carry different labels; "
                       f"see {DUPLICATES_FILE}")
 
 

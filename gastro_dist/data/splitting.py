@@ -7,6 +7,7 @@ splits, and the result is checked for leaks rather than trusted from the algorit
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -34,8 +35,9 @@ def drop_duplicates(items: list[Input], rejected: list[dict]) -> tuple[list[Inpu
     """Split into (kept, dropped copies, label conflicts): identical inputs are packed once per label.
 
     Identical means the same bytes (and, for video segments, the same segment). Copies are taken in sorted
-    source order, so the kept copy is the first path alphabetically. Identical inputs under different labels
+    source order, so the kept copy is the first path alphabetically. Identical stills under different labels
     are all kept (the labels disagree; a human must decide) and reported; the split rules keep them in one split.
+    Identical videos under different labels are all kept here, for `keep_frames_once` to keep their frames out.
     """
     copies_by_identity: dict[tuple, list[Input]] = defaultdict(list)
     for item in sorted(items, key=lambda item: item.order):
@@ -50,11 +52,76 @@ def drop_duplicates(items: list[Input], rejected: list[dict]) -> tuple[list[Inpu
             else:
                 dropped.append(item)
                 rejected.append(item.entry(f"duplicate of {first.source}", duplicate_of=first.source, sha256=sha256))
-        if len(first_by_label) > 1:
+        if len(first_by_label) > 1 and copies[0].frame_counts is None:  # frames: `keep_frames_once` decides
             conflicts.append({"sha256": sha256, "copies": [
                 {"path": item.source, "label": item.label, "patient_id": item.patient_id} for item in copies]})
     kept.sort(key=lambda item: item.order)
     return kept, dropped, conflicts
+
+
+def keep_frames_once(kept: list[Input], rejected: list[dict],
+                     skipped: list[dict]) -> tuple[list[Input], list[Input], list[dict]]:
+    """Split videos and multi-frame DICOMs into (kept, dropped, label conflicts) so that no frame is packed twice.
+
+    Inputs with the same bytes (a copy, a link, segments of one file) are one recording, whatever their
+    paths. Where two of them cover the same seconds under one label, the later in sorted order leaves those
+    frames out (they are packed once); under different labels both leave them out (a human must decide), the
+    conflict is returned for duplicates.jsonl and each side gets a skipped.jsonl line (`part`: the seconds).
+    An input left without frames is rejected instead (`duplicate of ...` or `label conflict: ...`).
+    """
+    by_recording: dict[str, list[Input]] = defaultdict(list)
+    for item in kept:
+        if item.frame_counts is not None:
+            by_recording[item.sha256].append(item)
+    overlaps: dict[int, list[tuple[float, float, Input]]] = defaultdict(list)  # id(input) -> (start, end, other)
+    conflicts = []
+    for sha256, items in by_recording.items():
+        for position, item in enumerate(items):  # `kept` is in sorted order: `other` comes first
+            for other in items[:position]:
+                start_s = max(_seconds(item)[0], _seconds(other)[0])
+                end_s = min(_seconds(item)[1], _seconds(other)[1])
+                if start_s >= end_s:
+                    continue
+                overlaps[id(item)].append((start_s, end_s, other))
+                if other.label != item.label:
+                    overlaps[id(other)].append((start_s, end_s, item))
+                    copies = [{"path": copy.source, "label": copy.label, "patient_id": copy.patient_id,
+                               "segment_s": list(copy.segment_s) if copy.segment_s else None} for copy in (other, item)]
+                    conflicts.append({"sha256": sha256, "seconds": [start_s, end_s if end_s < math.inf else None],
+                                      "copies": copies})
+    still_kept, dropped = [], []
+    for item in kept:
+        shared = overlaps.get(id(item), [])
+        item.samples = [sample for sample in item.samples
+                        if not any(_within(sample.frame_time_s, start_s, end_s) for start_s, end_s, _ in shared)]
+        reasons = [(f"{start_s:g}-{end_s:g} s", _shared_reason(item, other)) for start_s, end_s, other in shared]
+        if item.samples:
+            still_kept.append(item)
+            skipped.extend({**item.entry(reason), "part": part} for part, reason in reasons)
+            continue
+        dropped.append(item)
+        first = shared[0][2]
+        if all(other.label == item.label for _, _, other in shared):
+            rejected.append(item.entry(f"duplicate of {first.source}", duplicate_of=first.source, sha256=item.sha256))
+        else:
+            rejected.append(item.entry("; ".join(dict.fromkeys(reason for _, reason in reasons))))
+    return still_kept, dropped, conflicts
+
+
+def _seconds(item: Input) -> tuple[float, float]:
+    return item.segment_s or (0.0, math.inf)
+
+
+def _within(time_s: float | None, start_s: float, end_s: float) -> bool:
+    """Untimed frames (a DICOM without frame times) are shared whenever their input is (it is never a segment)."""
+    return time_s is None or start_s <= time_s < end_s
+
+
+def _shared_reason(item: Input, other: Input) -> str:
+    where = other.source + (f" {other.segment_s[0]:g}-{other.segment_s[1]:g} s" if other.segment_s else "")
+    if other.label == item.label:
+        return f"duplicate frames: packed from {where} (the same recording, the same label)"
+    return f"label conflict: the same frames are labelled {other.label} in {where}; kept out under both labels"
 
 
 class _Group(NamedTuple):
