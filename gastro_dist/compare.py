@@ -5,7 +5,6 @@ Holm: `evaluation.paired`) with a forest plot, in comparison.json, comparison.md
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +13,9 @@ from accelerate import PartialState
 from gastro_dist import UserError
 from gastro_dist.config import load_config
 from gastro_dist.data.shard_index import load_shard_index
-from gastro_dist.evaluation.evaluate import POSITIVE_CLASS, evaluate_run, read_predictions_csv
+from gastro_dist.evaluation.evaluate import POSITIVE_CLASS, evaluate_run
 from gastro_dist.evaluation.paired import compare_models, significance_sentences
+from gastro_dist.evaluation.prediction_files import read_predictions_csv
 from gastro_dist.evaluation.report import (Heading, Images, Paragraph, Table, display_name, render_html, render_markdown,
                                           save_forest_plot)
 from gastro_dist.run_dir import write_run_json
@@ -77,57 +77,70 @@ def _train_and_evaluate(configs: list, shards_dir: str | Path, out_dir: Path, sp
     return result
 
 
-def paired_comparison_of_runs(eval_dirs: dict[str, Path], classes: list[str], num_bootstrap: int = 1000,
+def paired_comparison_of_runs(eval_dirs: dict[str, Path], classes: list[str] | None, num_bootstrap: int = 1000,
                               seed: int = 0, positive_class: str | None = None) -> dict:
     """`paired.compare_models` on the predictions of several models (name -> an `evaluate` folder, or a
-    predictions CSV such as cv's oof_predictions.csv): the images all of them scored (matched by key),
-    resampled by the patients (bootstrap units) the first one records. `positive_class` None:
-    gastric_cancer when present."""
-    predictions = {name: read_predictions_csv(Path(path) / "predictions.csv" if Path(path).is_dir() else path,
-                                              classes)
-                   for name, path in eval_dirs.items()}
-    first = next(iter(predictions.values()))
-    common = set(first["keys"])
-    for scored in predictions.values():
-        common &= set(scored["keys"])
-    keys = [key for key in first["keys"] if key in common]
+    predictions CSV such as cv's oof_predictions.csv), each file checked whole first (`prediction_files`):
+    the images all of them scored (matched by key; those only some scored are left out, with a warning),
+    resampled by the patients (bootstrap units) the first one records. `classes` None: the first file's
+    (every file must have the same). `positive_class` None: gastric_cancer when present."""
+    files = {name: Path(path) / "predictions.csv" if Path(path).is_dir() else Path(path)
+             for name, path in eval_dirs.items()}
+    predictions, origin = {}, "the shards' classes are"
+    for name, path in files.items():
+        predictions[name] = read_predictions_csv(path, classes, origin)
+        if classes is None:
+            classes, origin = predictions[name]["classes"], f"those of {path} are"
+    keys, left_out = _keys_scored_by_all(files, predictions)
     aligned = {}
     for name, scored in predictions.items():
         position = {key: k for k, key in enumerate(scored["keys"])}
         aligned[name] = np.array([position[key] for key in keys], dtype=np.int64)
-    labels = first["labels"][aligned[next(iter(aligned))]]
+    first = next(iter(predictions))
+    labels = predictions[first]["labels"][aligned[first]]
     for name, rows in aligned.items():
         if not np.array_equal(predictions[name]["labels"][rows], labels):
-            raise UserError(f"{eval_dirs[name]}/predictions.csv gives other true labels for the same images than "
-                            f"{next(iter(eval_dirs.values()))}: they were not evaluated on the same shards")
+            raise UserError(f"{files[name]} gives other true labels for the same images than {files[first]}: they "
+                            "were not evaluated on the same shards")
     if positive_class is None:
         positive_class = POSITIVE_CLASS if POSITIVE_CLASS in classes else None
     comparison = compare_models(labels, {name: predictions[name]["probs"][rows] for name, rows in aligned.items()},
-                                classes, groups=first["groups"][aligned[next(iter(aligned))]],
+                                classes, groups=predictions[first]["groups"][aligned[first]],
                                 positive_class=positive_class, num_bootstrap=num_bootstrap, seed=seed)
-    comparison["num_images_not_in_all"] = int(len(set().union(*(set(p["keys"]) for p in predictions.values())))
-                                              - len(keys))
+    comparison["classes"] = classes
+    comparison["num_images_per_model"] = {name: len(scored["keys"]) for name, scored in predictions.items()}
+    comparison["num_images_not_in_all"] = left_out
     return comparison
+
+
+def _keys_scored_by_all(files: dict[str, Path], predictions: dict[str, dict]) -> tuple[list[str], int]:
+    """The keys every file holds, in the first file's order, and how many keys only some hold. None shared is
+    an error: the files were made on other images. Some not shared is a warning: the comparison is then on
+    the images all models scored."""
+    counts = ", ".join(f"{name}: {len(scored['keys'])} in {files[name]}" for name, scored in predictions.items())
+    tables = list(predictions.values())
+    common = set(tables[0]["keys"]).intersection(*(scored["keys"] for scored in tables[1:]))
+    if not common:
+        raise UserError(f"the prediction files share no image key ({counts}): they were not scored on the same "
+                        "images")
+    keys = [key for key in tables[0]["keys"] if key in common]
+    left_out = len(set().union(*(scored["keys"] for scored in tables))) - len(keys)
+    if left_out:
+        print(f"warning: {left_out} images are not in every prediction file ({counts}); the paired comparison uses "
+              f"the {len(keys)} images all of them scored, and comparison.md says so")
+    return keys, left_out
 
 
 def compare_predictions(named_paths: dict[str, Path], out_dir: str | Path, num_bootstrap: int = 1000,
                         seed: int = 0) -> dict:
     """The paired comparison of models evaluated already (name -> an `evaluate` folder or a predictions CSV,
-    e.g. each config's cv oof_predictions.csv), nothing trained; classes from the first file's columns."""
+    e.g. each config's cv oof_predictions.csv), nothing trained; classes from the first file's columns.
+    Every file is read and checked before anything is written."""
     if len(named_paths) < 2:
         raise UserError("--predictions needs two models or more, as NAME=PATH")
-    first = next(iter(named_paths.values()))
-    first = Path(first) / "predictions.csv" if Path(first).is_dir() else Path(first)
-    if not first.is_file():
-        raise UserError(f"{first} not found: give an `evaluate` --out folder or a predictions CSV")
-    with first.open(newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), [])
-    classes = [name[len("prob_"):] for name in header if name.startswith("prob_")]
-    if len(classes) < 2:
-        raise UserError(f"{first} has no prob_CLASS columns: it is not a predictions file of gastro-dist")
+    paired = paired_comparison_of_runs(named_paths, None, num_bootstrap=num_bootstrap, seed=seed)
     result = {"split": "given predictions", "predictions": {name: str(path) for name, path in named_paths.items()},
-              "classes": classes, "models": [],
-              "paired": paired_comparison_of_runs(named_paths, classes, num_bootstrap=num_bootstrap, seed=seed)}
+              "classes": paired["classes"], "models": [], "paired": paired}
     write_comparison(Path(out_dir), result)
     print(f"comparison: {Path(out_dir) / 'comparison.md'}  (html: {Path(out_dir) / 'comparison.html'})")
     return result
@@ -234,7 +247,8 @@ def paired_blocks(paired: dict) -> list:
                      tested(pair["delong"])])
     unit = "patients" if paired["unit"] == "patient" else "images"
     method = (f"All {paired['num_images']} images every model scored"
-              + (f" ({paired['num_images_not_in_all']} scored by only some were left out)"
+              + (f" ({paired['num_images_not_in_all']} scored by only some were left out; images per model: "
+                 + ", ".join(f"{name} {count}" for name, count in paired["num_images_per_model"].items()) + ")"
                  if paired.get("num_images_not_in_all") else "")
               + f", compared pairwise (a − b). Accuracy is tested on which images each model gets right by "
               + ("the clustered McNemar test (Durkalski et al. 2003), which counts patients, not frames, as the "

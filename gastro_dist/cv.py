@@ -23,12 +23,13 @@ from gastro_dist.data.shard_index import ShardIndex, fold_split, load_shard_inde
 from gastro_dist.evaluation.evaluate import evaluate_run
 from gastro_dist.evaluation.inference import full_precision
 from gastro_dist.evaluation.metrics import evaluate_predictions
+from gastro_dist.evaluation.prediction_files import read_predictions_csv
 from gastro_dist.evaluation.report import display_name
 from gastro_dist.files import csv_text, file_sha256, write_json_atomic, write_text_atomic
 from gastro_dist.run_dir import RunDir, redact
 from gastro_dist.tracking import RunLog, accelerator_tracking_kwargs, group_run
 from gastro_dist.training.distributed import forgets_accelerator_settings
-from gastro_dist.training.trainer import train
+from gastro_dist.training.trainer import check_inputs, train
 
 CV_JSON, CV_MARKDOWN = "cv.json", "cv.md"
 OOF_PREDICTIONS, ENSEMBLE_PREDICTIONS = "oof_predictions.csv", "test_ensemble_predictions.csv"
@@ -61,10 +62,15 @@ def cross_validate(config_path: str | Path, shards_dir: str | Path, out_dir: str
     overrides = list(overrides or [])
     if any(override.split("=", 1)[0].strip() == "data.fold" for override in overrides):
         raise UserError("cv sets data.fold for each fold itself: choose the folds with --folds, not data.fold=")
-    configs = {fold: load_config(config_path, [*overrides, f"data.fold={fold}"]) for fold in chosen}  # all checked first
+    runs = {fold: RunDir(out_dir / fold_split(fold)) for fold in range(index.num_folds)}
+    # Every fold's config and folder checked before anything is trained or written: a fold folder holding a
+    # run of another config, fold or shard set is refused with the changed keys named, so that no summary
+    # mixes two configs' folds (the chosen folds' and those the summary adds).
+    configs = {fold: load_config(config_path, [*overrides, f"data.fold={fold}"]) for fold in runs}
+    for fold, run in runs.items():
+        check_inputs(configs[fold], shards_dir, run)
     for config in configs.values():
         config.tracking.group = config.tracking.group or out_dir.resolve().name
-    runs = {fold: RunDir(out_dir / fold_split(fold)) for fold in range(index.num_folds)}
     if collect:
         untrained = [fold for fold in chosen if not _trained(runs[fold])]
         if untrained:
@@ -132,17 +138,24 @@ def _train_and_evaluate_fold(fold: int, config: TrainConfig, run: RunDir, index:
     if is_main:
         write_json_atomic(run.path / EVALUATED, {
             "fold": fold, "model_sha256": model_sha256, "shards_index_sha256": index.index_sha256,
-            "predictions": {folder: f"{folder}/predictions.csv" for folder in splits}})
+            "predictions": {folder: f"{folder}/predictions.csv" for folder in splits},
+            "predictions_sha256": {folder: file_sha256(run.path / folder / "predictions.csv") for folder in splits}})
 
 
-def _evaluation(run: RunDir, index: ShardIndex) -> dict | None:
-    """The fold's evaluation record when it is complete and belongs to the model and shards there now."""
+def _read_record(run: RunDir) -> dict | None:
+    """The fold's cv-fold.json, None when there is none or it is not a JSON object."""
     try:
         record = json.loads((run.path / EVALUATED).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
+
+
+def _evaluation(run: RunDir, index: ShardIndex) -> dict | None:
+    """The fold's evaluation record when it is complete and belongs to the model and shards there now."""
+    record = _read_record(run)
     wanted = {OOF_DIR, TEST_DIR} if index.count("test") else {OOF_DIR}
-    if (not isinstance(record, dict) or record.get("shards_index_sha256") != index.index_sha256
+    if (record is None or record.get("shards_index_sha256") != index.index_sha256
             or set(record.get("predictions") or {}) != wanted
             or not all((run.path / folder / "predictions.csv").is_file() for folder in wanted)
             or not run.model_weights.is_file() or record.get("model_sha256") != file_sha256(run.model_weights)):
@@ -151,31 +164,27 @@ def _evaluation(run: RunDir, index: ShardIndex) -> dict | None:
 
 
 # ---------------------------------------------------------------- all folds together
-class _Predictions:
-    """One predictions.csv of `evaluate`: keys, bootstrap units, patient ids, labels and probabilities."""
-
-    def __init__(self, path: Path, classes: list[str]):
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-        label_of = {csv_text(name): k for k, name in enumerate(classes)}  # evaluate wrote the names as CSV text
-        self.keys = [row["key"] for row in rows]
-        # The unit evaluate's bootstrap resamples (its `group` column: the patient, or a video without one),
-        # else the patient id, else the image itself.
-        self.groups = [row.get("group") or row["patient_id"] or row["key"] for row in rows]
-        self.patient_ids = [row["patient_id"] for row in rows]
-        self.labels = np.array([label_of[row["true_label"]] for row in rows], dtype=np.int64)
-        self.probs = np.array([[float(row[f"prob_{name}"]) for name in classes] for row in rows],
-                              dtype=np.float64).reshape(len(rows), len(classes))
+def _fold_predictions(run: RunDir, folder: str, classes: list[str]) -> dict:
+    """A fold's predictions.csv (`prediction_files.read_predictions_csv`: checked whole), refused when it is
+    damaged or differs from the file the fold's evaluation wrote (cv-fold.json keeps its sha256)."""
+    path = run.path / folder / "predictions.csv"
+    again = f"delete {run.path / EVALUATED} to evaluate the fold again"
+    recorded = (_read_record(run) or {}).get("predictions_sha256")
+    if isinstance(recorded, dict) and folder in recorded and recorded[folder] != file_sha256(path):
+        raise UserError(f"{path} changed after cv wrote it (its sha256 is not the one in {EVALUATED}); {again}")
+    try:
+        return read_predictions_csv(path, classes, "the shards' classes are")
+    except UserError as err:
+        raise UserError(f"{err}; {again}") from None
 
 
 def summarise(out_dir: Path, index: ShardIndex, runs: dict[int, RunDir], config_path: str | Path,
               overrides: list[str], num_bootstrap: int, seed: int) -> dict:
     """cv.json, cv.md and the pooled prediction files from the folds' predictions.csv files."""
     classes = index.classes
-    oof = {fold: _Predictions(run.path / OOF_DIR / "predictions.csv", classes) for fold, run in runs.items()}
+    oof = {fold: _fold_predictions(run, OOF_DIR, classes) for fold, run in runs.items()}
     has_test = index.count("test") > 0
-    test = {fold: _Predictions(run.path / TEST_DIR / "predictions.csv", classes) for fold, run in runs.items()} \
-        if has_test else {}
+    test = {fold: _fold_predictions(run, TEST_DIR, classes) for fold, run in runs.items()} if has_test else {}
 
     def metrics_of(labels, probs, groups=None, bootstrap=0) -> dict:
         return evaluate_predictions(y_true=labels, probs=probs, classes=classes,
@@ -186,15 +195,15 @@ def summarise(out_dir: Path, index: ShardIndex, runs: dict[int, RunDir], config_
     for fold, run in runs.items():
         row = {"fold": fold, "run": str(run.path), "val_split": fold_split(fold),
                "val_listed": index.count(fold_split(fold)),
-               "val": _fold_metrics(metrics_of(oof[fold].labels, oof[fold].probs))}
+               "val": _fold_metrics(metrics_of(oof[fold]["labels"], oof[fold]["probs"]))}
         if has_test:
-            row["test"] = _fold_metrics(metrics_of(test[fold].labels, test[fold].probs))
+            row["test"] = _fold_metrics(metrics_of(test[fold]["labels"], test[fold]["probs"]))
         per_fold.append(row)
 
-    pooled_keys = [key for fold in runs for key in oof[fold].keys]
-    pooled = metrics_of(np.concatenate([oof[fold].labels for fold in runs]),
-                        np.concatenate([oof[fold].probs for fold in runs]),
-                        [group for fold in runs for group in oof[fold].groups], num_bootstrap)
+    pooled_keys = [key for fold in runs for key in oof[fold]["keys"]]
+    pooled = metrics_of(np.concatenate([oof[fold]["labels"] for fold in runs]),
+                        np.concatenate([oof[fold]["probs"] for fold in runs]),
+                        [group for fold in runs for group in oof[fold]["groups"]], num_bootstrap)
     _write_oof_csv(out_dir / OOF_PREDICTIONS, runs, oof, classes)
     result = {
         "config": str(config_path), "overrides": overrides, "shards": str(index.root),
@@ -281,25 +290,25 @@ def _summary(values: list[float | None], bounds: tuple[float, float]) -> dict:
     return result
 
 
-def _ensemble(test: dict[int, _Predictions]) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+def _ensemble(test: dict[int, dict]) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
     """The test samples every fold model predicted, with the mean of their probabilities."""
     first = next(iter(test.values()))
-    common = set(first.keys).intersection(*(set(p.keys) for p in test.values()))
-    keys = [key for key in first.keys if key in common]
-    rows = [{key: i for i, key in enumerate(p.keys)} for p in test.values()]
-    probs = np.mean([p.probs[[row[key] for key in keys]] for p, row in zip(test.values(), rows)], axis=0)
+    common = set(first["keys"]).intersection(*(set(p["keys"]) for p in test.values()))
+    keys = [key for key in first["keys"] if key in common]
+    rows = [{key: i for i, key in enumerate(p["keys"])} for p in test.values()]
+    probs = np.mean([p["probs"][[row[key] for key in keys]] for p, row in zip(test.values(), rows)], axis=0)
     where = [rows[0][key] for key in keys]
-    return keys, first.labels[where], probs, [first.groups[i] for i in where]
+    return keys, first["labels"][where], probs, [first["groups"][i] for i in where]
 
 
-def _write_oof_csv(path: Path, runs: dict[int, RunDir], oof: dict[int, _Predictions], classes: list[str]) -> None:
+def _write_oof_csv(path: Path, runs: dict[int, RunDir], oof: dict[int, dict], classes: list[str]) -> None:
     """Every fold's validation predictions, with the bootstrap unit (`group`) and the probabilities at full
     precision, as evaluate's predictions.csv: `compare --predictions` and `evaluate`'s readers take it."""
     rows = [[key, str(fold), patient, group, csv_text(classes[label]), csv_text(classes[int(p.argmax())]),
              *map(full_precision, p)]
-            for fold in runs for key, patient, group, label, p in zip(oof[fold].keys, oof[fold].patient_ids,
-                                                                         oof[fold].groups, oof[fold].labels,
-                                                                         oof[fold].probs)]
+            for fold in runs for key, patient, group, label, p in zip(oof[fold]["keys"], oof[fold]["patient_ids"],
+                                                                         oof[fold]["groups"], oof[fold]["labels"],
+                                                                         oof[fold]["probs"])]
     _write_csv(path, ["key", "fold", "patient_id", "group", "true_label", "predicted_label",
                       *[f"prob_{c}" for c in classes]], rows)
 

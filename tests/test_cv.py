@@ -14,7 +14,7 @@ from imagefactory import read_split
 
 from conftest import REPO, TINY_TRAIN_OVERRIDES
 from gastro_dist.cli import main
-from gastro_dist.evaluation.evaluate import read_predictions_csv
+from gastro_dist.evaluation.prediction_files import read_predictions_csv
 from gastro_dist.evaluation.metrics import evaluate_predictions
 from wandb_offline import wandb_offline_records
 
@@ -33,9 +33,10 @@ def fold_shards(synthetic_source, tmp_path_factory) -> Path:
     return out
 
 
-def _cv(shards: Path, out: Path, *extra: str) -> int:
+def _cv(shards: Path, out: Path, *extra: str, changes: tuple[str, ...] = ()) -> int:
+    """`gastro-dist cv` with the tiny overrides, then `changes` to them."""
     return main(["cv", "--config", SMOKE, "--shards", str(shards), "--out", str(out), "--bootstrap", "20",
-                 "--no-track", *extra, *TINY_TRAIN_OVERRIDES])
+                 "--no-track", *extra, *TINY_TRAIN_OVERRIDES, *changes])
 
 
 def _rows(path: Path) -> list[dict]:
@@ -47,7 +48,9 @@ def _probs(row: dict, classes: list[str]) -> np.ndarray:
     return np.array([float(row[f"prob_{c}"]) for c in classes])
 
 
-def test_cv_fold_by_fold_then_the_summary(fold_shards, tmp_path, capsys):
+def test_cv_fold_by_fold_then_the_summary(fold_shards, synthetic_source, tmp_path, capsys):
+    from gastro_dist.data.pack import PackSettings, pack_dataset
+
     out = tmp_path / "cv"
     assert _cv(fold_shards, out, "data.fold=1") == 2  # cv sets data.fold itself
     assert _cv(fold_shards, out, "--folds", "2") == 2  # folds 0 and 1 only
@@ -126,6 +129,37 @@ def test_cv_fold_by_fold_then_the_summary(fold_shards, tmp_path, capsys):
     assert (out / "fold-1" / "test" / "predictions.csv").stat().st_mtime_ns != fold1_predictions
     assert (out / "fold-0" / "oof" / "predictions.csv").stat().st_mtime_ns == fold0_predictions
     assert json.loads((out / "cv.json").read_text())["folds"] == result["folds"]
+
+    # Re-running the finished folder with another config or pack is refused before anything is trained or
+    # written, naming what changed: the summary would otherwise mix two configs' (or packs') folds.
+    summary_bytes = (out / "cv.json").read_bytes()
+    other_pack = tmp_path / "other-shards"
+    pack_dataset(synthetic_source, other_pack, PackSettings(folds=2, test_per_class=3, input_size=48, resize_short=56,
+                                                            shard_size=8, workers=1, seed=1),
+                 manifest=synthetic_source / "manifest.csv")
+    capsys.readouterr()
+    for shards, changes, named in (
+            (fold_shards, ("model.name=resnet18",), "model was 'shufflenet_v2_x0_5', now 'resnet18'"),
+            (fold_shards, ("data.image_size=64",), "image_size was 48, now 64"),
+            (fold_shards, ("finetune.lr=0.01", "head.epochs=2"), "finetune.lr was 0.002, now 0.01; head.epochs was 1, "
+                                                               "now 2"),
+            (other_pack, (), "the shards' index.json differs from the one it was trained on")):
+        for extra in ([], ["--collect"], ["--folds", "1"]):
+            assert _cv(shards, out, *extra, changes=changes) == 2
+            err = capsys.readouterr().err
+            assert len(err.strip().splitlines()) == 1 and f"{out / 'fold-0'} holds a" in err, err
+            assert named in err and "new --out" in err, err
+    assert (out / "cv.json").read_bytes() == summary_bytes
+    assert (out / "fold-0" / "metrics.jsonl").read_text() == fold0_events
+
+    # A fold's predictions edited after cv wrote them (a row added): --collect names the file, summarises nothing.
+    edited = out / "fold-0" / "oof" / "predictions.csv"
+    edited.write_text(edited.read_text() + edited.read_text().splitlines()[1] + "\n")
+    assert _cv(fold_shards, out, "--collect") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"{edited} changed after cv wrote it" in err, err
+    assert f"delete {out / 'fold-0' / 'cv-fold.json'}" in err
+    assert (out / "cv.json").read_bytes() == summary_bytes
 
 
 def test_cv_summary_goes_to_every_tracker(fold_shards, tmp_path, monkeypatch):

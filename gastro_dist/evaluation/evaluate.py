@@ -29,6 +29,8 @@ from gastro_dist.evaluation.inference import for_inference, full_precision
 from gastro_dist.evaluation.metrics import (PATIENT_AGGREGATIONS, dummy_baselines, evaluate_predictions,
                                             operating_point, patient_level)
 from gastro_dist.evaluation.model_card import model_card_blocks
+# The reader of the predictions.csv written here, where callers have imported it from.
+from gastro_dist.evaluation.prediction_files import read_predictions_csv  # noqa: F401
 from gastro_dist.evaluation.report import headline_lines, write_markdown, write_report
 from gastro_dist.files import csv_text, distinct_names, safe_name
 from gastro_dist.progress import progress
@@ -379,29 +381,6 @@ def _write_patient_csv(path: Path, cases: dict, classes: list[str]) -> None:
         for group, label, p, count in zip(cases["groups"], cases["labels"], cases["probs"], cases["num_frames"]):
             writer.writerow([*map(csv_text, [str(group), classes[label], classes[int(p.argmax())]]), int(count),
                              *map(full_precision, p)])
-
-
-def read_predictions_csv(path: str | Path, classes: list[str]) -> dict:
-    """predictions.csv back as keys, groups (the bootstrap units), labels, probs and logits (None in files
-    without them), the numbers exactly as evaluate held them. Text cells stay as written (`csv_text` form).
-    Files written before the group column, and cv's pooled files, give the patient id (else the key)."""
-    with Path(path).open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    label_of = {csv_text(name): k for k, name in enumerate(classes)}
-    try:
-        def numbers(prefix: str) -> np.ndarray:
-            return np.array([[float(row[f"{prefix}{c}"]) for c in classes] for row in rows],
-                            dtype=np.float64).reshape(len(rows), len(classes))
-
-        return {"keys": [row["key"] for row in rows],
-                "groups": np.array([row.get("group") or row.get("patient_or_key") or row.get("patient_id")
-                                    or row["key"] for row in rows], dtype=object),
-                "labels": np.array([label_of[row["true_label"]] for row in rows], dtype=np.int64),
-                "probs": numbers("prob_"),
-                "logits": numbers("logit_") if not rows or f"logit_{classes[0]}" in rows[0] else None}
-    except (KeyError, ValueError, TypeError) as err:
-        raise UserError(f"{path} is not a predictions.csv of `gastro-dist evaluate` for the classes "
-                        f"{', '.join(classes)} ({type(err).__name__}: {err})") from None
 
 
 # ---------------------------------------------------------------- Grad-CAM

@@ -102,18 +102,34 @@ class InputImage:
 
 
 def iter_inputs(inputs: list[str | Path]) -> Iterator[InputImage]:
-    """Image files, folders (recursively, image extensions only) and .tar shards (their jpg/png members)."""
+    """Image files, folders (recursively, image extensions only) and .tar shards (their jpg/png members).
+
+    Every input gives at least one `InputImage`, and every file of a folder with an image extension
+    exactly one: what is not a readable regular file (a FIFO, a link to /dev/zero, a broken link, a
+    file that cannot be opened) gets its error, found by `files.open_regular_file` without reading or
+    blocking; a folder with no image file, or a subfolder that cannot be listed, gets one too."""
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            for file in sorted(p for p in path.rglob("*") if p.is_file() and is_image_path(p)):
-                yield _read_file(file)
+            yield from _folder_images(path)
         elif path.suffix == ".tar" and path.is_file():
             yield from _shard_images(path)
-        elif path.is_file():
-            yield _read_file(path)
         else:
-            yield InputImage(str(path), error="file not found")
+            yield _read_file(path)
+
+
+def _folder_images(folder: Path) -> Iterator[InputImage]:
+    """The files of `folder` and its subfolders (links to folders not followed) whose names have an image
+    extension, sorted; everything that has one is read, whatever its kind (`_read_file` says why not)."""
+    found, unlisted = [], []
+    for parent, _, names in os.walk(folder, onerror=unlisted.append):
+        found += [Path(parent, name) for name in names if is_image_path(name)]
+    for err in unlisted:
+        yield InputImage(str(err.filename), error=f"folder cannot be listed: {err.strerror or err}")
+    for file in sorted(found):
+        yield _read_file(file)
+    if not found and not unlisted:
+        yield InputImage(str(folder), error="folder holds no image file (jpg, png, bmp, tif)")
 
 
 def _read_file(path: Path) -> InputImage:
