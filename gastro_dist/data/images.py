@@ -113,8 +113,10 @@ _JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
     """(width, height) from a JPEG's frame header, read without decoding (a decoder allocates the whole
-    picture first); None when no frame header comes before the scan data."""
-    position = 2  # after the start-of-image marker
+    picture first); None when it is no JPEG or no frame header comes before the scan data."""
+    if bytes(data[:2]) != b"\xff\xd8":  # start of image
+        return None
+    position = 2
     while position + 9 <= len(data) and data[position] == 0xFF:
         marker = data[position + 1]
         if marker in _JPEG_FRAME_MARKERS:
