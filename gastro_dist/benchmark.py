@@ -10,7 +10,8 @@ the original images, in the same run, so that the two are compared under the sam
 utilisation against a matmul rate measured in the same run, and the peak memory.
 
 Every figure comes with the machine it was taken on (CPU, cores, load average, versions), since
-the build machines are shared. Torch is imported inside the handlers so `gastro-dist --help` stays fast.
+the build machines are shared. Counts and sizes are checked before anything runs (`check_count`,
+`check_batch`: a batch whose input alone exceeds the memory it would live in is refused). Torch is imported inside the handlers so `gastro-dist --help` stays fast.
 """
 
 from __future__ import annotations
@@ -83,6 +84,37 @@ def _format(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.3g}"
     return str(value)
+
+
+# ---------------------------------------------------------------- options
+def check_count(option: str, value: int, minimum: int) -> None:
+    """A usage error naming `option` unless `value` >= `minimum`."""
+    if value < minimum:
+        raise UserError(f"{option} must be {minimum} or more, not {value}")
+
+
+def check_batch(batch_size: int, image_size: int, memory_bytes: int, memory_of: str) -> None:
+    """`--batch-size` and `--image-size` as every bench command takes them: image sizes as the config allows,
+    and no batch whose float32 input tensor alone exceeds `memory_bytes` (`memory_of`: the device's, or the
+    RAM): it could only end in an allocator's traceback, or the kernel killing the process."""
+    from gastro_dist.config import MAX_IMAGE_SIZE
+
+    check_count("--batch-size", batch_size, 1)
+    if not 32 <= image_size <= MAX_IMAGE_SIZE:
+        raise UserError(f"--image-size must be in [32, {MAX_IMAGE_SIZE}], not {image_size}")
+    needed = batch_size * 3 * image_size**2 * 4
+    if needed > memory_bytes:
+        raise UserError(f"--batch-size {batch_size} at {image_size} px needs {needed / 2**30:,.1f} GiB for the input "
+                        f"batch alone, more than the {memory_bytes / 2**30:,.1f} GiB of {memory_of}; use a smaller one")
+
+
+def batch_memory(device=None) -> tuple[int, str]:
+    """The memory a batch lives in, in bytes, and its name: a CUDA device's, else (None too) the RAM."""
+    import torch
+
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, torch.cuda.get_device_name(device)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
 
 
 # ---------------------------------------------------------------- input pipeline
@@ -185,6 +217,9 @@ def bench_loader(shards: str | Path, *, source: Path | None, num_workers: int, n
     from gastro_dist.data.locations import location_record
     from gastro_dist.data.shard_index import load_shard_index
 
+    check_count("--batches", num_batches, 1)
+    check_count("--workers", num_workers, 0)
+    check_batch(batch_size, image_size, *batch_memory())  # the workers build the batches
     where = location_record(load_shard_index(shards).root)  # mistakes in either folder are reported before anything runs
     if source is not None and not source.is_dir():
         raise UserError(f"--source {source} is not a folder of class folders")
@@ -392,12 +427,15 @@ def bench_train(model_name: str, *, batch_size: int, image_size: int, precision:
     from gastro_dist.config import DataConfig
     from gastro_dist.data.shard_index import load_shard_index
 
-    if steps < 1 or warmup < 0:
-        raise UserError("--steps must be >= 1 and --warmup >= 0")
+    check_count("--steps", steps, 1)
+    check_count("--warmup", warmup, 0)
+    check_count("--workers", num_workers, 0)
+    target = train_device(device)
+    check_batch(batch_size, image_size, *batch_memory(target))
     if shards is not None:
         load_shard_index(shards)  # a wrong folder is reported before the compute-only run
     machine = machine_description()
-    setup = build_train_setup(model_name, precision, channels_last, train_device(device), image_size=image_size)
+    setup = build_train_setup(model_name, precision, channels_last, target, image_size=image_size)
     flops_per_image = model_flops_per_image(setup, image_size)
     if compile_model:
         setup.model = torch.compile(setup.model, backend=compile_backend)
@@ -469,9 +507,10 @@ def bench_infer(model_name: str, *, batch_size: int, image_size: int, backend: s
     from gastro_dist.evaluation.export import export_model
     from gastro_dist.models.backbones import build_model
 
-    if batches < 1 or warmup < 0 or batch_size < 1:
-        raise UserError("--batches and --batch-size must be >= 1 and --warmup >= 0")
+    check_count("--batches", batches, 1)
+    check_count("--warmup", warmup, 0)
     target = train_device(device)
+    check_batch(batch_size, image_size, *batch_memory(target))
     machine = machine_description()
     model, _ = build_model(ModelConfig(name=model_name, pretrained="none"), num_classes=NUM_CLASSES,
                            image_size=image_size)

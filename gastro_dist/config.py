@@ -1,5 +1,7 @@
 """Run configuration: typed dataclasses (the one source of defaults), loaded from YAML with dotted
-`key=value` overrides, every field checked at load with a one-line `UserError`. The two
+`key=value` overrides, every field checked at load with a one-line `UserError`. Configs and overrides
+are untrusted text (`files.load_yaml_untrusted`: no aliases, bounded size and nesting), whole numbers
+stay within int64, and a value that becomes a path (tracking.project) must be a plain name. The two
 transfer-learning phases are data: `head` and `finetune` are two `PhaseConfig` values."""
 
 from __future__ import annotations
@@ -16,10 +18,17 @@ from typing import Any
 import yaml
 
 from gastro_dist import UserError
+from gastro_dist.files import (ECHO_CHARS, MAX_NESTING, UnparsableDocument, UntrustedDocument, excerpt,
+                               load_yaml_untrusted, read_limited, safe_name)
 
 TRACKERS = ("wandb", "mlflow", "tensorboard")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# No pretrained classifier in torchvision or timm takes more than 800 px (EfficientNet-L2); 4096 leaves room
+# while one image's activations still fit a GPU (image_size 200000 would ask for terabytes).
+MAX_IMAGE_SIZE = 4096
+MAX_SEED = 2**31 - 1  # each process adds its rank, and numpy takes seeds below 2**32
+MAX_INT = 2**63 - 1  # torch and numpy hold whole numbers as int64
 
 
 @dataclass
@@ -106,17 +115,19 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 32, "image_size must be >= 32")
+        _check(self.image_size <= MAX_IMAGE_SIZE, f"image_size must be <= {MAX_IMAGE_SIZE}")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.eval_batch_size >= 1, "eval_batch_size must be >= 1")
         _check(self.num_workers >= 0, "num_workers must be >= 0")
         _check(self.max_member_mb >= 1, "max_member_mb must be >= 1")
         _check(self.interpolation in ("", "bilinear", "bicubic"),
-               f"interpolation must be bilinear or bicubic (or empty for the model's own), got {self.interpolation!r}")
+               "interpolation must be bilinear or bicubic (or empty for the model's own), "
+               f"got {excerpt(self.interpolation)}")
         _check(self.shuffle_buffer >= 1, "shuffle_buffer must be >= 1")
         _check(0.05 <= self.crop_scale_min <= 1.0, "crop_scale_min must be in [0.05, 1]")
         _check(0.5 <= self.eval_crop_ratio <= 1.0, "eval_crop_ratio must be in [0.5, 1]")
         _check(0 <= self.hue_jitter <= 0.5, "hue_jitter must be in [0, 0.5]")
-        _check(self.decode_on in ("workers", "device"), f"decode_on must be workers or device, got {self.decode_on!r}")
+        _check(self.decode_on in ("workers", "device"), f"decode_on must be workers or device, got {excerpt(self.decode_on)}")
         _check(not (self.decode_on == "device" and self.hue_jitter > 0),
                "hue_jitter needs data.decode_on=workers (hue is shifted in the workers)")
         _check(len(self.mean) == 3 and len(self.std) == 3, "mean and std need 3 values (RGB)")
@@ -155,7 +166,7 @@ class PhaseConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 0, "epochs must be >= 0")
-        _check(self.optimizer in ("adamw", "sgd"), f"optimizer must be 'adamw' or 'sgd', not {self.optimizer!r}")
+        _check(self.optimizer in ("adamw", "sgd"), f"optimizer must be 'adamw' or 'sgd', not {excerpt(self.optimizer)}")
         _check(self.lr > 0 and self.backbone_lr >= 0, "lr must be > 0 and backbone_lr >= 0")
         _check(self.weight_decay >= 0, "weight_decay must be >= 0")
         _check(self.warmup_epochs >= 0, "warmup_epochs must be >= 0")
@@ -163,7 +174,7 @@ class PhaseConfig:
         _check(0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], not {self.layer_decay}")
         self.unfreeze = str(self.unfreeze)
         _check(self.unfreeze in ("none", "all") or (self.unfreeze.isdigit() and int(self.unfreeze) > 0),
-               f"unfreeze must be 'none', 'all' or a positive number of stages, not {self.unfreeze!r}")
+               f"unfreeze must be 'none', 'all' or a positive number of stages, not {excerpt(self.unfreeze)}")
 
 
 @dataclass
@@ -187,10 +198,15 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         names = [self.tracker] if isinstance(self.tracker, str) else self.tracker
         _check(isinstance(names, list) and all(isinstance(n, str) for n in names),
-               f"tracker must be a name or a list of names, not {self.tracker!r}")
+               f"tracker must be a name or a list of names, not {excerpt(self.tracker)}")
         unknown = sorted(set(names) - set(TRACKERS) - {"none"})
-        _check(not unknown, f"unknown tracker {', '.join(unknown)}: use {', '.join(TRACKERS)} or none (or a list)")
+        _check(not unknown, f"unknown tracker {', '.join(unknown)[:ECHO_CHARS]}: use {', '.join(TRACKERS)} or none "
+                            "(or a list)")
         self.tracker = [name for name in dict.fromkeys(names) if name != "none"]
+        # TensorBoard writes under RUN/tensorboard/PROJECT: a path ('../x', '/x') would write outside the run.
+        _check(safe_name(self.project) == self.project,
+               f"project must be a plain name (letters, digits, '.', '_', '-'; not starting with '.' or '-'), "
+               f"not {excerpt(self.project)}")
         _check(self.log_every_steps >= 1, "log_every_steps must be >= 1")
 
 
@@ -230,7 +246,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.mixed_precision in ("bf16", "fp16", "no"),
-               f"mixed_precision must be 'bf16', 'fp16' or 'no', not {self.mixed_precision!r}")
+               f"mixed_precision must be 'bf16', 'fp16' or 'no', not {excerpt(self.mixed_precision)}")
         _check(self.grad_accum_steps >= 1, "grad_accum_steps must be >= 1")
         _check(self.grad_clip_norm >= 0, "grad_clip_norm must be >= 0")
         _check(0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)")
@@ -239,11 +255,12 @@ class TrainConfig:
         if isinstance(self.class_weights, list):
             self.class_weights = [_coerce(float, w, "class_weights") for w in self.class_weights]
             _check(all(w >= 0 for w in self.class_weights) and any(w > 0 for w in self.class_weights),
-                   f"class_weights must be numbers >= 0, at least one above 0, got {self.class_weights}")
+                   f"class_weights must be numbers >= 0, at least one above 0, got {excerpt(self.class_weights)}")
         _check(self.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
         _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1")
         _check(self.max_steps_per_epoch >= 0, "max_steps_per_epoch must be >= 0")
+        _check(0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}], not {excerpt(self.seed)}")
         _check(self.head.epochs + self.finetune.epochs > 0, "head.epochs and finetune.epochs are both 0: nothing to train")
 
     def phases(self) -> list[tuple[str, PhaseConfig]]:
@@ -264,7 +281,8 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in known:
-            raise UserError(f"unknown config key '{prefix}{key}'; valid keys here: {', '.join(sorted(known))}")
+            raise UserError(f"unknown config key {excerpt(f'{prefix}{key}')}; valid keys here: "
+                            f"{', '.join(sorted(known))}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
@@ -290,33 +308,35 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return _coerce(inner[0], value, key)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"config key '{key}' needs a list, got {value!r}")
+            raise UserError(f"config key '{key}' needs a list, got {excerpt(value)}")
         item_type = args[0] if args else Any
         items = [_coerce(item_type, v, key) for v in value]
         return tuple(items) if origin is tuple else items
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise UserError(f"config key '{key}' needs true or false, got {value!r}")
+        raise UserError(f"config key '{key}' needs true or false, got {excerpt(value)}")
     if hint is int:
         if isinstance(value, str):  # a quoted "8", or YAML 1.1 leaving a spelling it does not know as text
             value = _parse_number(value, int)
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > MAX_INT:
+                raise UserError(f"config key '{key}' needs a whole number within ±{MAX_INT}, got {excerpt(value)}")
             return value
-        raise UserError(f"config key '{key}' needs a whole number, got {value!r}")
+        raise UserError(f"config key '{key}' needs a whole number, got {excerpt(value)}")
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text: accept every spelling Python does
             value = _parse_number(value, float)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
-        raise UserError(f"config key '{key}' needs a finite number, got {value!r}")
+        raise UserError(f"config key '{key}' needs a finite number, got {excerpt(value)}")
     if hint is str:
         if isinstance(value, bool):
             # YAML 1.1 reads an unquoted no/yes as a boolean (`mixed_precision: no`): take the word back.
             return "yes" if value else "no"
         if isinstance(value, (str, int, float)):
             return str(value)
-        raise UserError(f"config key '{key}' needs a string, got {value!r}")
+        raise UserError(f"config key '{key}' needs a string, got {excerpt(value)}")
     return value
 
 
@@ -344,21 +364,24 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- YAML and overrides
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b=value` strings to nested dict `data` (values parsed as YAML scalars/lists)."""
+    """Apply `a.b=value` strings to nested dict `data` (values parsed as YAML scalars/lists, as safely as
+    config files; a value that is not YAML is taken as text)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"override {item!r} must look like key=value, e.g. head.epochs=3")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        node = data
         parts = key.strip().split(".")
+        if not sep or not key or len(parts) > MAX_NESTING:
+            raise UserError(f"override {excerpt(item)} must look like key=value, e.g. head.epochs=3")
+        try:
+            value = load_yaml_untrusted(raw, f"override {excerpt(key)}") if raw != "" else ""
+        except UnparsableDocument:
+            value = raw
+        except UntrustedDocument as err:
+            raise UserError(str(err)) from None
+        node = data
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise UserError(f"override {item!r}: '{part}' is not a config section")
+                raise UserError(f"override {excerpt(item)}: {excerpt(part)} is not a config section")
         node[parts[-1]] = value
     return data
 
@@ -371,11 +394,17 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise UserError(f"config file {path} not found; pass one of the files in configs/ or a path to your own YAML")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            text = read_limited(path, f"config file {path}").decode("utf-8")
+            data = load_yaml_untrusted(text, f"config file {path}")
         except UnicodeDecodeError:
             raise UserError(f"config file {path} is not UTF-8 text; save it as UTF-8") from None
-        except yaml.YAMLError as err:
-            raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        except UntrustedDocument as err:
+            raise UserError(str(err)) from None
+        if data is None:  # nothing but comments
+            data = {}
+        if not isinstance(data, dict):
+            raise UserError(f"config file {path} holds {excerpt(data)}, not a mapping of keys such as "
+                            "`head: {epochs: 3}`")
     apply_overrides(data, overrides or [])
     return from_dict(TrainConfig, data)
 

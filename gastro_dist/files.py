@@ -1,9 +1,13 @@
-"""File-system names, files and CSV cells derived from untrusted input, and the one atomic JSON writer.
+"""File-system names, files, CSV cells and JSON/YAML documents derived from untrusted input, and the one
+atomic writer.
 
 Shard keys, the classes in model.json and the paths given to `predict`/`cam` come from whoever
 made them. A name built from such text must stay one file inside its output folder ('../x' or
 '/etc/x' as a key must not write elsewhere), and text written into a CSV must not become a
-formula when a clinician opens the file in a spreadsheet (OWASP "CSV injection").
+formula when a clinician opens the file in a spreadsheet (OWASP "CSV injection"). Configs,
+model.json, index.json and sidecars are parsed with bounded size, nesting and (YAML) no aliases,
+so that a 1 KB file can neither expand to gigabytes nor overflow the parser's stack, and an error
+line echoes at most `ECHO_CHARS` of a value (`excerpt`).
 """
 
 from __future__ import annotations
@@ -12,12 +16,15 @@ import hashlib
 import json
 import os
 import re
+import reprlib
 import stat
 import uuid
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import yaml
 
 MAX_NAME_CHARS = 100  # leaves room for suffixes within the usual 255-byte file name limit
 DIGEST_CHARS = 16  # 64 bits of sha256: distinct texts do not meet by chance
@@ -28,6 +35,11 @@ _RESERVED_STEMS = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in ra
                              *(f"LPT{i}" for i in range(1, 10))})
 # A cell starting with one of these is read as a formula by Excel, LibreOffice or Google Sheets.
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+MAX_NESTING = 32  # configs, model.json, index.json and sidecars nest 5 levels at most
+MAX_DOCUMENT_BYTES = 16 << 20  # configs, model.json and sidecars are kilobytes
+ECHO_CHARS = 80  # of a value an error line quotes
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = _SHORT_REPR.maxlong = ECHO_CHARS
 
 
 def digest(text: str) -> str:
@@ -61,6 +73,13 @@ def distinct_names(names: Sequence[str], sources: Sequence[str]) -> list[str]:
     uses = Counter(name.casefold() for name in names)
     return [name if uses[name.casefold()] == 1 else f"{name}-{digest(source)}"
             for name, source in zip(names, sources, strict=True)]
+
+
+def excerpt(value: Any, limit: int = ECHO_CHARS) -> str:
+    """repr(value), at most `limit` characters: an error line quoting an input's value stays one short
+    line however large the value (and reprlib does bounded work on a huge list)."""
+    text = _SHORT_REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def csv_text(text: str) -> str:
@@ -99,18 +118,26 @@ def open_regular_file(path: str | Path) -> BinaryIO:
     return open(fd, "rb", buffering=0)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that a reader sees the old file or the new one, never half of one:
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a reader sees the old file or the new one, never half of one:
     written to a temporary file of its own in the same folder (so concurrent writers, e.g. the tasks of
-    a SLURM array, never share one; created with the usual permissions), then renamed into place."""
+    a SLURM array, never share one; created with the usual permissions), then renamed into place.
+    An OSError names `path`, the file asked for, not its temporary."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with temporary.open("x", encoding="utf-8", newline="") as handle:
-            handle.write(text)
+        with temporary.open("xb") as handle:
+            handle.write(data)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as err:
         temporary.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise OSError(err.errno, err.strerror, str(path)) from None
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """`write_bytes_atomic` of `text` as UTF-8."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -125,3 +152,113 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- JSON and YAML from others
+class UntrustedDocument(ValueError):
+    """A JSON or YAML document refused as a whole: too large, too deeply nested, with YAML aliases, or not
+    parseable. Its message is one line that starts with the `what` it was given."""
+
+
+class UnparsableDocument(UntrustedDocument):
+    """Text that is not JSON or YAML at all (an override's value is then taken as the text itself)."""
+
+
+def read_limited(path: Path, what: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> bytes:
+    """A regular file's bytes, refused above `max_bytes` without reading the rest (a 10 GB model.json, or
+    one that links to /dev/zero, never fills memory)."""
+    blocks, size = [], 0
+    with open_regular_file(path) as handle:
+        while size <= max_bytes and (block := handle.read(1 << 20)):
+            blocks.append(block)
+            size += len(block)
+    data = b"".join(blocks)
+    _check_size(data, what, max_bytes)
+    return data
+
+
+def load_json_untrusted(data: str | bytes, what: str, max_bytes: int = MAX_DOCUMENT_BYTES,
+                        max_depth: int = MAX_NESTING) -> Any:
+    """JSON someone else wrote (model.json, index.json, a sidecar), refused with `UntrustedDocument` when
+    larger than `max_bytes`, nested deeper than `max_depth` (json.loads recurses once per level: 100 KB
+    of '[' is a RecursionError) or not JSON at all."""
+    _check_size(data, what, max_bytes)
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise _too_deep(what, max_depth) from None
+    except ValueError as err:  # not JSON, not UTF-8, or a number of more than 4300 digits
+        raise UnparsableDocument(f"{what} is not valid JSON ({str(err)[:ECHO_CHARS]})") from None
+    if _deeper_than(value, max_depth):
+        raise _too_deep(what, max_depth)
+    return value
+
+
+def load_yaml_untrusted(text: str | bytes, what: str, max_bytes: int = MAX_DOCUMENT_BYTES,
+                        max_depth: int = MAX_NESTING) -> Any:
+    """YAML someone else wrote (a config, an override's value), parsed safely (yaml.SafeLoader), refused
+    with `UntrustedDocument` when larger than `max_bytes`, nested deeper than `max_depth`, holding an alias
+    (*name: a 1 KB 'billion laughs' tree of aliases expands to gigabytes) or not YAML at all."""
+    _check_size(text, what, max_bytes)
+    loader = _StrictYAMLLoader(text, what, max_depth)
+    try:
+        return loader.get_single_data()
+    except UntrustedDocument:
+        raise
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise UnparsableDocument(f"{what} is not valid YAML ({problem[:ECHO_CHARS]}{where})") from None
+    except ValueError as err:  # a number of more than 4300 digits
+        raise UnparsableDocument(f"{what} is not valid YAML ({str(err)[:ECHO_CHARS]})") from None
+    finally:
+        loader.dispose()
+
+
+class _StrictYAMLLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases and deep nesting while composing, before anything is built (the
+    composer, too, recurses once per level)."""
+
+    def __init__(self, stream: str | bytes, what: str, max_depth: int):
+        super().__init__(stream)
+        self.what, self.max_depth, self.depth = what, max_depth, 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise UntrustedDocument(f"{self.what} uses the YAML alias *{event.anchor[:ECHO_CHARS]} (line "
+                                    f"{event.start_mark.line + 1}): aliases are not accepted (write the value "
+                                    "out, or quote text that starts with *)")
+        if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
+            return super().compose_node(parent, index)
+        self.depth += 1
+        if self.depth > self.max_depth:
+            raise _too_deep(self.what, self.max_depth)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _check_size(data: str | bytes, what: str, max_bytes: int) -> None:
+    if len(data) > max_bytes:
+        raise UntrustedDocument(f"{what} is larger than {max_bytes / 2**20:g} MiB")
+
+
+def _too_deep(what: str, max_depth: int) -> UntrustedDocument:
+    return UntrustedDocument(f"{what} is nested deeper than {max_depth} levels")
+
+
+def _deeper_than(value: Any, max_depth: int) -> bool:
+    """Whether lists and dicts nest more than `max_depth` levels, found without recursion."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > max_depth:
+            return True
+        pending.extend((child, depth + 1) for child in children)
+    return False

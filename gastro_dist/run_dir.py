@@ -6,7 +6,6 @@ else builds a path inside a run folder. No secret from the environment is ever w
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -15,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from gastro_dist import UserError
-from gastro_dist.config import DataConfig, ModelConfig
-from gastro_dist.files import write_json_atomic
+from gastro_dist.config import MAX_IMAGE_SIZE, DataConfig, ModelConfig
+from gastro_dist.files import UntrustedDocument, excerpt, load_json_untrusted, read_limited, write_json_atomic
 
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
 
@@ -61,7 +60,8 @@ def _are_class_names(value: Any) -> bool:
 _REQUIRED_FIELDS = {
     "architecture": (lambda v: isinstance(v, str) and bool(v), "a model name"),
     "classes": (_are_class_names, "a list of at least 2 distinct printable class names"),
-    "image_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive whole number of pixels"),
+    "image_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 32 <= v <= MAX_IMAGE_SIZE,
+                   f"a whole number of pixels in [32, {MAX_IMAGE_SIZE}]"),
     "eval_crop_ratio": (_is_number, "a number"),
     "mean": (_are_rgb_numbers, "3 numbers (R, G, B)"),
     "std": (lambda v: _are_rgb_numbers(v) and min(v) > 0, "3 positive numbers (R, G, B)"),
@@ -115,9 +115,9 @@ class ModelMeta:
         would otherwise surface as a traceback deep in model building or preprocessing."""
         fix = "restore the run's model.json, or re-run `gastro-dist train` with the same --out to write it again"
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise UserError(f"{path} is not valid JSON ({err}); {fix}") from None
+            data = load_json_untrusted(read_limited(path, str(path)), str(path))
+        except UntrustedDocument as err:
+            raise UserError(f"{err}; {fix}") from None
         if not isinstance(data, dict):
             raise UserError(f"{path} is not a JSON object; {fix}")
         missing = [key for key in _REQUIRED_FIELDS if key not in data]
@@ -126,7 +126,7 @@ class ModelMeta:
         fields = {**_REQUIRED_FIELDS, **{k: v for k, v in _OPTIONAL_FIELDS.items() if k in data}}
         for key, (valid, expected) in fields.items():
             if not valid(data[key]):
-                raise UserError(f"{path}: {key} must be {expected}, not {data[key]!r:.80}; {fix}")
+                raise UserError(f"{path}: {key} must be {expected}, not {excerpt(data[key])}; {fix}")
         meta = cls(**{key: data[key] for key in fields})
         try:  # the ranges the configs check (e.g. image_size >= 32, dropout in [0, 1))
             meta.data_config()
@@ -206,7 +206,7 @@ class RunDir:
 
 def _read_json_object(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = load_json_untrusted(read_limited(path, str(path)), str(path))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

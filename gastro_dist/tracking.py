@@ -1,6 +1,8 @@
 """Tracking: RUN/metrics.jsonl (every event, whatever the tracker) and W&B, MLflow and TensorBoard
 through accelerate's trackers: one tracker run per training run, continued after a resume and by
-`evaluate` (the ids are in RUN/tracking.json). Only the main process writes; secrets are masked."""
+`evaluate` (the ids are in RUN/tracking.json). Only the main process writes; secrets are masked.
+Nothing is written outside the run folder (and MLflow's own store): the project, TensorBoard's
+folder under RUN/tensorboard, is a plain name (`TrackingConfig`), and so is a W&B run id read back."""
 
 from __future__ import annotations
 
@@ -12,9 +14,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from gastro_dist import UserError
+from gastro_dist import RunFailure, UserError
 from gastro_dist.config import TrackingConfig
-from gastro_dist.files import safe_name
+from gastro_dist.files import excerpt, safe_name
 from gastro_dist.run_dir import RunDir, redact
 
 # The package each tracker needs, and the pyproject extra that installs it.
@@ -89,6 +91,10 @@ class RunLog:
         saved = self.run_dir.read_tracking()
         resuming = bool(saved.get("trackers"))
         wandb_id = saved.get("wandb_run_id") or uuid.uuid4().hex[:12]
+        # W&B names a folder after the run id: a path in a copied tracking.json would write outside the run.
+        if "wandb" in self.trackers and (not isinstance(wandb_id, str) or safe_name(wandb_id) != wandb_id):
+            raise RunFailure(f"{self.run_dir.tracking_json}: wandb_run_id {excerpt(wandb_id)} is not a plain name; "
+                             "restore the file, or delete it to start new tracker runs")
         name = self.tracking.run_name or self.run_dir.path.name
         init_kwargs = {
             "wandb": {"id": wandb_id, "resume": "allow", "dir": str(self.run_dir.path), "name": name,

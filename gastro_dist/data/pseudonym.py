@@ -14,7 +14,11 @@ import hashlib
 import hmac
 import os
 import posixpath
+import stat
 from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
 
 from gastro_dist import UserError
 from gastro_dist.files import open_regular_file
@@ -81,10 +85,21 @@ def load_pseudonymiser(key_file: str | Path | None, kept_extensions: frozenset[s
     try:
         with open_regular_file(path) as handle:
             key = handle.read(_MAX_KEY_FILE_BYTES + 1).strip()
+            mode = os.fstat(handle.fileno()).st_mode
     except OSError as err:
         raise UserError(f"cannot read the pseudonym key file {path} ({err.strerror or err}); make one with "
                         f"{_MAKE_KEY} and keep it private") from None
     if not MIN_KEY_BYTES <= len(key) <= _MAX_KEY_FILE_BYTES:
         raise UserError(f"the pseudonym key in {path} must hold {MIN_KEY_BYTES} to {_MAX_KEY_FILE_BYTES} bytes, "
                         f"it holds {len(key)}; make one with {_MAKE_KEY}")
+    _warn_if_others_can_read(path, mode)
     return Pseudonymiser(key, kept_extensions)
+
+
+def _warn_if_others_can_read(path: Path, mode: int) -> None:
+    """Whoever can read the key can re-identify every patient of every pack made with it: warn, as ssh does
+    for an "UNPROTECTED PRIVATE KEY FILE", when the group or others have any access to it (POSIX only)."""
+    if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
+        Console(stderr=True, soft_wrap=True).print(
+            f"[yellow]warning:[/] the pseudonym key file {escape(str(path))} is open to other users (mode "
+            f"{stat.S_IMODE(mode):04o}): anyone who reads it can re-identify the patients; chmod 600 {escape(str(path))}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import io
 import json
 import warnings
 from pathlib import Path
@@ -32,6 +33,7 @@ from torch import nn
 
 import gastro_dist
 from gastro_dist import UserError
+from gastro_dist.files import write_bytes_atomic, write_text_atomic
 from gastro_dist.models.backbones import model_logits
 
 EXPORT_FORMATS = ("onnx", "torchscript")
@@ -82,6 +84,8 @@ def export_model(
     ``metadata``: further JSON-serialisable entries for the sidecar and the file's embedded metadata
     (e.g. model.json's architecture, interpolation, eval_crop_ratio); they may not replace the entries above.
     The ONNX file is validated with ``onnx.checker``; call :func:`check_export` to compare outputs.
+    The file is built in memory and written in one go (`write_bytes_atomic`): a path that cannot be written
+    is an OSError naming it, and a failed export leaves no half-written file.
     """
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"unknown export format {fmt!r}; use one of: {', '.join(EXPORT_FORMATS)}")
@@ -110,6 +114,7 @@ def export_model(
     deployed = ExportedClassifier(_cpu_eval_copy(model), probabilities=output == "probabilities",
                                   temperature=temperature)
     example = torch.randn(2, 3, input_size, input_size)
+    buffer = io.BytesIO()
 
     # Both exporters are the deprecated TorchScript-based ones (chosen on purpose, see the module
     # docstring); their deprecation notices would only confuse the people running the export.
@@ -120,22 +125,24 @@ def export_model(
         if fmt == "onnx":
             onnx = _import_optional("onnx")
             torch.onnx.export(
-                deployed, (example,), str(out_file), dynamo=False, opset_version=opset,
+                deployed, (example,), buffer, dynamo=False, opset_version=opset,
                 input_names=[INPUT_NAME], output_names=[output],
                 dynamic_axes={INPUT_NAME: {0: "batch"}, output: {0: "batch"}},
             )
-            exported = onnx.load(str(out_file))
+            exported = onnx.load_from_string(buffer.getvalue())
             for key, value in deployment.items():
                 exported.metadata_props.add(key=key, value=value if isinstance(value, str) else json.dumps(value))
-            onnx.save(exported, str(out_file))
-            onnx.checker.check_model(str(out_file))
+            onnx.checker.check_model(exported)
+            data = exported.SerializeToString()
         else:
-            torch.jit.trace(deployed, example).save(
-                str(out_file), _extra_files={"metadata.json": json.dumps(deployment, indent=2)})
+            torch.jit.save(torch.jit.trace(deployed, example), buffer,
+                           _extra_files={"metadata.json": json.dumps(deployment, indent=2)})
+            data = buffer.getvalue()
+    write_bytes_atomic(out_file, data)
 
     sidecar = {"format": fmt, "file": out_file.name, **deployment,
                "opset": opset if fmt == "onnx" else None, "torch_version": torch.__version__}
-    _sidecar_path(out_file).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(_sidecar_path(out_file), json.dumps(sidecar, indent=2) + "\n")
     return out_file
 
 

@@ -7,15 +7,14 @@ metrics.json; what they do not record is said to be unknown, never guessed."""
 
 from __future__ import annotations
 
-import json
 from datetime import date
 from pathlib import Path
 
-import yaml
 
 import gastro_dist
-from gastro_dist.data.shard_index import SPLITS, ShardIndex
+from gastro_dist.data.shard_index import MAX_REMOTE_INDEX_BYTES, SPLITS, ShardIndex
 from gastro_dist.evaluation.report import Heading, Paragraph, Table
+from gastro_dist.files import load_json_untrusted, load_yaml_untrusted, read_limited
 from gastro_dist.run_dir import ModelMeta, RunDir
 
 
@@ -286,8 +285,8 @@ def _checklist(result: dict) -> list:
 # ----------------------------------------------------------------------------- helpers
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
+        data = load_yaml_untrusted(read_limited(Path(path), str(path)), str(path))
+    except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -295,7 +294,9 @@ def _read_yaml(path: Path) -> dict:
 def _read_index_json(index: ShardIndex) -> dict:
     """index.json's descriptive fields (sources, patients per split, totals); {} when unreadable."""
     try:
-        data = json.loads((Path(index.root) / "index.json").read_text(encoding="utf-8"))
+        path = Path(index.root) / "index.json"
+        data = load_json_untrusted(read_limited(path, str(path), MAX_REMOTE_INDEX_BYTES), str(path),
+                                   MAX_REMOTE_INDEX_BYTES)
     except (OSError, ValueError, TypeError):
         return {}
     return data if isinstance(data, dict) else {}

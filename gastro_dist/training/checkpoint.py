@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gastro_dist import RunFailure, UserError
+from gastro_dist.files import load_json_untrusted, read_limited
 from gastro_dist.run_dir import ModelMeta, RunDir
 
 COMPLETE_MARKER = "COMPLETE"
@@ -64,7 +65,7 @@ def complete_states(run_dir: RunDir | Path) -> list[tuple[TrainerState, Path]]:
         if not (path / COMPLETE_MARKER).is_file():
             continue
         try:
-            state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
+            state = TrainerState(**load_json_untrusted(read_limited(path / STATE_FILE, STATE_FILE), STATE_FILE))
         except (OSError, ValueError, TypeError):
             continue
         found.append((state, path))
@@ -208,7 +209,8 @@ def save_final_model(model: torch.nn.Module, run_dir: RunDir, meta: ModelMeta) -
 
 def load_weights_meta(directory: Path) -> dict:
     """The meta.json `save_weights` wrote next to a phase's weights (epoch, validation scores)."""
-    return json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+    path = directory / "meta.json"
+    return load_json_untrusted(read_limited(path, str(path)), str(path))
 
 
 def load_weights(directory_or_file: Path) -> dict[str, torch.Tensor]:
