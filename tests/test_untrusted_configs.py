@@ -79,6 +79,15 @@ def test_a_billion_laughs_is_refused_at_once_in_bounded_memory(tmp_path, capsys,
     assert elapsed < 0.5 and peak < 5 * 2**20, (elapsed, peak)
 
 
+def test_a_class_map_with_aliases_is_refused(tmp_path, capsys):
+    Image.new("RGB", (64, 64), (90, 30, 30)).save(tmp_path / "frame.png")
+    class_map = tmp_path / "map.yaml"
+    class_map.write_text(billion_laughs(flow=False))
+
+    assert main(["pack", str(tmp_path), "--out", str(tmp_path / "out"), "--class-map", str(class_map)]) == 2
+    assert "aliases are not accepted" in one_line(capsys)
+
+
 @pytest.mark.parametrize("where", ["file", "override"])
 def test_deep_nesting_is_refused_without_a_recursion_error(tmp_path, capsys, where):
     nested = "[" * DEEP + "]" * DEEP

@@ -8,7 +8,6 @@ pseudonyms with a key). Nothing is opened but folders and CSVs: reading the inpu
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import posixpath
@@ -27,7 +26,7 @@ from gastro_dist.data.frames import FrameCounts
 from gastro_dist.data.images import IMAGE_EXTENSIONS
 from gastro_dist.data.pseudonym import Pseudonymiser
 from gastro_dist.data.video import VIDEO_EXTENSIONS
-from gastro_dist.files import file_type
+from gastro_dist.files import UntrustedDocument, file_type, load_json_untrusted, load_yaml_untrusted
 
 _KIND_OF_EXTENSION = {**dict.fromkeys(IMAGE_EXTENSIONS, "image"), **dict.fromkeys(VIDEO_EXTENSIONS, "video"),
                       **dict.fromkeys(DICOM_EXTENSIONS, "dicom")}
@@ -113,14 +112,10 @@ def load_class_map(path: Path, console: Console) -> dict[str, str]:
     except UnicodeDecodeError:
         raise UserError(f"class map {path} is not UTF-8 text; save it as UTF-8") from None
     try:
-        if path.suffix.lower() == ".json":
-            mapping = json.loads(text)
-        else:
-            import yaml
-
-            mapping = yaml.safe_load(text)
-    except Exception as err:
-        raise UserError(f"class map {path} cannot be parsed ({type(err).__name__}: {err}); fix its syntax") from None
+        load = load_json_untrusted if path.suffix.lower() == ".json" else load_yaml_untrusted
+        mapping = load(text, f"class map {path}")
+    except UntrustedDocument as err:
+        raise UserError(f"{err}; fix it") from None
     if not isinstance(mapping, dict) or not mapping:
         raise UserError(f"class map {path} must be a non-empty mapping of folder -> class name")
     names_as_written = {}
