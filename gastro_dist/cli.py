@@ -113,7 +113,8 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split assignment and shard order")
     p.add_argument("--max-file-mb", type=float, default=512.0,
-                   help="images and DICOM files larger than this many MB (10^6 bytes) are rejected without being read")
+                   help="images and DICOM files larger than this many MB (10^6 bytes) are rejected without being "
+                        "read; so are DICOMs whose deflated data set or one decoded frame would expand past it")
     p.add_argument("--video-fps", type=float, default=1.0,
                    help="frames sampled per second of video or multi-frame DICOM")
     p.add_argument("--near-duplicate-bits", type=int, default=3,
