@@ -21,6 +21,7 @@ from gastro_dist.run_dir import RunDir, redact
 
 # The package each tracker needs, and the pyproject extra that installs it.
 _PACKAGES = {"wandb": ("wandb", None), "mlflow": ("mlflow", "mlflow"), "tensorboard": ("tensorboard", "tensorboard")}
+_FIX_TRACKING_JSON = "restore the file, or delete it to start new tracker runs"
 
 
 def check_trackers_installed(tracking: TrackingConfig) -> None:
@@ -44,13 +45,17 @@ def accelerator_tracking_kwargs(tracking: TrackingConfig, run_dir: RunDir) -> di
 
 
 def tracking_of_run(run_dir: RunDir) -> TrackingConfig | None:
-    """The trackers a training run logged to (RUN/tracking.json), for `evaluate` to add to the same runs."""
+    """The trackers a training run logged to (RUN/tracking.json), for `evaluate` to add to the same runs;
+    checked as a config is (a run folder may come from anywhere), a mistake being the file's."""
     saved = run_dir.read_tracking()
     if not saved.get("trackers"):
         return None
-    return TrackingConfig(tracker=saved["trackers"], project=saved.get("project") or "gastro-dist",
-                          entity=saved.get("entity"), run_name=saved.get("run_name"), tags=saved.get("tags") or [],
-                          group=saved.get("group"))
+    try:
+        return TrackingConfig(tracker=saved["trackers"], project=saved.get("project") or "gastro-dist",
+                              entity=saved.get("entity"), run_name=saved.get("run_name"),
+                              tags=saved.get("tags") or [], group=saved.get("group"))
+    except UserError as err:
+        raise RunFailure(f"{run_dir.tracking_json}: {err}; {_FIX_TRACKING_JSON}") from None
 
 
 def flat_values(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -94,7 +99,7 @@ class RunLog:
         # W&B names a folder after the run id: a path in a copied tracking.json would write outside the run.
         if "wandb" in self.trackers and (not isinstance(wandb_id, str) or safe_name(wandb_id) != wandb_id):
             raise RunFailure(f"{self.run_dir.tracking_json}: wandb_run_id {excerpt(wandb_id)} is not a plain name; "
-                             "restore the file, or delete it to start new tracker runs")
+                             f"{_FIX_TRACKING_JSON}")
         name = self.tracking.run_name or self.run_dir.path.name
         init_kwargs = {
             "wandb": {"id": wandb_id, "resume": "allow", "dir": str(self.run_dir.path), "name": name,
