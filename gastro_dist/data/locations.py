@@ -1,6 +1,20 @@
 """Where a shard set lives, a local folder or a URL (https://, http://, s3://, gs://), and the one way
 bytes come from there: a local file opened only if it is a regular file, a remote one streamed front to
-back with retries. Credentials stay out of every message and record: `str()` of a URL drops them."""
+back with retries. Credentials stay out of every message and record: `str()` of a URL drops them.
+
+A remote read has deadlines, not only retries, so that no server can hold a command without end:
+- silence: a connection that brings nothing for `SOCKET_TIMEOUT_S` is dropped and retried;
+- trickle: one that brings less than `REMOTE_MIN_BYTES_PER_S` over `SOCKET_TIMEOUT_S` of waiting too;
+- a file's total wait (every attempt, backoff included) is at most `REMOTE_TIMEOUT_S` plus the time its
+  bytes need at the minimum rate, so retries that keep making a little progress end too;
+- size: no more than `max_bytes` (index.json: 16 MB; a shard: `MAX_REMOTE_SHARD_BYTES`; the tar reader
+  stops reading a shard at its end) is read, whatever the server sends or announces.
+A file given up for any of these is a `RemoteServerFault`: the command stops (the server, not the file,
+is at fault, and planning around it would only wait on the next file). After one such fault every further
+file of that server (scheme, host and port) fails at once in the process, naming the fault: a loader
+worker that skips broken shards cannot multiply the wait by the number of shards, so a command waits on a
+misbehaving server for one file's bound at most per process (FETCH_ATTEMPTS x SOCKET_TIMEOUT_S, about
+2.5 min; or REMOTE_TIMEOUT_S plus the file's bytes at the minimum rate)."""
 
 from __future__ import annotations
 
@@ -16,7 +30,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 from gastro_dist import UserError, __version__
 from gastro_dist.files import open_regular_file
@@ -26,7 +40,20 @@ HTTP_SCHEMES = frozenset({"http", "https"})
 FSSPEC_SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
 FETCH_ATTEMPTS = 5  # attempts in a row that make no progress before a file counts as unfetchable
 RETRY_BACKOFF_S = 0.5  # wait before the 2nd attempt, doubled for each further one (0.5 + 1 + 2 + 4 s)
-SOCKET_TIMEOUT_S = 60.0  # a connection silent this long is dropped and retried
+# A connection silent this long is dropped and retried, and the window over which the rate below is
+# measured: long enough for the first byte of cold object storage or a congested VPN, short enough that a
+# dead server costs FETCH_ATTEMPTS x 30 s (2.5 min) per file, not hours.
+SOCKET_TIMEOUT_S = 30.0
+# 16 KiB/s (128 kbit/s): below any link one would read training data over (a 100 MB shard would take
+# 1.7 h), far above a trickle (a byte every few seconds); measured only while waiting on the server, so a
+# consumer that pauses between reads (a training step) never counts against it.
+REMOTE_MIN_BYTES_PER_S = 16 << 10
+# The fixed part of a file's total wait (connecting, retries and backoff, slow first bytes), on top of
+# the time its bytes need at REMOTE_MIN_BYTES_PER_S: an honest slow link never reaches it.
+REMOTE_TIMEOUT_S = 300.0
+# A shard at a URL is refused beyond this: pack's shards hold shard_size (default 1,000) samples of
+# 0.05-1 MB, so a few hundred MB to 1 GB; index.json lists no shard sizes to take a tighter limit from.
+MAX_REMOTE_SHARD_BYTES = 16 << 30
 STREAM_BLOCK_BYTES = 8 << 20  # read-ahead of s3:// and gs:// streams (ranged GETs of this size)
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _TRANSIENT_HTTP_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -40,6 +67,18 @@ class RemoteFetchError(OSError):
 
 class RemoteNotFound(RemoteFetchError):
     """The store answered that there is no such file (HTTP 404, no such key)."""
+
+
+class RemoteServerFault(RemoteFetchError):
+    """The server stalled, trickled or sent more than the file may hold: not a file to plan around but a
+    source that would hold the command without end; commands stop on it (a `RunFailure` at their level)."""
+
+
+class _TooSlow(TimeoutError):
+    """An attempt that brought less than `REMOTE_MIN_BYTES_PER_S` over a window (retried like silence)."""
+
+
+_server_faults: dict[str, str] = {}  # server -> its first RemoteServerFault in this process: nothing more fetched
 
 
 @dataclass(frozen=True, repr=False)
@@ -85,8 +124,9 @@ def shard_location(value: str | Location) -> Location:
     if location.scheme not in HTTP_SCHEMES and location.scheme not in FSSPEC_SCHEMES:
         raise UserError(f"{location.scheme}:// is not a supported shard location: use a local folder, or an "
                         "https://, http://, s3:// or gs:// URL of a shard folder")
-    if not _host(parts.netloc):
-        raise UserError(f"{location} names no {'host' if location.scheme in HTTP_SCHEMES else 'bucket'}")
+    if not _names_host(parts):  # http://:80/x would only be retried against a host that is not there
+        raise UserError(f"{location} names no {'host' if location.scheme in HTTP_SCHEMES else 'bucket'} "
+                        "(or its port is not a number)")
     module = FSSPEC_SCHEMES.get(location.scheme)
     if module and importlib.util.find_spec(module) is None:
         raise UserError(f"{location.scheme}:// shards are read through {module}, which is not installed: "
@@ -117,7 +157,8 @@ def location_record(location: Location) -> str:
 
 def open_location(location: Location) -> BinaryIO:
     """A binary stream of the file: `files.open_regular_file` for a local path, a `_RemoteStream` for a
-    URL. Raises OSError (`RemoteFetchError` for a URL: its message names the URL without credentials)."""
+    URL (of at most `MAX_REMOTE_SHARD_BYTES`). Raises OSError (`RemoteFetchError` for a URL: its message
+    names the URL without credentials)."""
     if isinstance(location, ShardURL):
         return _RemoteStream(location)
     return open_regular_file(location)
@@ -134,16 +175,14 @@ def location_fingerprint(location: Location) -> dict | None:
     return {"size": status.st_size, "mtime_ns": status.st_mtime_ns, "inode": status.st_ino, "device": status.st_dev}
 
 
-def fetch_bytes(location: ShardURL, max_bytes: int) -> bytes:
-    """The whole file at a URL (index.json); RemoteFetchError when it is larger than `max_bytes`."""
-    with _RemoteStream(location) as stream:
+def fetch_bytes(location: ShardURL, max_bytes: int, what: str) -> bytes:
+    """The whole file at a URL (index.json), fetched once; `RemoteServerFault` when the server announces
+    or sends more than `max_bytes` (`what` names the limit in that message)."""
+    with _RemoteStream(location, max_bytes, what) as stream:
         data = bytearray()
-        while len(data) <= max_bytes:
-            chunk = stream.read(1 << 20)
-            if not chunk:
-                return bytes(data)
+        while chunk := stream.read(1 << 20):
             data += chunk
-    raise RemoteFetchError(f"{location} is larger than {max_bytes:,} bytes")
+        return bytes(data)
 
 
 class _RemoteStream:
@@ -151,48 +190,105 @@ class _RemoteStream:
     data ending before the size the store announced), is retried from the byte reached after a backoff,
     until `FETCH_ATTEMPTS` attempts in a row have brought nothing. A store that answers "no such file"
     or "access denied" is not retried. A file that changes between attempts (another ETag) is an error:
-    its two halves would not belong together."""
+    its two halves would not belong together. The deadlines of the module docstring bound every read:
+    HTTP bodies are read one receive at a time (`read1`), so a read returns what has come instead of
+    waiting for a trickle to fill it, and the time and rate are checked between receives."""
 
-    def __init__(self, location: ShardURL):
-        self.location = location
+    def __init__(self, location: ShardURL, max_bytes: int = MAX_REMOTE_SHARD_BYTES, what: str = "a shard"):
+        self.location, self.max_bytes, self.what = location, max_bytes, what
         self.opener = _open_http if location.scheme in HTTP_SCHEMES else _open_fsspec
         self.stream: Any = None
         self.offset, self.size, self.version = 0, None, None
+        self.skip = 0  # bytes of the present response before `offset` (a server that ignored Range sends them again)
+        self.waited_s = 0.0  # time spent waiting on the server, every attempt and backoff included
+        self.window_s, self.window_bytes = 0.0, 0  # the present window of the rate check
+        if self._server() in _server_faults:
+            raise RemoteServerFault(f"cannot fetch {location}: not tried after an earlier fault of this server "
+                                    f"({_server_faults[self._server()]})")
         self._with_retries(lambda: b"")  # opened now: a file that cannot be fetched fails here, not in the tar reader
 
     def read(self, size: int = -1) -> bytes:
         return self._with_retries(lambda: self._read_once(size))
 
     def _read_once(self, size: int) -> bytes:
-        data = self.stream.read(size)
+        while self.skip:
+            dropped = self._receive(min(self.skip, 1 << 20))
+            if not dropped:
+                raise ConnectionError(f"the connection ended {self.skip:,} bytes before byte {self.offset:,}")
+            self.skip -= len(dropped)
+        data = self._receive(size)
         if not data and size != 0 and self.size is not None and self.offset < self.size:
             raise ConnectionError(f"the connection ended after {self.offset:,} of {self.size:,} bytes")
+        if self.offset + len(data) > self.max_bytes:
+            raise self._fault(f"sent more than the {self.max_bytes:,} bytes {self.what} may hold")
         self.offset += len(data)
         return data
 
+    def _receive(self, size: int) -> bytes:
+        """One read of the response (one receive, for HTTP), timed for the rate check."""
+        started = time.monotonic()
+        data = self.stream.read1(size) if self.opener is _open_http else self.stream.read(size)
+        self.window_s += time.monotonic() - started
+        self.window_bytes += len(data)
+        if self.window_s >= SOCKET_TIMEOUT_S:
+            if self.window_bytes < REMOTE_MIN_BYTES_PER_S * self.window_s:
+                raise _TooSlow(f"sent {self.window_bytes:,} bytes in {self.window_s:,.1f} s, below the minimum "
+                               f"of {REMOTE_MIN_BYTES_PER_S:,} bytes/s")
+            self.window_s, self.window_bytes = 0.0, 0
+        return data
+
     def _with_retries(self, action: Callable[[], bytes]) -> bytes:
-        for attempt in range(1, FETCH_ATTEMPTS + 1):
-            try:
-                if self.stream is None:
-                    self._open()
-                return action()
-            except RemoteFetchError:
-                self._drop_stream()
-                raise
-            except Exception as err:  # noqa: BLE001 - sorted by _failure: transport errors retried, others raised
-                self._drop_stream()
-                reason, retry = _failure(err)
-                if not retry or attempt == FETCH_ATTEMPTS:
-                    tries = f" ({attempt} attempts)" if attempt > 1 else ""
-                    error = RemoteNotFound if _is_not_found(err) else RemoteFetchError
-                    raise error(f"cannot fetch {self.location}: {self._public(reason)}{tries}") from None
-                time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
-        raise AssertionError("unreachable")
+        started = time.monotonic()
+        try:
+            for attempt in range(1, FETCH_ATTEMPTS + 1):
+                self._check_deadline(self.waited_s + time.monotonic() - started)
+                try:
+                    if self.stream is None:
+                        self._open()
+                    return action()
+                except RemoteFetchError:
+                    self._drop_stream()
+                    raise
+                except Exception as err:  # noqa: BLE001 - sorted by _failure: transport errors retried, others raised
+                    self._drop_stream()
+                    reason, retry = _failure(err)
+                    stalled = isinstance(err, TimeoutError) or isinstance(getattr(err, "reason", None), TimeoutError)
+                    if stalled and not isinstance(err, _TooSlow):
+                        reason = f"sent nothing for {SOCKET_TIMEOUT_S:g} s after {self.offset:,} bytes"
+                    if not retry or attempt == FETCH_ATTEMPTS:
+                        tries = f" ({attempt} attempts)" if attempt > 1 else ""
+                        if stalled:
+                            raise self._fault(f"{self._public(reason)}{tries}") from None
+                        error = RemoteNotFound if _is_not_found(err) else RemoteFetchError
+                        raise error(f"cannot fetch {self.location}: {self._public(reason)}{tries}") from None
+                    time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
+            raise AssertionError("unreachable")
+        finally:
+            self.waited_s += time.monotonic() - started
+
+    def _check_deadline(self, waited_s: float) -> None:
+        """The total wait so far against the file's deadline, which grows with the bytes already received."""
+        if waited_s > REMOTE_TIMEOUT_S + self.offset / REMOTE_MIN_BYTES_PER_S:
+            raise self._fault(f"sent {self.offset:,} bytes in {waited_s:,.0f} s, more than the {REMOTE_TIMEOUT_S:g} s "
+                              f"(plus {REMOTE_MIN_BYTES_PER_S:,} bytes/s) a file may take")
+
+    def _fault(self, what_it_did: str) -> RemoteServerFault:
+        message = f"cannot fetch {self.location}: {what_it_did}"
+        _server_faults.setdefault(self._server(), message)
+        self._drop_stream()
+        return RemoteServerFault(message)
+
+    def _server(self) -> str:
+        parts = urlsplit(self.location.url)
+        return f"{parts.scheme.lower()}://{_host(parts.netloc).lower()}"
 
     def _open(self) -> None:
-        self.stream, size, version = self.opener(self.location.url, self.offset)
+        self.stream, size, version, start = self.opener(self.location.url, self.offset)
+        self.skip, self.window_s, self.window_bytes = self.offset - start, 0.0, 0
         if self.offset and None not in (version, self.version) and version != self.version:
             raise RemoteFetchError(f"{self.location} changed while it was being read; read it again")
+        if size is not None and size > self.max_bytes:
+            raise self._fault(f"is {size:,} bytes, more than the {self.max_bytes:,} bytes {self.what} may hold")
         self.size, self.version = size, version
 
     def _drop_stream(self) -> None:
@@ -225,6 +321,8 @@ def _failure(err: BaseException) -> tuple[str, bool]:
         return f"HTTP {err.code} {err.reason}", err.code in _TRANSIENT_HTTP_STATUS
     if isinstance(err, urllib.error.URLError):
         return str(err.reason), True
+    if isinstance(err, _TooSlow):
+        return str(err), True
     if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return f"{'not found' if isinstance(err, FileNotFoundError) else 'access denied'} ({err})", False
     if isinstance(err, (OSError, http.client.HTTPException, EOFError)):
@@ -242,10 +340,18 @@ def _host(netloc: str) -> str:
     return netloc.rpartition("@")[2]
 
 
+def _names_host(parts: SplitResult) -> bool:
+    """Whether a URL names a host (or bucket), with a port that is a number if it has one."""
+    try:
+        return bool(parts.hostname) and (parts.port is None or parts.port >= 0)
+    except ValueError:  # a port that is no number
+        return False
+
+
 # ---------------------------------------------------------------- the stores
-def _open_http(url: str, offset: int) -> tuple[BinaryIO, int | None, str | None]:
-    """(response, file size, ETag or Last-Modified) of a GET from `offset` on. A server that ignores the
-    Range header sends the whole file again: its first `offset` bytes are read and dropped."""
+def _open_http(url: str, offset: int) -> tuple[BinaryIO, int | None, str | None, int]:
+    """(response, file size, ETag or Last-Modified, the byte the response starts at) of a GET from
+    `offset` on. A server that ignores the Range header sends the whole file again, from byte 0."""
     parts = urlsplit(url)
     request = urllib.request.Request(urlunsplit((parts.scheme, _host(parts.netloc), parts.path, parts.query, "")),
                                      headers={"User-Agent": f"gastro-dist/{__version__}"})
@@ -262,15 +368,9 @@ def _open_http(url: str, offset: int) -> tuple[BinaryIO, int | None, str | None]
             response.close()
             raise ConnectionError(f"asked for the bytes from {offset:,}, the server sent a range from {start}")
         total = total.rpartition("/")[2]
-        return response, int(total) if total.isdigit() else None, version
+        return response, int(total) if total.isdigit() else None, version, offset
     length = response.headers.get("Content-Length")
-    skipped = 0
-    while skipped < offset:
-        chunk = response.read(min(offset - skipped, 1 << 20))
-        if not chunk:
-            raise ConnectionError(f"the connection ended after {skipped:,} bytes, before byte {offset:,}")
-        skipped += len(chunk)
-    return response, int(length) if length and length.isdigit() else None, version
+    return response, int(length) if length and length.isdigit() else None, version, 0
 
 
 def _http_credentials(user: str | None, password: str | None, host: str | None) -> str | None:
@@ -284,7 +384,7 @@ def _http_credentials(user: str | None, password: str | None, host: str | None) 
     return f"{found[0]}:{found[2]}" if found else None
 
 
-def _open_fsspec(url: str, offset: int) -> tuple[BinaryIO, int | None, str | None]:
+def _open_fsspec(url: str, offset: int) -> tuple[BinaryIO, int | None, str | None, int]:
     """An s3:// or gs:// object through fsspec (s3fs, gcsfs: credentials from their usual environment:
     AWS_* variables, ~/.aws, instance roles; GOOGLE_APPLICATION_CREDENTIALS, gcloud)."""
     import fsspec
@@ -295,4 +395,4 @@ def _open_fsspec(url: str, offset: int) -> tuple[BinaryIO, int | None, str | Non
         stream.seek(offset)
     details = getattr(stream, "details", None) or {}
     version = details.get("ETag") or details.get("etag") or details.get("generation")
-    return stream, stream.size, None if version is None else str(version)
+    return stream, stream.size, None if version is None else str(version), offset

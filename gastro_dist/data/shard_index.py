@@ -19,7 +19,11 @@ SPLITS = ("train", "val", "test")  # a pack's splits; one made with --folds has 
 FOLD_PREFIX = "fold-"  # a pack made with --folds K has splits fold-0 .. fold-(K-1) instead of train and val
 _PLAIN_SHARD_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}\.tar")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-MAX_REMOTE_INDEX_BYTES = 1 << 30  # index.json fetched from a URL: a stream that never ends is refused here
+# index.json, local or at a URL (the name is older), is read whole, once: pack writes ~120 bytes per
+# shard (file, count, sha256), so 16 MB lists 130,000 shards, 10^8 samples at pack's default 1,000 per
+# shard; a larger one (or a stream that never ends) is refused before it is parsed, and one announced
+# larger is never downloaded.
+MAX_REMOTE_INDEX_BYTES = 16 << 20
 
 
 class BadIndex(RunFailure):
@@ -66,7 +70,11 @@ class ShardIndex:
 def load_shard_index(shard_dir: str | Location) -> ShardIndex:
     """The index of a local shard folder or of one at a URL (https://, s3://, gs://)."""
     root = shard_location(shard_dir)
-    raw = read_index_bytes(root)
+    return parse_shard_index(root, read_index_bytes(root))
+
+
+def parse_shard_index(root: Location, raw: bytes) -> ShardIndex:
+    """The index from index.json's bytes (`read_index_bytes`): a caller that needs the bytes too reads them once."""
     path = root / INDEX_FILE
     try:
         data = json.loads(raw.decode("utf-8"))
@@ -78,10 +86,11 @@ def load_shard_index(shard_dir: str | Location) -> ShardIndex:
 
 
 def read_index_bytes(root: Location) -> bytes:
-    """index.json's bytes, from a local shard folder or fetched from a URL."""
+    """index.json's bytes, from a local shard folder or fetched from a URL (a RunFailure above
+    `MAX_REMOTE_INDEX_BYTES`)."""
     if isinstance(root, ShardURL):
         try:
-            return fetch_bytes(root / INDEX_FILE, MAX_REMOTE_INDEX_BYTES)
+            return fetch_bytes(root / INDEX_FILE, MAX_REMOTE_INDEX_BYTES, f"an {INDEX_FILE}")
         except RemoteNotFound:
             raise UserError(f"{root / INDEX_FILE} not found: {root} is not a finished pack (or not a shard folder)") from None
         except RemoteFetchError as err:
@@ -95,7 +104,12 @@ def read_index_bytes(root: Location) -> bytes:
                             f"{root} --out {root.parent / (root.name + '-shards')}`, and pass that folder as --shards")
         raise UserError(f"{root} has no {INDEX_FILE} (not a finished pack); pack your images into it with "
                         f"`gastro-dist pack IMAGES --out {root}`")
-    return path.read_bytes()
+    with open(path, "rb") as file:
+        raw = file.read(MAX_REMOTE_INDEX_BYTES + 1)
+    if len(raw) > MAX_REMOTE_INDEX_BYTES:
+        raise BadIndex(f"{path} is larger than the {MAX_REMOTE_INDEX_BYTES:,} bytes an {INDEX_FILE} may hold: "
+                       "not one pack wrote; re-pack the data")
+    return raw
 
 
 def _holds_inputs(folder: Path, limit: int = 2000) -> bool:

@@ -1,7 +1,9 @@
 """The one tar reader that training, evaluation, prediction and `verify` share, and the check of
 shard files against their index: only regular files are opened (or URLs streamed, with retries), only
 our members (`SHARD_MEMBERS`) below a size cap are read, sample keys must be plain names, nothing is
-unpickled."""
+unpickled. A stream that never ends cannot hold a reader: members not ours are counted and capped, none
+is kept in memory, and a shard at a URL is read no further than its tar's end padding (the byte and time
+limits of `locations` bound the rest)."""
 
 from __future__ import annotations
 
@@ -12,12 +14,19 @@ from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator, NamedTuple
 
 from gastro_dist import RunFailure
-from gastro_dist.data.locations import Location, RemoteFetchError, open_location
+from gastro_dist.data.locations import Location, RemoteFetchError, RemoteServerFault, ShardURL, open_location
 from gastro_dist.data.shard_index import INDEX_FILE, ShardFile, ShardIndex
 from gastro_dist.files import NotRegularFile
 
 SHARD_MEMBERS = frozenset({"jpg", "png", "cls", "json"})
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,199}")
+# Members that are not ours (another extension, a folder, a link) a shard may hold: pack writes none, and
+# a webdataset shard of another tool with a few extra members per sample stays below it at pack's 1,000
+# samples per shard; an endless stream of them ends here.
+MAX_FOREIGN_MEMBERS = 10_000
+# Bytes a shard at a URL may hold after the end of its tar archive: tar writers pad to a record (10,240
+# bytes for python's tarfile, webdataset and GNU tar); more is a server sending without end.
+MAX_TAR_TRAILER_BYTES = 64 << 10
 
 
 def is_plain_key(key: str) -> bool:
@@ -46,6 +55,11 @@ class ShardReadError(Exception):
     """The shard cannot be read from this point on (not a tar, truncated, not a regular file)."""
 
 
+class ShardSourceFault(ShardReadError):
+    """Not a damaged shard to plan around but a source that would hold the reader without end: a server
+    that stalls, trickles or sends too much (`RemoteServerFault`), or a stream of members none of ours."""
+
+
 def iter_tar_samples(stream: BinaryIO, max_member_bytes: int,
                      members: frozenset[str] = SHARD_MEMBERS) -> Iterator[TarSample]:
     """Samples of a tar stream, grouping consecutive members by key as webdataset does (the key is
@@ -55,12 +69,14 @@ def iter_tar_samples(stream: BinaryIO, max_member_bytes: int,
     member whole, whatever its declared size. Only regular members with an extension in `members`
     are read; a sample whose member is too large, repeated or whose key is not plain is returned
     with its `problem` set; a group of members none of which is ours is no sample and is passed over.
-    Raises `ShardReadError` when the tar data itself is broken.
+    Raises `ShardReadError` when the tar data itself is broken, `ShardSourceFault` after
+    `MAX_FOREIGN_MEMBERS` members not ours or when the download fails as `RemoteServerFault`.
     """
-    key, found, problem, ours = None, {}, None, False
+    key, found, problem, ours, num_foreign = None, {}, None, False, 0
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
+            while (member := tar.next()) is not None:
+                tar.members.clear()  # tarfile keeps every member it has seen: an endless stream would fill memory
                 folder, _, file_name = member.name.rpartition("/")
                 stem, _, extension = file_name.partition(".")
                 member_key = f"{folder}/{stem}" if folder else stem
@@ -70,6 +86,11 @@ def iter_tar_samples(stream: BinaryIO, max_member_bytes: int,
                     key, found, ours = member_key, {}, False
                     problem = None if is_plain_key(member_key) else "sample key is not a plain name"
                 if extension not in members:
+                    if extension not in SHARD_MEMBERS:
+                        num_foreign += 1
+                        if num_foreign > MAX_FOREIGN_MEMBERS:
+                            raise ShardSourceFault(f"more than {MAX_FOREIGN_MEMBERS:,} members that are not samples "
+                                                   "(.jpg/.png/.cls/.json files): not a gastro-dist shard")
                     continue  # not a sample member of ours (a group of only such members is no sample at all)
                 ours = True
                 if not member.isreg() or problem is not None:
@@ -84,6 +105,8 @@ def iter_tar_samples(stream: BinaryIO, max_member_bytes: int,
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
         if ours:
             yield TarSample(key, found, problem or f"cut short: {err}")
+        if isinstance(err, RemoteServerFault):
+            raise ShardSourceFault(str(err)) from None
         if isinstance(err, RemoteFetchError):  # the download failed, not the tar data
             raise ShardReadError(str(err)) from None
         raise ShardReadError(f"unreadable tar data: {type(err).__name__}: {err}") from None
@@ -103,6 +126,8 @@ def _open_shard(path: Location) -> BinaryIO:
     (`locations.open_location`); a shard that cannot be opened or fetched is a `ShardReadError`."""
     try:
         return open_location(path)
+    except RemoteServerFault as err:
+        raise ShardSourceFault(str(err)) from None
     except RemoteFetchError as err:
         raise ShardReadError(str(err)) from None
     except OSError as err:
@@ -127,9 +152,15 @@ class _HashingReader:
         self.num_bytes += len(data)
         return data
 
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
+    def drain(self, max_bytes: int | None = None) -> bool:
+        """Read to the end (at most `max_bytes` more); False when more than that was left."""
+        left = max_bytes
+        while data := self.read(1 << 20 if left is None else min(1 << 20, left + 1)):
+            if left is not None:
+                left -= len(data)
+                if left < 0:
+                    return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -140,6 +171,12 @@ class ShardScan:
     sha256_matches: bool | None  # None: index.json records no sha256
     problem: str | None  # the file could not be read to its end
     num_bytes: int = 0  # bytes read (a download, for a shard at a URL)
+    stops_run: bool = False  # `problem` is a source that would hold every reader (ShardSourceFault), not damage
+
+    def stop_message(self) -> str:
+        """The one line a command stops with when `stops_run`: the problem, naming the shard."""
+        where = str(self.shard.path)
+        return self.problem if where in (self.problem or "") else f"{where}: {self.problem}"
 
     def problems(self) -> list[str]:
         name = self.shard.path.name
@@ -156,8 +193,11 @@ class ShardScan:
 def scan_shard(shard: ShardFile, max_member_bytes: int,
                on_sample: Callable[[TarSample], None] | None = None) -> ShardScan:
     """Read one shard once: count its samples and hash its bytes; `on_sample` sees each sample on the
-    way (what `verify` checks, without a second read of the file)."""
-    num_samples, problem, matches, num_bytes = 0, None, None, 0
+    way (what `verify` checks, without a second read of the file). A shard at a URL is read no further
+    than `MAX_TAR_TRAILER_BYTES` past its tar's end, and not at all past a tar error (whose file cannot
+    match its sha256 anyway)."""
+    num_samples, problem, matches, num_bytes, stops_run = 0, None, None, 0, False
+    remote = isinstance(shard.path, ShardURL)
     try:
         with _open_shard(shard.path) as raw:
             stream = _HashingReader(raw)
@@ -167,18 +207,24 @@ def scan_shard(shard: ShardFile, max_member_bytes: int,
                     if on_sample is not None:
                         on_sample(sample)
             except ShardReadError as err:
-                problem = str(err)
-            if stream.fetch_error is None:
+                problem, stops_run = str(err), isinstance(err, ShardSourceFault)
+            drained = False
+            if stream.fetch_error is None and not (remote and problem):
                 try:
-                    stream.drain()
+                    drained = stream.drain(MAX_TAR_TRAILER_BYTES if remote else None)
+                    if not drained:
+                        problem, stops_run = (f"cannot fetch {shard.path}: sent more than {MAX_TAR_TRAILER_BYTES:,} "
+                                              "bytes after the end of its tar archive"), True
+                except RemoteServerFault as err:
+                    problem, stops_run = problem or str(err), True
                 except RemoteFetchError as err:
                     problem = problem or str(err)
-            if shard.sha256 and stream.fetch_error is None:  # a download that failed says nothing of the file
+            if shard.sha256 and drained:  # a download that failed, or was cut, says nothing of the file
                 matches = stream.digest.hexdigest() == shard.sha256
             num_bytes = stream.num_bytes
     except ShardReadError as err:
-        problem = str(err)
-    return ShardScan(shard, num_samples, matches, problem, num_bytes)
+        problem, stops_run = str(err), isinstance(err, ShardSourceFault)
+    return ShardScan(shard, num_samples, matches, problem, num_bytes, stops_run)
 
 
 def checked_index(index: ShardIndex, splits: list[str], max_member_bytes: int,
@@ -195,6 +241,8 @@ def checked_index(index: ShardIndex, splits: list[str], max_member_bytes: int,
     for split in splits:
         scans = scan_all(index.shards(split))
         for scan in scans:
+            if scan.stops_run:  # after the gather: every process stops on the same line
+                raise RunFailure(scan.stop_message())
             problems.extend(scan.problems())
             if scan.num_samples > scan.shard.count:
                 raise RunFailure(f"{scan.shard.path.name} holds {scan.num_samples} samples but "

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from gastro_dist import UserError
+from gastro_dist import RunFailure, UserError
 from gastro_dist.config import DataConfig
 from gastro_dist.data.images import BadImage, decode_rgb, open_image
 from gastro_dist.data.locations import Location, ShardURL, shard_location
-from gastro_dist.data.shard_index import (INDEX_FILE, BadIndex, ShardFile, fold_of_split, load_shard_index,
+from gastro_dist.data.shard_index import (INDEX_FILE, BadIndex, ShardFile, fold_of_split, parse_shard_index,
                                           read_index_bytes)
 from gastro_dist.data.shard_reader import TarSample, scan_shard
 from gastro_dist.progress import progress
@@ -43,8 +43,9 @@ def verify_shards(shard_dir: str | Location, max_member_mb: int = DataConfig.max
         raise UserError(f"{shard_dir / INDEX_FILE} not found: not a finished pack; pass the --out folder of a completed `pack`")
     started = time.monotonic()
     try:
-        index = load_shard_index(shard_dir)
-        raw = json.loads(read_index_bytes(shard_dir).decode("utf-8"))
+        index_bytes = read_index_bytes(shard_dir)  # downloaded once: the index and its totals
+        index = parse_shard_index(shard_dir, index_bytes)
+        raw = json.loads(index_bytes.decode("utf-8"))
         totals, splits_json = raw.get("totals") or {}, raw["splits"]
     except BadIndex as err:
         problems = [str(err)]
@@ -101,6 +102,8 @@ def _check_shard(shard: ShardFile, split: str, classes: list[str], per_class: Co
             sample_problems.extend(f"{name}: {problem}" for problem in found)
 
     scan = scan_shard(shard, max_member_bytes, on_sample=check)  # count, sha256 and samples in one read
+    if scan.stops_run:  # a server that stalls or sends without end: the next shard would only wait on it again
+        raise RunFailure(scan.stop_message())
     problems.extend(scan.problems() + sample_problems)
     return scan.num_samples, scan.num_bytes
 
