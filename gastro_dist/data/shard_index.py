@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import re
 import unicodedata
 from dataclasses import dataclass, replace
@@ -13,6 +12,7 @@ from typing import Any
 
 from gastro_dist import RunFailure, UserError
 from gastro_dist.data.locations import Location, RemoteFetchError, RemoteNotFound, ShardURL, fetch_bytes, shard_location
+from gastro_dist.files import load_json_untrusted
 
 INDEX_FILE = "index.json"
 SPLITS = ("train", "val", "test")  # a pack's splits; one made with --folds has fold-0 .. fold-(K-1) and test
@@ -77,7 +77,7 @@ def parse_shard_index(root: Location, raw: bytes) -> ShardIndex:
     """The index from index.json's bytes (`read_index_bytes`): a caller that needs the bytes too reads them once."""
     path = root / INDEX_FILE
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = load_json_untrusted(raw.decode("utf-8"), INDEX_FILE, max_bytes=MAX_REMOTE_INDEX_BYTES)
         return _parse_index(root, data, hashlib.sha256(raw).hexdigest())
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
