@@ -106,9 +106,13 @@ def deflated_bomb(path: Path, inflated_bytes: int) -> Path:
 
 
 def pack_in_subprocess(*args: str) -> tuple[subprocess.CompletedProcess, int]:
-    """`gastro-dist pack` in a fresh process, reading in that process (--workers 1); returns its peak RSS in bytes."""
-    code = ("import resource, sys; from gastro_dist.cli import main; status = main(sys.argv[1:]); "
-            "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(status)")
+    """`gastro-dist pack` in a fresh process, reading in that process (--workers 1); returns its peak RSS in bytes.
+
+    VmHWM is the peak of the process's own memory; getrusage's ru_maxrss would also count the test process's
+    resident memory from before the exec (Linux keeps it across execve), gigabytes late in a test session."""
+    code = ("import sys; from gastro_dist.cli import main; status = main(sys.argv[1:]); "
+            "print('peak_rss_kb', next(line.split()[1] for line in open('/proc/self/status') "
+            "if line.startswith('VmHWM:'))); sys.exit(status)")
     result = subprocess.run([sys.executable, "-c", code, "pack", *args, "--workers", "1"], capture_output=True,
                             text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     peak_kb = [int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("peak_rss_kb")]
