@@ -148,12 +148,22 @@ def _describe(cluster: SlurmCluster, workdir: Path, job_id: int) -> str:
     return f"job {job_id}: {cluster.job(job_id)}\n--- job log\n{_log(workdir, job_id)[-6000:]}"
 
 
+def _wait(cluster: SlurmCluster, workdir: Path, job_id: int, timeout: float) -> dict[str, str]:
+    """The job's final info; a job still running after `timeout` fails the test with its own log (and is cancelled)."""
+    try:
+        return cluster.wait_job(job_id, timeout=timeout)
+    except TimeoutError:
+        description = _describe(cluster, workdir, job_id)
+        subprocess.run(["scancel", str(job_id)], check=False)
+        raise AssertionError(f"not done after {timeout:.0f} s: {description}") from None
+
+
 # ---------------------------------------------------------------- tests
 def test_two_node_cpu_training(cluster, shards, tmp_path):
     run = tmp_path / "run"
     job = _submit(cluster, tmp_path, 2, run, shards,
                   ["head.epochs=1", "finetune.epochs=1", "data.batch_size=8"])
-    info = cluster.wait_job(job, timeout=240)
+    info = _wait(cluster, tmp_path, job, timeout=240)
     log = _log(tmp_path, job)
     assert info["JobState"] == "COMPLETED", _describe(cluster, tmp_path, job)
     assert info["ExitCode"] == "0:0", _describe(cluster, tmp_path, job)
@@ -179,7 +189,7 @@ def test_a_usage_error_ends_the_job_with_one_line_and_exit_2(cluster, shards, tm
     requeue, and no run folder."""
     run = tmp_path / "run"
     job = _submit(cluster, tmp_path, 2, run, shards, ["head.lr=fast"])
-    info = cluster.wait_job(job, timeout=120)
+    info = _wait(cluster, tmp_path, job, timeout=120)
     log = _log(tmp_path, job)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", _describe(cluster, tmp_path, job)
     assert "head.lr" in log and "the check above failed" in log and "Traceback" not in log, log
@@ -193,7 +203,7 @@ def test_two_node_deepspeed_zero2(cluster, shards, tmp_path):
     run = tmp_path / "run"
     job = _submit(cluster, tmp_path, 2, run, shards, ["head.epochs=1", "finetune.epochs=1", "data.batch_size=8"],
                   GASTRO_DIST_ACCELERATE_CONFIG=str(REPO / "launch" / "deepspeed_zero2.yaml"))
-    info = cluster.wait_job(job, timeout=300)
+    info = _wait(cluster, tmp_path, job, timeout=540)  # DeepSpeed on two loaded CPU ranks: 1 to 4 minutes
     assert info["JobState"] == "COMPLETED", _describe(cluster, tmp_path, job)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["num_machines"] == 2 and summary["world_size"] == 2
@@ -217,7 +227,7 @@ def test_usr1_preemption_requeues_and_resumes(cluster, shards, tmp_path):
     # What SLURM does at --signal=B:USR1@180, by hand: signal only the batch shell.
     cluster.cmd("scancel", "--signal=USR1", "--batch", str(job))
     # Requeued, it is PENDING then RUNNING again; the first terminal state is the final one.
-    info = cluster.wait_job(job, timeout=300)
+    info = _wait(cluster, tmp_path, job, timeout=300)
     log = _log(tmp_path, job)
     assert info["JobState"] == "COMPLETED", _describe(cluster, tmp_path, job)
     assert info["Restarts"] == "1", _describe(cluster, tmp_path, job)
@@ -260,7 +270,7 @@ def test_plain_scancel_does_not_requeue(cluster, shards, tmp_path):
         assert time.monotonic() < deadline, "training never started\n" + _describe(cluster, tmp_path, job)
         time.sleep(0.5)
     cluster.cmd("scancel", str(job))
-    info = cluster.wait_job(job, timeout=120)
+    info = _wait(cluster, tmp_path, job, timeout=120)
     assert info["JobState"] == "CANCELLED", _describe(cluster, tmp_path, job)
     time.sleep(3)  # a wrongly requeued job would show up as PENDING/RUNNING again by now
     info = cluster.job(job)
