@@ -8,6 +8,9 @@ line naming the URL and what the server did. Each server loop stops when its tes
 from __future__ import annotations
 
 import http.server
+import os
+import subprocess
+import sys
 import io
 import tarfile
 import threading
@@ -291,3 +294,22 @@ def test_an_oversized_index_json_is_refused_unread(pack, capsys):
     (pack / "index.json").write_bytes(index + padding)  # a local one is refused too, unparsed
     assert main(["verify", str(pack)]) == 1
     assert f"is larger than the {MAX_REMOTE_INDEX_BYTES:,} bytes an index.json may hold" in capsys.readouterr().err
+
+
+def _python(code: str, **environment: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **environment})
+
+
+def test_the_deadlines_are_taken_from_the_environment_and_a_bad_one_is_a_usage_error():
+    shown = _python("from gastro_dist.data import locations as l; "
+                    "print(l.SOCKET_TIMEOUT_S, l.REMOTE_MIN_BYTES_PER_S, l.REMOTE_TIMEOUT_S)",
+                    GASTRO_DIST_REMOTE_SILENCE_S="90", GASTRO_DIST_REMOTE_MIN_BYTES_PER_S="1024",
+                    GASTRO_DIST_REMOTE_TIMEOUT_S="1800")
+    assert shown.stdout.split() == ["90.0", "1024.0", "1800.0"], shown.stderr
+    for bad in ("0", "-5", "soon", "nan", "inf"):
+        result = _python("import sys; from gastro_dist.cli import main; "
+                         "sys.exit(main(['verify', 'http://127.0.0.1:9/shards']))", GASTRO_DIST_REMOTE_TIMEOUT_S=bad)
+        assert result.returncode == 2, (bad, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "GASTRO_DIST_REMOTE_TIMEOUT_S" in lines[0] and "positive number" in lines[0], lines

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import http.client
 import importlib.util
+import math
 import netrc
 import os
 import re
@@ -54,6 +55,32 @@ REMOTE_TIMEOUT_S = 300.0
 # A shard at a URL is refused beyond this: pack's shards hold shard_size (default 1,000) samples of
 # 0.05-1 MB, so a few hundred MB to 1 GB; index.json lists no shard sizes to take a tighter limit from.
 MAX_REMOTE_SHARD_BYTES = 16 << 30
+# The three deadlines above may be set from the environment rather than the config: shards are read by
+# train, evaluate, predict, verify and the loader workers, most of which see no training config, and every
+# process of a run (SLURM tasks included) inherits the environment.
+DEADLINE_VARIABLES = {"GASTRO_DIST_REMOTE_SILENCE_S": "SOCKET_TIMEOUT_S",
+                      "GASTRO_DIST_REMOTE_MIN_BYTES_PER_S": "REMOTE_MIN_BYTES_PER_S",
+                      "GASTRO_DIST_REMOTE_TIMEOUT_S": "REMOTE_TIMEOUT_S"}
+
+
+def _deadlines_from_environment() -> str | None:
+    """Set the deadlines named in DEADLINE_VARIABLES from the environment; the one-line error for a value
+    that is not a positive number (raised where a URL is first used, so that it is a usage error there)."""
+    for variable, constant in DEADLINE_VARIABLES.items():
+        raw = os.environ.get(variable)
+        if raw is None:
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            return f"{variable}={raw[:40]!r} must be a positive number (default {globals()[constant]:g})"
+        globals()[constant] = value
+    return None
+
+
+_DEADLINE_ERROR = _deadlines_from_environment()
 STREAM_BLOCK_BYTES = 8 << 20  # read-ahead of s3:// and gs:// streams (ranged GETs of this size)
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _TRANSIENT_HTTP_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -121,6 +148,8 @@ def shard_location(value: str | Location) -> Location:
         return Path(value)
     location = ShardURL(value)
     parts = urlsplit(value)
+    if _DEADLINE_ERROR:
+        raise UserError(_DEADLINE_ERROR)
     if location.scheme not in HTTP_SCHEMES and location.scheme not in FSSPEC_SCHEMES:
         raise UserError(f"{location.scheme}:// is not a supported shard location: use a local folder, or an "
                         "https://, http://, s3:// or gs:// URL of a shard folder")
