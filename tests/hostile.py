@@ -71,14 +71,22 @@ def sha256(path: Path) -> str:
 
 def rewrite_shard(shards: Path, split: str, edit: Callable[[list[Member]], list[Member]], position: int = 0,
                   update_sha256: bool = True) -> Path:
-    """Replace one shard's members with `edit(members)`; index.json's sha256 follows unless told not to."""
+    """Replace one shard's members with `edit(members)`; index.json's sha256 and size follow unless told not to."""
     path = shard_path(shards, split, position)
     write_tar(path, edit(read_members(path)))
     if update_sha256:
-        def fix(index: dict) -> None:
-            index["splits"][split]["shards"][position]["sha256"] = sha256(path)
-        edit_index(shards, fix)
+        _list_file(shards, split, position, path)
     return path
+
+
+def _list_file(shards: Path, split: str, position: int, path: Path) -> None:
+    """index.json's sha256 and size of the shard at `position`, made those of the file now there."""
+    def fix(index: dict) -> None:
+        entry = index["splits"][split]["shards"][position]
+        entry["sha256"] = sha256(path)
+        if "bytes" in entry:
+            entry["bytes"] = path.stat().st_size
+    edit_index(shards, fix)
 
 
 def replace_shard_bytes(shards: Path, split: str, data: bytes, position: int = 0, update_sha256: bool = True) -> Path:
@@ -86,9 +94,7 @@ def replace_shard_bytes(shards: Path, split: str, data: bytes, position: int = 0
     path = shard_path(shards, split, position)
     path.write_bytes(data)
     if update_sha256:
-        def fix(index: dict) -> None:
-            index["splits"][split]["shards"][position]["sha256"] = sha256(path)
-        edit_index(shards, fix)
+        _list_file(shards, split, position, path)
     return path
 
 

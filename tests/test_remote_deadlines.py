@@ -190,14 +190,34 @@ def test_a_trickled_index_json_ends_the_command(pack, capsys):
     assert not any(name.endswith(".tar") for name in server.requests)
 
 
-def test_an_endless_stream_of_foreign_members_stops_training(pack, tmp_path, capsys):
+def _unlisted_sizes(pack: Path) -> None:
+    """index.json as packs made before shard sizes were listed: no `bytes`, so only the other caps hold."""
+    def drop(index: dict) -> None:
+        for split in index["splits"].values():
+            for entry in split["shards"]:
+                del entry["bytes"]
+    hostile.edit_index(pack, drop)
+
+
+def _over_the_listed_size(server: HostileServer, shard: str, pack: Path) -> str:
+    size = hostile.shard_path(pack, shard.split("-")[0], 0).stat().st_size
+    return (f"cannot fetch {server.url()}/{shard}: sent more than the {size:,} bytes this shard (its size in "
+            "index.json) may hold")
+
+
+@pytest.mark.parametrize("sizes", ["listed", "unlisted"])
+def test_an_endless_stream_of_foreign_members_stops_training(sizes, pack, tmp_path, capsys):
+    if sizes == "unlisted":
+        _unlisted_sizes(pack)
     shard = hostile.shard_path(pack, "train", 0).name
     with HostileServer(pack, {shard: _endless_foreign_members}) as server:
         status, seconds = _timed(["train", "--config", str(REPO / "configs" / "smoke.yaml"), "--shards", server.url(),
                                   "--out", str(tmp_path / "run"), *TINY_TRAIN_OVERRIDES, "finetune.epochs=0"])
     lines = _error_lines(capsys.readouterr().err)
     assert status == 1 and len(lines) == 1, lines
-    assert f"{server.url()}/{shard}: more than {FOREIGN_CAP:,} members that are not samples" in lines[0], lines[0]
+    expected = (_over_the_listed_size(server, shard, pack) if sizes == "listed" else
+                f"{server.url()}/{shard}: more than {FOREIGN_CAP:,} members that are not samples")
+    assert expected in lines[0], lines[0]
     assert seconds < 30
 
 
@@ -231,14 +251,19 @@ def test_foreign_members_are_not_kept_in_memory(monkeypatch):
     assert peak < 1 << 20, f"{peak:,} bytes for {cap:,} foreign members"  # kept, they would take 2.3 MB
 
 
-def test_a_shard_followed_by_endless_zeros_is_read_no_further(pack, capsys):
+@pytest.mark.parametrize("sizes", ["listed", "unlisted"])
+def test_a_shard_followed_by_endless_zeros_is_read_no_further(sizes, pack, capsys):
+    if sizes == "unlisted":
+        _unlisted_sizes(pack)
     shard = hostile.shard_path(pack, "val", 0).name
     with HostileServer(pack, {shard: _then_endless_zeros}) as server:
         status, seconds = _timed(["verify", server.url()])
     lines = _error_lines(capsys.readouterr().err)
     assert status == 1 and len(lines) == 1, lines
-    assert (f"cannot fetch {server.url()}/{shard}: sent more than {shard_reader.MAX_TAR_TRAILER_BYTES:,} bytes after "
-            "the end of its tar archive") in lines[0], lines[0]
+    expected = (_over_the_listed_size(server, shard, pack) if sizes == "listed" else
+                f"cannot fetch {server.url()}/{shard}: sent more than {shard_reader.MAX_TAR_TRAILER_BYTES:,} bytes "
+                "after the end of its tar archive")
+    assert expected in lines[0], lines[0]
     assert seconds < 10
 
 

@@ -67,7 +67,8 @@ class ShardSamples(IterableDataset):
         for chunk in chunks:
             name, num_read = chunk.shard.path.name, 0
             try:
-                for sample in iter_shard_samples(chunk.shard.path, self.max_member_bytes):
+                for sample in iter_shard_samples(chunk.shard.path, self.max_member_bytes,
+                                                  listed_bytes=chunk.shard.num_bytes):
                     if num_read >= chunk.stop:
                         break
                     if num_read >= chunk.start:

@@ -7,7 +7,7 @@ A remote read has deadlines, not only retries, so that no server can hold a comm
 - trickle: one that brings less than `REMOTE_MIN_BYTES_PER_S` over `SOCKET_TIMEOUT_S` of waiting too;
 - a file's total wait (every attempt, backoff included) is at most `REMOTE_TIMEOUT_S` plus the time its
   bytes need at the minimum rate, so retries that keep making a little progress end too;
-- size: no more than `max_bytes` (index.json: 16 MB; a shard: `MAX_REMOTE_SHARD_BYTES`; the tar reader
+- size: no more than `max_bytes` (index.json: 16 MB; a shard: its size in index.json, else `MAX_REMOTE_SHARD_BYTES`; the tar reader
   stops reading a shard at its end) is read, whatever the server sends or announces.
 A file given up for any of these is a `RemoteServerFault`: the command stops (the server, not the file,
 is at fault, and planning around it would only wait on the next file). After one such fault every further
@@ -52,8 +52,9 @@ REMOTE_MIN_BYTES_PER_S = 16 << 10
 # The fixed part of a file's total wait (connecting, retries and backoff, slow first bytes), on top of
 # the time its bytes need at REMOTE_MIN_BYTES_PER_S: an honest slow link never reaches it.
 REMOTE_TIMEOUT_S = 300.0
-# A shard at a URL is refused beyond this: pack's shards hold shard_size (default 1,000) samples of
-# 0.05-1 MB, so a few hundred MB to 1 GB; index.json lists no shard sizes to take a tighter limit from.
+# A shard at a URL is read no further than the size index.json lists for it (`bytes`), and no further than
+# this when it lists none (packs made before sizes were listed): pack's shards hold shard_size (default
+# 1,000) samples of 0.05-1 MB, so a few hundred MB to 1 GB.
 MAX_REMOTE_SHARD_BYTES = 16 << 30
 # The three deadlines above may be set from the environment rather than the config: shards are read by
 # train, evaluate, predict, verify and the loader workers, most of which see no training config, and every
@@ -184,12 +185,14 @@ def location_record(location: Location) -> str:
     return str(location) if isinstance(location, ShardURL) else str(location.resolve())
 
 
-def open_location(location: Location) -> BinaryIO:
+def open_location(location: Location, listed_bytes: int | None = None) -> BinaryIO:
     """A binary stream of the file: `files.open_regular_file` for a local path, a `_RemoteStream` for a
-    URL (of at most `MAX_REMOTE_SHARD_BYTES`). Raises OSError (`RemoteFetchError` for a URL: its message
-    names the URL without credentials)."""
+    URL, read to at most the size index.json lists for it (`listed_bytes`), else `MAX_REMOTE_SHARD_BYTES`.
+    Raises OSError (`RemoteFetchError` for a URL: its message names the URL without credentials)."""
     if isinstance(location, ShardURL):
-        return _RemoteStream(location)
+        if listed_bytes is None:
+            return _RemoteStream(location)
+        return _RemoteStream(location, min(listed_bytes, MAX_REMOTE_SHARD_BYTES), "this shard (its size in index.json)")
     return open_regular_file(location)
 
 

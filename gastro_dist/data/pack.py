@@ -536,7 +536,8 @@ def _write_shards(splits: dict[str, list[Input]], classes: list[str], out_dir: P
         finally:
             if writer is not None:
                 writer.close()
-    return {split: [{"file": name, "count": count, "sha256": file_sha256(out_dir / name)}
+    return {split: [{"file": name, "count": count, "sha256": file_sha256(out_dir / name),
+                     "bytes": (out_dir / name).stat().st_size}
                     for name, count in samples_per_file[split].items()] for split in splits}
 
 

@@ -35,6 +35,7 @@ class ShardFile:
     path: Location  # a local file, or a URL (see data/locations.py)
     count: int
     sha256: str = ""
+    num_bytes: int | None = None  # the file's size as pack wrote it (packs before it was listed: None)
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def _parse_index(root: Location, data: Any, index_sha256: str) -> ShardIndex:
     for split, info in data["splits"].items():
         shards = []
         for entry in info["shards"]:
-            name, count, digest = entry["file"], entry["count"], entry.get("sha256", "")
+            name, count, digest, num_bytes = entry["file"], entry["count"], entry.get("sha256", ""), entry.get("bytes")
             if not isinstance(name, str) or not _PLAIN_SHARD_FILE.fullmatch(name):
                 raise ValueError(f"{split} shard file {name!r} is not a plain .tar file name in the shard folder")
             if name in seen_files:
@@ -157,7 +158,9 @@ def _parse_index(root: Location, data: Any, index_sha256: str) -> ShardIndex:
                 raise ValueError(f"{name}: count {count!r} is not a whole number >= 0")
             if not isinstance(digest, str) or (digest and not _SHA256.fullmatch(digest)):
                 raise ValueError(f"{name}: sha256 {digest!r} is not a hex digest")
-            shards.append(ShardFile(root / name, count, digest))
+            if num_bytes is not None and not _is_count(num_bytes):
+                raise ValueError(f"{name}: bytes {num_bytes!r} is not a whole number >= 0")
+            shards.append(ShardFile(root / name, count, digest, num_bytes))
         per_class = info["per_class"]
         if not isinstance(per_class, dict) or not set(per_class) <= set(classes):
             raise ValueError(f"{split}: 'per_class' must map class names to counts")

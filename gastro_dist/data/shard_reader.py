@@ -114,18 +114,19 @@ def iter_tar_samples(stream: BinaryIO, max_member_bytes: int,
         yield TarSample(key, found, problem)
 
 
-def iter_shard_samples(path: Location, max_member_bytes: int,
-                       members: frozenset[str] = SHARD_MEMBERS) -> Iterator[TarSample]:
-    """`iter_tar_samples` of a shard file (opened only if it is a regular file) or URL."""
-    with _open_shard(path) as stream:
+def iter_shard_samples(path: Location, max_member_bytes: int, members: frozenset[str] = SHARD_MEMBERS,
+                       listed_bytes: int | None = None) -> Iterator[TarSample]:
+    """`iter_tar_samples` of a shard file (opened only if it is a regular file) or URL (read to at most
+    `listed_bytes`, its size in index.json, when known)."""
+    with _open_shard(path, listed_bytes) as stream:
         yield from iter_tar_samples(stream, max_member_bytes, members)
 
 
-def _open_shard(path: Location) -> BinaryIO:
+def _open_shard(path: Location, listed_bytes: int | None = None) -> BinaryIO:
     """The one place shards are opened: a local regular file, or a URL streamed with retries
     (`locations.open_location`); a shard that cannot be opened or fetched is a `ShardReadError`."""
     try:
-        return open_location(path)
+        return open_location(path, listed_bytes)
     except RemoteServerFault as err:
         raise ShardSourceFault(str(err)) from None
     except RemoteFetchError as err:
@@ -199,7 +200,7 @@ def scan_shard(shard: ShardFile, max_member_bytes: int,
     num_samples, problem, matches, num_bytes, stops_run = 0, None, None, 0, False
     remote = isinstance(shard.path, ShardURL)
     try:
-        with _open_shard(shard.path) as raw:
+        with _open_shard(shard.path, shard.num_bytes) as raw:
             stream = _HashingReader(raw)
             try:
                 for sample in iter_tar_samples(stream, max_member_bytes):

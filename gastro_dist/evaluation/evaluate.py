@@ -391,7 +391,8 @@ def read_shard_images(index: ShardIndex, split: str, keys: set[str], max_member_
     found: dict[str, bytes] = {}
     for shard in index.shards(split):
         try:
-            for sample in iter_shard_samples(shard.path, max_member_bytes, members=frozenset({"jpg", "png"})):
+            for sample in iter_shard_samples(shard.path, max_member_bytes, members=frozenset({"jpg", "png"}),
+                                             listed_bytes=shard.num_bytes):
                 image_bytes = sample.members.get("jpg") or sample.members.get("png")
                 if sample.key in keys and image_bytes and not sample.problem:
                     found[sample.key] = image_bytes
