@@ -7,8 +7,9 @@ A remote read has deadlines, not only retries, so that no server can hold a comm
 - trickle: one that brings less than `REMOTE_MIN_BYTES_PER_S` over `SOCKET_TIMEOUT_S` of waiting too;
 - a file's total wait (every attempt, backoff included) is at most `REMOTE_TIMEOUT_S` plus the time its
   bytes need at the minimum rate, so retries that keep making a little progress end too;
-- size: no more than `max_bytes` (index.json: 16 MB; a shard: its size in index.json, else `MAX_REMOTE_SHARD_BYTES`; the tar reader
-  stops reading a shard at its end) is read, whatever the server sends or announces.
+- size: no more than `max_bytes` (index.json: 16 MB; a shard: its size in index.json, else
+  `MAX_REMOTE_SHARD_BYTES`; the tar reader stops reading a shard at its end) is read, whatever the server
+  sends or announces.
 A file given up for any of these is a `RemoteServerFault`: the command stops (the server, not the file,
 is at fault, and planning around it would only wait on the next file). After one such fault every further
 file of that server (scheme, host and port) fails at once in the process, naming the fault: a loader
