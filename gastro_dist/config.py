@@ -22,6 +22,7 @@ from gastro_dist.files import (ECHO_CHARS, MAX_NESTING, UnparsableDocument, Untr
                                load_yaml_untrusted, read_limited, safe_name)
 
 TRACKERS = ("wandb", "mlflow", "tensorboard")
+AUTO_AUGMENT_POLICIES = ("none", "randaugment", "trivialaugment")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # No pretrained classifier in torchvision or timm takes more than 800 px (EfficientNet-L2); 4096 leaves room
@@ -54,6 +55,10 @@ class ModelConfig:
     """Wrap the model in torch.compile."""
     sync_batchnorm: bool = False
     """Convert BatchNorm to SyncBatchNorm under DDP (useful for small per-GPU batches)."""
+    grad_checkpointing: bool = False
+    """Gradient checkpointing: keep only each backbone block's input and recompute its activations in the
+    backward pass (less activation memory, for larger batches or images, at about a third more compute; the
+    gradients are the same). timm models use their own switch; torchvision models checkpoint each block."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
@@ -113,6 +118,25 @@ class DataConfig:
     training warns; above this it is refused, since the network would learn interpolation blur that
     real frames at that size lack (re-pack with --input-size image_size, or raise this to train anyway)."""
 
+    auto_augment: str = "none"
+    """Random augmentation policy on the device batch after the flips and rotation, one draw per image:
+    "none", "randaugment" (torchvision's RandAugment: auto_augment_ops operations at auto_augment_magnitude)
+    or "trivialaugment" (torchvision's TrivialAugmentWide: one operation at a random magnitude)."""
+    auto_augment_ops: int = 2
+    """RandAugment: operations applied to each image."""
+    auto_augment_magnitude: int = 9
+    """RandAugment: strength of every operation, 0..30 (torchvision's 31 magnitude bins)."""
+    mixup_alpha: float = 0.0
+    """Mixup: each training image blended with the next in the batch, and their label-smoothed targets
+    likewise, by a weight drawn from Beta(alpha, alpha) (0: off; 0.2-0.4 is usual)."""
+    cutmix_alpha: float = 0.0
+    """CutMix: a box of the next image in the batch pasted in, the targets mixed by its area, its size drawn
+    from Beta(alpha, alpha) (0: off; 1.0 is usual)."""
+    mixup_prob: float = 1.0
+    """Share of the training batches mixed (mixup or CutMix), when mixup_alpha or cutmix_alpha is above 0."""
+    mixup_switch_prob: float = 0.5
+    """With both mixup_alpha and cutmix_alpha above 0: the chance that a mixed batch uses CutMix, not mixup."""
+
     def __post_init__(self) -> None:
         _check(self.image_size >= 32, "image_size must be >= 32")
         _check(self.image_size <= MAX_IMAGE_SIZE, f"image_size must be <= {MAX_IMAGE_SIZE}")
@@ -133,6 +157,14 @@ class DataConfig:
         _check(len(self.mean) == 3 and len(self.std) == 3, "mean and std need 3 values (RGB)")
         _check(self.max_upsampling >= 1.0, "max_upsampling must be >= 1 (1: never enlarge the stored images)")
         _check(self.fold is None or self.fold >= 0, f"fold must be a fold number >= 0 or null, got {self.fold}")
+        _check(self.auto_augment in AUTO_AUGMENT_POLICIES,
+               f"auto_augment must be {', '.join(AUTO_AUGMENT_POLICIES)}, not {excerpt(self.auto_augment)}")
+        _check(1 <= self.auto_augment_ops <= 10, f"auto_augment_ops must be in [1, 10], not {self.auto_augment_ops}")
+        _check(0 <= self.auto_augment_magnitude <= 30,
+               f"auto_augment_magnitude must be in [0, 30], not {self.auto_augment_magnitude}")
+        _check(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "mixup_alpha and cutmix_alpha must be >= 0 (0: off)")
+        _check(0 <= self.mixup_prob <= 1 and 0 <= self.mixup_switch_prob <= 1,
+               "mixup_prob and mixup_switch_prob must be in [0, 1]")
 
     @property
     def resize_mode(self) -> str:
@@ -211,6 +243,21 @@ class TrackingConfig:
 
 
 @dataclass
+class EmaConfig:
+    decay: float = 0.0
+    """Exponential moving average of the weights, updated after every optimizer step with this decay
+    (0: off; 0.999-0.9999 is usual, nearer 1 for more steps). Restarted at each phase's start; validated
+    every epoch beside the live weights, and the better of the two is the phase's best (model.json's
+    `weights` says which the final model holds)."""
+    warmup: bool = True
+    """Ramp the decay up from 0 (timm's warm-up: 1 - (1 + step)^(-2/3), capped at decay), so that the
+    average of a short phase is not dominated by the weights it started from."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.decay < 1, f"decay must be in [0, 1) (0: off), not {self.decay}")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The backbone and its new head."""
@@ -223,6 +270,8 @@ class TrainConfig:
     """Phase 2: fine-tuning from phase 1's best weights."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Experiment trackers and what they log."""
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    """Weight EMA: an averaged copy of the weights, validated beside them."""
     mixed_precision: str = "bf16"
     """'bf16', 'fp16' or 'no' (bf16 needs Ampere or newer; on CPU 'no' is fastest)."""
     grad_accum_steps: int = 1
@@ -447,19 +496,20 @@ def save_config(config: TrainConfig, path: str | Path) -> None:
 
 # Keys a run folder may be continued with at other values: how the run runs and reports, not what it learns.
 RUN_SETTINGS = ("tracking.", "data.num_workers", "data.eval_batch_size", "data.strict", "data.max_member_mb",
-                "data.decode_on", "data.max_upsampling", "model.compile", "checkpoint_every_steps", "keep_checkpoints",
-                "max_nonfinite_steps")
+                "data.decode_on", "data.max_upsampling", "model.compile", "model.grad_checkpointing",
+                "checkpoint_every_steps", "keep_checkpoints", "max_nonfinite_steps")
 
 
 def changed_training_keys(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     """'key: was X, now Y' for every key (dotted) whose value in ``config`` differs from ``saved`` (a run's
-    config.yaml), leaving out RUN_SETTINGS."""
+    config.yaml), leaving out RUN_SETTINGS. A key the saved config lacks (added to the code since) counts
+    as its default."""
     def flat(data: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(data, dict):
             return {prefix[:-1]: data}
         return {key: value for name, sub in data.items() for key, value in flat(sub, f"{prefix}{name}.").items()}
 
-    before, now = flat(saved), flat(to_dict(config))
+    before, now = {**flat(to_dict(TrainConfig())), **flat(saved)}, flat(to_dict(config))
     return [f"{key} was {_inline_yaml(before.get(key))}, now {_inline_yaml(now.get(key))}"
             for key in sorted(set(before) | set(now))
             if before.get(key) != now.get(key) and not key.startswith(RUN_SETTINGS)]

@@ -72,6 +72,7 @@ _OPTIONAL_FIELDS = {
     "source_checkpoint": (lambda v: isinstance(v, str), "a string"),
     "interpolation": (lambda v: v in ("bilinear", "bicubic"), "'bilinear' or 'bicubic'"),
     "temperature": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "weights": (lambda v: v in ("live", "ema"), "'live' or 'ema'"),
 }
 
 
@@ -93,6 +94,9 @@ class ModelMeta:
     temperature: float = 1.0
     """Temperature scaling fitted on the validation split: probabilities are softmax(logits / temperature);
     1.0 for runs trained before it was fitted."""
+    weights: str = "live"
+    """Which weights model.safetensors holds: 'live' (the trained weights) or 'ema' (their moving average,
+    ema.decay, when it validated better)."""
     format: str = field(default="safetensors state_dict of the model with its new head")
 
     def model_config(self) -> ModelConfig:

@@ -1,11 +1,13 @@
 """Training augmentation in two halves, the worker's (random resized crop to uint8) and the device's
-(flips, rotation, colour jitter and normalisation, batched on the GPU), and the one evaluation
-preprocessing that validation, evaluate, predict and Grad-CAM share."""
+(flips, rotation, optional RandAugment/TrivialAugment, colour jitter and normalisation, then optional
+mixup/CutMix, batched on the GPU), and the one evaluation preprocessing that validation, evaluate,
+predict and Grad-CAM share."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -131,6 +133,22 @@ class TrainAugmentation:
         return resized.squeeze(0).permute(1, 2, 0).contiguous()
 
 
+def step_seed(seed: int, epoch_seed: int, micro_step: int, rank: int) -> int:
+    """The seed of one training step's draws on the device (auto-augment policy, mixup/CutMix): its own
+    for every rank and step, and the same when a resumed run repeats the step."""
+    return hash((seed, epoch_seed, micro_step, rank)) & 0x7FFF_FFFF
+
+
+@contextlib.contextmanager
+def seeded_cpu_draws(seed: int) -> Iterator[None]:
+    """torch's CPU generator seeded with `seed` inside, restored after: torchvision's RandAugment,
+    TrivialAugmentWide, MixUp and CutMix draw from it (on the CPU, whatever device the images are on),
+    while the training step's own randomness (dropout) goes on untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
 class DeviceAugmentation:
     """The device half of the training augmentation (see `TrainAugmentation`), on a whole batch.
 
@@ -138,11 +156,21 @@ class DeviceAugmentation:
     and returns the normalised float32 NCHW batch (channels-last memory). torchvision clamps after each
     of brightness, contrast and saturation; the fused matrix clamps only the result, which differs
     only where an intermediate step saturated.
+
+    Optional, off by default: an auto-augment policy (`data.auto_augment`) after the flips and rotation,
+    and mixup/CutMix (`data.mixup_alpha`, `data.cutmix_alpha`) on the normalised batch, which turns the
+    labels into soft targets (the loss's label smoothing then applies to the mixed targets). Both are
+    torchvision's own transforms, drawing from the CPU generator that `training_batch` seeds per step.
     """
 
-    def __init__(self, cfg: DataConfig):
+    def __init__(self, cfg: DataConfig, num_classes: int = 0):
         self.cfg = cfg
         self._constants_on: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self.auto_augment = _auto_augment_policy(cfg)
+        self.mixup = v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes) if cfg.mixup_alpha > 0 else None
+        self.cutmix = v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes) if cfg.cutmix_alpha > 0 else None
+        self.num_classes = num_classes
+        assert num_classes > 0 or not (self.mixup or self.cutmix), "mixing needs the number of classes"
 
     def _constants(self, device: torch.device) -> dict[str, torch.Tensor]:
         """Mean, std, grey weights and clamp bounds on `device`, made once: building them each step
@@ -154,10 +182,16 @@ class DeviceAugmentation:
             self._constants_on[device] = {name: value.to(device) for name, value in values.items()}
         return self._constants_on[device]
 
-    def training_batch(self, batch: dict, device: torch.device,
-                       channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    @property
+    def mixes(self) -> bool:
+        """Whether training batches are mixed (their targets are then B x classes probabilities)."""
+        return self.mixup is not None or self.cutmix is not None
+
+    def training_batch(self, batch: dict, device: torch.device, channels_last: bool,
+                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """A `TrainLoader` batch on `device`: (augmented, normalised images in the model's memory
-        format, labels, reasons for images dropped because the device could not decode them)."""
+        format, targets: the labels, or soft targets when mixing, reasons for images dropped because
+        the device could not decode them). `seed` (`step_seed`): this step's auto-augment and mixing draws."""
         params = batch["augment"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
         problems: list[str] = []
@@ -170,23 +204,44 @@ class DeviceAugmentation:
                 params, labels = params[kept_index], labels[kept_index]
         else:
             pixels = batch["image"].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-        images = self(pixels, params)
+        with seeded_cpu_draws(seed):
+            images = self(pixels, params)
+            if self.mixes:
+                images, labels = self.mixed(images, labels)
         return images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format), labels, problems
 
+    def mixed(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, B x classes soft targets): a `data.mixup_prob` share of batches mixed by mixup or CutMix
+        (chosen by `data.mixup_switch_prob` when both are on, as timm does), the rest with one-hot targets,
+        so that the loss is the same kind of soft-target cross-entropy every step."""
+        if torch.rand(()) >= self.cfg.mixup_prob:
+            return images, F.one_hot(labels, self.num_classes).float()
+        use_cutmix = self.mixup is None or (self.cutmix is not None and torch.rand(()) < self.cfg.mixup_switch_prob)
+        return (self.cutmix if use_cutmix else self.mixup)(images, labels)
+
     def __call__(self, x: torch.Tensor, param_rows: torch.Tensor) -> torch.Tensor:
-        """Augmented, normalised images from float NCHW pixels and their B x 9 `AugmentParams` rows."""
+        """Augmented, normalised images from float NCHW pixels and their B x 9 `AugmentParams` rows (the
+        auto-augment policy draws from torch's CPU generator: `training_batch` seeds it per step)."""
         batch, _, height, width = x.shape
         params = AugmentParams.from_rows(param_rows)
         # Decided from the config, not from the params: reading device values would make the host
         # wait for the GPU every step. Params of "no flip, 0 degrees" warp to the image itself.
         if self.cfg.hflip or self.cfg.vflip or self.cfg.rotation_deg:
             x = self._flip_rotate(x, params.hflip, params.vflip, params.angle_deg)
+        if self.auto_augment is not None:
+            x = self._auto_augmented(x)
         matrix, offset = self._jitter_matrix(x, params)
         pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, 3)
         out = torch.baddbmm(offset.unsqueeze(1), pixels, matrix.transpose(1, 2))
         constants = self._constants(out.device)
         out = torch.minimum(torch.maximum(out, constants["low"]), constants["high"])
         return out.view(batch, height, width, 3).permute(0, 3, 1, 2)
+
+    def _auto_augmented(self, x: torch.Tensor) -> torch.Tensor:
+        """The policy applied to each image with its own draw, on uint8 pixels (the dtype its operations
+        are defined on). Written as a loop: torchvision's policies, given a batch, apply one draw to all of it."""
+        pixels = x.round().clamp_(0, 255).to(torch.uint8)
+        return torch.stack([self.auto_augment(image) for image in pixels]).float()
 
     @staticmethod
     def _flip_rotate(x: torch.Tensor, hflip: torch.Tensor, vflip: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
@@ -227,6 +282,15 @@ class DeviceAugmentation:
         matrix = (a[:, None, None] * eye + b[:, None, None] * weights) / (255 * std[:, None])
         offset = (c[:, None] / 255 - mean) / std
         return matrix, offset
+
+
+def _auto_augment_policy(cfg: DataConfig) -> v2.Transform | None:
+    """torchvision's policy named by `data.auto_augment` (None for "none"); black fill, like the rotation's."""
+    if cfg.auto_augment == "randaugment":
+        return v2.RandAugment(num_ops=cfg.auto_augment_ops, magnitude=cfg.auto_augment_magnitude)
+    if cfg.auto_augment == "trivialaugment":
+        return v2.TrivialAugmentWide()
+    return None
 
 
 def train_transform(cfg: DataConfig) -> TrainAugmentation:

@@ -1,6 +1,6 @@
 """Checkpoints under RUN/checkpoints: training states for resume (accelerate's `save_state` plus
-trainer_state.json, counted only once their COMPLETE marker is written) and per-phase weights
-(`<phase>-best`, `<phase>-last`: safetensors, so loading never runs code)."""
+trainer_state.json and, with ema.decay, the EMA weights; counted only once their COMPLETE marker is
+written) and per-phase weights (`<phase>-best`, `<phase>-last`: safetensors, so loading never runs code)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from gastro_dist.run_dir import ModelMeta, RunDir
 
 COMPLETE_MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
+EMA_FILE = "ema.safetensors"  # in a training state: the weight EMA (ema.decay), saved by us, not pickled
 PHASE_ORDER = ("head", "finetune")
 
 
@@ -77,10 +78,12 @@ def latest_state(run_dir: RunDir | Path) -> tuple[TrainerState, Path] | None:
     return states[-1] if states else None
 
 
-def save_training_state(accelerator, run_dir: RunDir | Path, state: TrainerState, keep: int) -> Path:
+def save_training_state(accelerator, run_dir: RunDir | Path, state: TrainerState, keep: int,
+                        ema_model: torch.nn.Module | None = None) -> Path:
     """All ranks call this. Writes `state-<phase index>-<phase>-e<epoch>-s<step>` under a temporary
     name, writes the COMPLETE marker last, renames it into place, and only then deletes states
-    beyond the newest `keep`: a kill at any moment leaves the newest complete one loadable."""
+    beyond the newest `keep`: a kill at any moment leaves the newest complete one loadable.
+    `ema_model`: the weight EMA, the same on every rank, written by the main process as `EMA_FILE`."""
     root = RunDir(run_dir).checkpoints
     final = root / state_dir_name(state)
     tmp = root / f".tmp-{final.name}"
@@ -91,6 +94,8 @@ def save_training_state(accelerator, run_dir: RunDir | Path, state: TrainerState
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if ema_model is not None:
+            save_file(_cpu_state(ema_model), str(tmp / EMA_FILE))
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
         _fsync_dir(tmp)
         (tmp / COMPLETE_MARKER).write_text("ok\n")
@@ -177,13 +182,16 @@ def latest_usable_state(run_dir: RunDir | Path, warn) -> tuple[TrainerState, Pat
 
 
 # ---------------------------------------------------------------- plain weights
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
 def save_weights(model: torch.nn.Module, directory: Path, meta: dict) -> None:
     """model.safetensors + meta.json, written to a temp directory and renamed into place."""
     tmp = directory.with_name(f".tmp-{directory.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"))
+    save_file(_cpu_state(model), str(tmp / "model.safetensors"))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     _fsync_dir(tmp)
     if directory.exists():
@@ -200,7 +208,7 @@ def save_final_model(model: torch.nn.Module, run_dir: RunDir, meta: ModelMeta) -
     """RUN/model.safetensors, then RUN/model.json, each replaced atomically: a model.json is only ever
     next to the complete weights it describes."""
     temporary = run_dir.path / f".{run_dir.model_weights.name}.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(temporary))
+    save_file(_cpu_state(model), str(temporary))
     with temporary.open("rb") as f:
         os.fsync(f.fileno())
     os.replace(temporary, run_dir.model_weights)

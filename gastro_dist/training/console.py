@@ -18,16 +18,19 @@ def epoch_progress(console: Console, enabled: bool) -> Progress | LineProgress:
 
 
 def print_epoch(console: Console, phase: str, epoch: int, epochs: int, scores: dict, improved: bool, train_loss: float,
-                learning_rates: dict[str, float], epoch_time_s: float) -> None:
+                learning_rates: dict[str, float], epoch_time_s: float, ema_scores: dict | None = None,
+                winner: str = "live") -> None:
     """'finetune epoch 3/20: train loss 0.612 | val loss 0.571 acc 0.800 macro 0.798 | lr 3.0e-04 | 41.2 s |
-    per class ...', the learning rates of the parameter groups as a range when they differ."""
+    per class ...', the learning rates of the parameter groups as a range when they differ; with a weight
+    EMA, its macro accuracy too, and 'best (ema)' when the EMA's weights became the best."""
     per_class = "  ".join(f"{c}={v:.3f}" for c, v in scores["per_class_accuracy"].items() if v is not None)
-    mark = " [green]best[/]" if improved else ""
+    mark = f" [green]best{' (ema)' if winner == 'ema' else ''}[/]" if improved else ""
+    ema = f" | ema macro {ema_scores['macro_accuracy']:.3f}" if ema_scores is not None else ""
     rates = sorted(set(learning_rates.values()))
     lr = f"{rates[0]:.1e}" if len(rates) == 1 else f"{rates[0]:.1e}-{rates[-1]:.1e}"
     console.print(f"{phase} epoch {epoch}/{epochs}: train loss {train_loss:.3f} | val loss {scores['loss']:.3f} "
-                  f"acc {scores['accuracy']:.3f} macro {scores['macro_accuracy']:.3f} | lr {lr} | {epoch_time_s:.1f} s | "
-                  f"{per_class}{mark}")
+                  f"acc {scores['accuracy']:.3f} macro {scores['macro_accuracy']:.3f}{ema} | lr {lr} | "
+                  f"{epoch_time_s:.1f} s | {per_class}{mark}")
 
 
 def print_phase_table(console: Console, phase: str, summary: dict, classes: list[str]) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 
 from gastro_dist import Preempted, RunFailure, UserError
 from gastro_dist.config import DataConfig, PhaseConfig, TrainConfig, changed_training_keys, save_config, to_dict
-from gastro_dist.data.augmentation import DeviceAugmentation
+from gastro_dist.data.augmentation import DeviceAugmentation, step_seed
 from gastro_dist.data.decode import CorruptSample
 from gastro_dist.data.epoch_plan import train_steps_per_epoch
 from gastro_dist.data.loaders import TrainLoader, check_stored_resolution
@@ -31,11 +31,13 @@ from gastro_dist.data.shard_index import ShardIndex, load_shard_index, select_fo
 from gastro_dist.files import load_yaml_untrusted, read_limited
 from gastro_dist.models.backbones import (PREPROCESSING_FIELDS, Preprocessing, build_model, check_model_config,
                                          model_logits, resolve_preprocessing, sync_batchnorm)
+from gastro_dist.models.checkpointing import enable_grad_checkpointing
 from gastro_dist.models.freezing import keep_frozen_batchnorm_in_eval, set_trainable
 from gastro_dist.progress import LineProgress
 from gastro_dist.run_dir import ModelMeta, RunDir
 from gastro_dist.tracking import RunLog, log_final_model
 from gastro_dist.training import checkpoint as ckpt
+from gastro_dist.training import ema
 from gastro_dist.training.calibration import calibration_fit
 from gastro_dist.training.checkpoint import TrainerState
 from gastro_dist.training.console import epoch_progress, print_epoch, print_phase_table
@@ -186,10 +188,15 @@ class Trainer:
             self.model = sync_batchnorm(self.model)
         if config.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if config.model.grad_checkpointing:
+            enable_grad_checkpointing(self.model, self.spec)
+        # With mixup/CutMix the targets are probabilities: PyTorch's cross-entropy smooths those too, so the
+        # label smoothing applies to the mixed targets.
         self.criterion = nn.CrossEntropyLoss(
             weight=loss_weights.to(self.accelerator.device) if loss_weights is not None else None,
             label_smoothing=config.label_smoothing)
-        self.augment = DeviceAugmentation(config.data)
+        self.augment = DeviceAugmentation(config.data, num_classes=len(self.classes))
+        self.ema: nn.Module | None = None  # the phase's weight EMA (ema.decay), made by `run_phase`
         self.watch = PreemptionWatch(self.accelerator, self.run_dir.preempt_flag)
         self.skipped_local: list[str] = []  # this rank's skipped-sample reasons since the last report
         self.summary: dict = {}  # summary.json's content, from `run`
@@ -305,7 +312,8 @@ class Trainer:
         self.summary["rank_param_checksums"] = gather_object([checksum])
         # float32 again: DeepSpeed's bf16 engine converts the module's own parameters; the final model and
         # the calibration pass below must not depend on the engine.
-        self.model.float().load_state_dict(ckpt.load_weights(self.run_dir.phase_weights(final_phase, "best")))
+        best = self.run_dir.phase_weights(final_phase, "best")
+        self.model.float().load_state_dict(ckpt.load_weights(best))
         # Temperature scaling, fitted on the final model's validation logits (each rank predicts its share).
         val = predict_split(self.accelerator, self.model, self.index, self.config.data, "val",
                             channels_last=self.config.model.channels_last)
@@ -316,7 +324,8 @@ class Trainer:
                 eval_crop_ratio=self.config.data.eval_crop_ratio, mean=list(self.config.data.mean),
                 std=list(self.config.data.std), dropout=self.config.model.dropout,
                 pretrained=self.config.model.pretrained, source_checkpoint=f"{final_phase}-best",
-                interpolation=self.preprocessing.interpolation, temperature=self.summary["calibration"]["temperature"]))
+                interpolation=self.preprocessing.interpolation, temperature=self.summary["calibration"]["temperature"],
+                weights=ckpt.load_weights_meta(best).get("weights", "live")))
             self.summary["status"] = "completed"
             self._write_summary()
             log_final_model(self.run_log, self.run_dir)
@@ -337,6 +346,7 @@ class Trainer:
         # The scheduler is stepped by us once per optimizer step and saved in trainer_state.json:
         # accelerate's prepared scheduler steps num_processes times per call (a schedule counted in
         # single-GPU steps), and its custom-object checkpoints are unpickled without weights_only.
+        self.ema = ema.make_ema(self.model, config.ema)  # from the phase's starting weights, before DDP wraps them
         ddp_model, optimizer = accelerator.prepare(self.model, optimizer)
         if config.model.compile:
             ddp_model = torch.compile(ddp_model)
@@ -366,7 +376,8 @@ class Trainer:
         phase_summary.update({
             "steps": state.optimizer_steps, "micro_steps_per_epoch": self.micro_steps_per_epoch,
             "global_batch_size": config.data.batch_size * self.world_size * config.grad_accum_steps,
-            "best_epoch": state.best_epoch, "val_accuracy": best_meta["val"]["accuracy"],
+            "best_epoch": state.best_epoch, "best_weights": best_meta.get("weights", "live"),
+            "val_accuracy": best_meta["val"]["accuracy"],
             "val_macro_accuracy": best_meta["val"]["macro_accuracy"],
             "val_per_class_accuracy": best_meta["val"]["per_class_accuracy"],
             "images_per_s": images_seen / elapsed if images_seen else None, "time_s": round(elapsed, 2),
@@ -382,6 +393,8 @@ class Trainer:
         state, path = resume
         self.accelerator.load_state(str(path))
         scheduler.load_state_dict(state.scheduler)
+        if self.ema is not None:
+            self.ema.module.load_state_dict(ckpt.load_weights(path / ckpt.EMA_FILE))
         if self.is_main:
             self.console.print(f"resuming {state.phase} at epoch {state.epoch + 1}, step {state.micro_step}/"
                                f"{self.micro_steps_per_epoch} from {path.name}")
@@ -425,15 +438,18 @@ class Trainer:
             if self.watch.agreed():
                 self.save_state(state, scheduler, positions)
                 raise Preempted()
-            images, labels, undecodable = self.augment.training_batch(batch, accelerator.device, config.model.channels_last)
+            seed = step_seed(config.seed, _epoch_seed(state.phase, state.epoch), state.micro_step,
+                             accelerator.process_index)
+            images, targets, undecodable = self.augment.training_batch(batch, accelerator.device,
+                                                                       config.model.channels_last, seed)
             self.skipped_local.extend(undecodable)
             is_update = (state.micro_step + 1) % accum == 0 or state.micro_step + 1 == self.micro_steps_per_epoch
             with accelerator.no_sync(ddp_model) if not is_update else contextlib.nullcontext():
                 with accelerator.autocast():
                     logits, aux_logits = model_logits(ddp_model(images))
-                    loss = self.criterion(logits.float(), labels)
+                    loss = self.criterion(logits.float(), targets)
                     if aux_logits is not None:
-                        loss = loss + config.model.aux_loss_weight * self.criterion(aux_logits.float(), labels)
+                        loss = loss + config.model.aux_loss_weight * self.criterion(aux_logits.float(), targets)
                 accelerator.backward(loss / accum)
             state.micro_step += 1
             positions[int(batch["worker"][0])] = int(batch["position"].max()) + 1
@@ -488,6 +504,8 @@ class Trainer:
             state.optimizer_steps += 1
             state.total_optimizer_steps += 1
             self.consecutive_nonfinite_steps = 0
+            if self.ema is not None:
+                self.ema.update(self.model, step=state.optimizer_steps)
             return
         state.nonfinite_steps += 1
         self.consecutive_nonfinite_steps += 1
@@ -507,10 +525,15 @@ class Trainer:
 
     def end_epoch(self, state: TrainerState, phase: PhaseConfig, ddp_model, optimizer, scheduler, epoch_time_s: float,
                   epoch_images: int, train_loss: float) -> None:
-        """Validate, keep best/last weights, log, report skipped samples, save the training state."""
+        """Validate (the live weights, and the EMA's with ema.decay), keep best/last weights, log, report skipped
+        samples, save the training state. `<phase>-best` holds whichever weights, live or EMA, scored best."""
         try:
             val = predict_split(self.accelerator, ddp_model, self.index, self.config.data, "val",
                                 channels_last=self.config.model.channels_last, watch=self.watch)
+            if self.ema is not None:
+                ema.synchronise(self.accelerator, self.ema)
+                ema_val = predict_split(self.accelerator, self.ema.module, self.index, self.config.data, "val",
+                                        channels_last=self.config.model.channels_last, watch=self.watch)
         except Preempted:
             self.save_state(state, scheduler, [])  # the epoch's steps are done; only validation reruns
             raise
@@ -520,21 +543,30 @@ class Trainer:
             raise CorruptSample(f"no sample of the val split could be read ({val['skipped'][0] if val['skipped'] else 'no reason recorded'}); "
                                          f"run `gastro-dist verify {self.shards_dir}` and re-pack the data")
         scores = accuracy_summary(val["labels"], val["probs"], self.classes)
+        ema_scores = None if self.ema is None else accuracy_summary(ema_val["labels"], ema_val["probs"], self.classes)
+        # Ties go to the live weights.
+        ema_won = ema_scores is not None and ema_scores["macro_accuracy"] > scores["macro_accuracy"]
+        winner, winner_scores = ("ema", ema_scores) if ema_won else ("live", scores)
         state.epoch += 1
         state.micro_step = 0
-        improved = scores["macro_accuracy"] > state.best_score
+        improved = winner_scores["macro_accuracy"] > state.best_score
         if improved:
-            state.best_score, state.best_epoch = scores["macro_accuracy"], state.epoch
+            state.best_score, state.best_epoch = winner_scores["macro_accuracy"], state.epoch
         if self.is_main:
             unwrapped = self.accelerator.unwrap_model(ddp_model)
             meta = {"phase": state.phase, "epoch": state.epoch, "val": scores, "classes": self.classes}
             ckpt.save_weights(unwrapped, self.run_dir.phase_weights(state.phase, "last"), meta)
             if improved:
-                ckpt.save_weights(unwrapped, self.run_dir.phase_weights(state.phase, "best"), meta)
+                ckpt.save_weights(self.ema.module if ema_won else unwrapped,
+                                  self.run_dir.phase_weights(state.phase, "best"),
+                                  {**meta, "val": winner_scores, "weights": winner})
         learning_rates = {group.get("name", f"group{i}"): group["lr"] for i, group in enumerate(optimizer.param_groups)}
         if self.is_main:
             print_epoch(self.console, state.phase, state.epoch, phase.epochs, scores, improved, train_loss,
-                        learning_rates, epoch_time_s)
+                        learning_rates, epoch_time_s, ema_scores=ema_scores, winner=winner)
+        if ema_scores is not None:
+            self.run_log.log("val_ema", {"phase": state.phase, "epoch": state.epoch, **ema_scores},
+                             step=state.total_optimizer_steps, epoch=self._epochs_before(state.phase) + state.epoch)
         self.run_log.log("val", {"phase": state.phase, "epoch": state.epoch, "epoch_time_s": epoch_time_s,
                                  "images_per_s": epoch_images / max(epoch_time_s, 1e-9), "lr": learning_rates,
                                  "train_loss": train_loss,
@@ -568,7 +600,10 @@ class Trainer:
         """All ranks: a complete training-state checkpoint at the current position."""
         state.scheduler = scheduler.state_dict()
         state.data_positions = gather_object([positions]) if self.world_size > 1 else [positions]
-        return ckpt.save_training_state(self.accelerator, self.run_dir, state, keep=self.config.keep_checkpoints)
+        if self.ema is not None:
+            ema.synchronise(self.accelerator, self.ema)
+        return ckpt.save_training_state(self.accelerator, self.run_dir, state, keep=self.config.keep_checkpoints,
+                                        ema_model=self.ema.module if self.ema is not None else None)
 
 
 def _phase_finished(resume: tuple[TrainerState, Path] | None, phase_name: str) -> bool:
