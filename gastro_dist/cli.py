@@ -375,6 +375,42 @@ def add_cv_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_cv)
 
 
+# ---------------------------------------------------------------- label review
+def _cmd_label_issues(args: argparse.Namespace) -> int:
+    from gastro_dist.evaluation.label_issues import cv_inputs, find_label_issues
+
+    if (args.cv is None) == (args.predictions is None):
+        raise UserError("pass --predictions OOF.csv --shards S, or --cv RUN (a cv folder), not both")
+    if args.cv is not None:
+        predictions, shards = cv_inputs(args.cv, args.shards)
+    elif args.shards is None:
+        raise UserError("--predictions needs --shards: the pack the predictions were made on")
+    else:
+        predictions, shards = args.predictions, args.shards
+    find_label_issues(predictions, shards, args.out, near_duplicate_bits=args.near_duplicate_bits)
+    return 0
+
+
+def add_label_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("label-issues", help="likely mislabelled frames (cleanlab on out-of-fold predictions) and "
+                                            "frames under two labels, for a reviewer; pip install 'gastro-dist[labels]'",
+                       description="Writes OUT/label_issues.csv (a row per flagged frame, a patient's frames together, "
+                                   "with decision and new_label columns for `pack --relabel`) and OUT/summary.json "
+                                   "(counts, cleanlab's noise estimate per class pair). Refuses in-sample predictions "
+                                   "(frames the predicting model trained on): they hide label errors.")
+    p.add_argument("--predictions", type=Path, default=None, metavar="CSV",
+                   help="out-of-sample predictions: cv's oof_predictions.csv, or evaluate's predictions.csv of a "
+                        "held-out split")
+    p.add_argument("--shards", default=None, help="the pack the predictions were made on (with --cv: cv.json's)")
+    p.add_argument("--cv", type=Path, default=None, metavar="RUN",
+                   help="a cv --out folder: its oof_predictions.csv and the shards cv.json names")
+    p.add_argument("--out", type=Path, required=True, help="folder for label_issues.csv and summary.json")
+    p.add_argument("--near-duplicate-bits", type=int, default=3,
+                   help="frames whose 64-bit perceptual hashes differ in fewer bits are the same picture "
+                        "(0: exact duplicates only)")
+    p.set_defaults(handler=_cmd_label_issues)
+
+
 # ---------------------------------------------------------------- config
 def _cmd_config_show(args: argparse.Namespace) -> int:
     from gastro_dist.config import describe_config, load_config
@@ -442,6 +478,7 @@ EXAMPLES = {
     "cv": "gastro-dist cv --config configs/resnet50.yaml --shards /data/shards-5fold --out runs/cv-r50\n"
           "its shards: gastro-dist pack /data/gastro --out /data/shards-5fold --folds 5 --test-per-class 150",
     "bench": "gastro-dist bench loader --shards /data/shards --workers 8",
+    "label-issues": "gastro-dist label-issues --cv runs/cv-r50 --out runs/cv-r50/label-review",
 }
 
 
@@ -453,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_commands(sub)
     add_evaluation_commands(sub)
     add_cv_commands(sub)
+    add_label_commands(sub)
     add_config_commands(sub)
     add_bench_commands(sub)
     for name, command in sub.choices.items():

@@ -1,0 +1,185 @@
+"""Label review: `label-issues` finds labels flipped on purpose in an out-of-fold predictions file built by
+hand (no training), frames under two labels, and refuses in-sample predictions; `pack --relabel` applies a
+reviewer's decisions and makes a new shard set that an old run folder refuses."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from imagefactory import noise_image, read_index, read_split, save_image
+
+from gastro_dist import UserError
+from gastro_dist.cli import main
+from gastro_dist.data.pack import PackSettings, pack_dataset
+
+# Odd names: spaces, accents, a digit first, a dash; four classes.
+CLASSES = ["3rd stage", "Ulcer (bleeding)", "gastrite-chronique", "élevé"]
+IMAGES_PER_CLASS = 10
+FLIPPED = {("3rd stage", 1): "élevé", ("Ulcer (bleeding)", 2): "3rd stage", ("gastrite-chronique", 3): "élevé",
+           ("élevé", 4): "Ulcer (bleeding)"}  # (true class, image number) -> the wrong label it is filed under
+
+
+def _settings(**changes) -> PackSettings:
+    return PackSettings(**{"input_size": 32, "resize_short": 32, "shard_size": 64, "workers": 1, "seed": 0,
+                           **changes})
+
+
+def _grey(seed: int):
+    return noise_image((64, 48), seed).convert("L")
+
+
+@pytest.fixture(scope="module")
+def flipped_pack(tmp_path_factory) -> dict:
+    """Grayscale stills of four classes, two per patient, a few filed under a wrong label, packed in 2 folds;
+    plus one picture under two labels as identical bytes and one as the same picture re-encoded."""
+    root = tmp_path_factory.mktemp("flipped")
+    src, rows, true_class = root / "src", [], {}
+    for class_number, cls in enumerate(CLASSES):
+        for i in range(IMAGES_PER_CLASS):
+            label = FLIPPED.get((cls, i), cls)
+            path = save_image(src / f"c{class_number}" / f"img{i}.png", img=_grey(100 * class_number + i))
+            source = path.relative_to(src).as_posix()
+            rows.append([source, label, f"P{class_number}-{i // 2}"])
+            true_class[source] = cls
+    twin = src / "twins" / "same.png"
+    save_image(twin, img=_grey(999))
+    (src / "twins" / "same-copy.png").write_bytes(twin.read_bytes())
+    save_image(src / "twins" / "same.jpg", img=_grey(999), quality=95)
+    rows += [["twins/same.png", CLASSES[0], "T1"], ["twins/same-copy.png", CLASSES[1], "T1"],
+             ["twins/same.jpg", CLASSES[2], "T1"]]
+    true_class.update({"twins/same.png": CLASSES[0], "twins/same-copy.png": CLASSES[0], "twins/same.jpg": CLASSES[0]})
+    manifest = root / "manifest.csv"
+    with manifest.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([["path", "label", "patient_id"], *rows])
+    shards = root / "shards"
+    pack_dataset(src, shards, _settings(folds=2), manifest=manifest)
+    oof = root / "cv" / "oof_predictions.csv"
+    _write_oof(shards, oof, true_class)
+    return {"root": root, "src": src, "manifest": manifest, "shards": shards, "oof": oof, "true_class": true_class}
+
+
+def _write_oof(shards: Path, path: Path, true_class: dict[str, str], fold_column: bool = True) -> None:
+    """cv's oof_predictions.csv as a model that learnt the true classes would write it."""
+    rng = np.random.default_rng(0)
+    header = ["key", *(["fold"] if fold_column else []), "patient_id", "group", "true_label", "predicted_label",
+              *[f"prob_{c}" for c in CLASSES]]
+    rows = []
+    for fold in (0, 1):
+        for sample in read_split(shards, f"fold-{fold}"):
+            meta = sample["meta"]
+            probs = rng.dirichlet(np.ones(len(CLASSES))) * 0.2
+            probs[CLASSES.index(true_class[meta["source"]])] += 0.8
+            rows.append([sample["key"], *([fold] if fold_column else []), meta["patient_id"], meta["patient_id"],
+                         meta["label"], CLASSES[int(probs.argmax())], *map(repr, probs.tolist())])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([header, *rows])
+
+
+def _issues(out: Path) -> list[dict]:
+    with (out / "label_issues.csv").open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_flipped_labels_and_two_label_copies_are_flagged_per_patient(flipped_pack, tmp_path):
+    out = tmp_path / "review"
+    assert main(["label-issues", "--predictions", str(flipped_pack["oof"]), "--shards", str(flipped_pack["shards"]),
+                 "--out", str(out)]) == 0
+    rows = _issues(out)
+    flipped_sources = {f"c{CLASSES.index(cls)}/img{i}.png" for cls, i in FLIPPED}
+    mislabelled = {row["source"] for row in rows if "likely mislabelled" in row["reason"]}
+    assert len(flipped_sources & mislabelled) >= 3, rows
+    assert len(mislabelled - flipped_sources - {"twins/same-copy.png", "twins/same.jpg"}) <= 2, mislabelled
+    for row in rows:
+        if row["source"] in flipped_sources:
+            assert row["suggested_label"] == flipped_pack["true_class"][row["source"]]
+            assert row["given_label"] != row["suggested_label"]
+    twins = {row["source"]: row for row in rows if row["source"].startswith("twins/")}
+    assert "same bytes under another label" in twins["twins/same.png"]["reason"]
+    assert "same bytes under another label" in twins["twins/same-copy.png"]["reason"]
+    assert "near-duplicate picture under another label" in twins["twins/same.jpg"]["reason"]
+    # one patient's frames are consecutive, patients in the order of their worst frame
+    patients = [row["patient"] for row in rows]
+    assert all(patients.index(p) + patients.count(p) - 1 == len(patients) - 1 - patients[::-1].index(p)
+               for p in patients)
+    assert sorted(int(row["rank"]) for row in rows) == list(range(1, len(rows) + 1))
+    assert all(row["decision"] == "" and row["new_label"] == "" and len(row["sha256"]) == 64 for row in rows)
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["frames"] == len(CLASSES) * IMAGES_PER_CLASS + 3 and summary["flagged"] == len(rows)
+    assert summary["out_of_sample"].startswith("out of fold")
+    noise = summary["noise"]
+    assert noise["classes"] == CLASSES and np.isclose(np.sum(noise["joint"]), 1.0)
+    top_pairs = {(pair["given"], pair["true"]) for pair in noise["pairs"][:6]}
+    assert ("élevé", "3rd stage") in top_pairs or ("élevé", "gastrite-chronique") in top_pairs, noise["pairs"]
+    assert summary["settings"]["cleanlab"]["get_label_quality_scores"] == {"method": "self_confidence"}
+
+    # --cv: the folder's oof_predictions.csv and the shards its cv.json names
+    (flipped_pack["oof"].parent / "cv.json").write_text(json.dumps({"shards": str(flipped_pack["shards"])}))
+    assert main(["label-issues", "--cv", str(flipped_pack["oof"].parent), "--out", str(tmp_path / "via-cv")]) == 0
+    assert _issues(tmp_path / "via-cv") == rows
+
+
+def test_in_sample_predictions_are_refused(flipped_pack, tmp_path, capsys):
+    # fold keys with nothing saying which model predicted them
+    bare = tmp_path / "eval" / "predictions.csv"
+    _write_oof(flipped_pack["shards"], bare, flipped_pack["true_class"], fold_column=False)
+    assert main(["label-issues", "--predictions", str(bare), "--shards", str(flipped_pack["shards"]),
+                 "--out", str(tmp_path / "a")]) == 2
+    assert "in-sample predictions hide label errors" in _one_line(capsys)
+    # evaluate's file of a run validated on fold 1 predicting fold 0: that run trained on fold 0
+    run = tmp_path / "run-fold1"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"fold": 1}))
+    (bare.parent / "metrics.json").write_text(json.dumps({"details": {"run": str(run), "split": "fold-0"}}))
+    assert main(["label-issues", "--predictions", str(bare), "--shards", str(flipped_pack["shards"]),
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "fold-0" in _one_line(capsys)
+    # a fold column that disagrees with the fold a frame is packed in
+    wrong = tmp_path / "wrong.csv"
+    with flipped_pack["oof"].open(encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    swapped = [lines[0]] + [line.replace(",0,", ",X,").replace(",1,", ",0,").replace(",X,", ",1,")
+                            for line in lines[1:]]
+    wrong.write_text("\n".join(swapped) + "\n", encoding="utf-8")
+    assert main(["label-issues", "--predictions", str(wrong), "--shards", str(flipped_pack["shards"]),
+                 "--out", str(tmp_path / "c")]) == 2
+    assert "not out-of-fold predictions" in _one_line(capsys)
+    # evaluate on the train split of a pack without folds
+    plain = tmp_path / "plain"
+    pack_dataset(flipped_pack["src"], plain, _settings(val_fraction=0.3), manifest=flipped_pack["manifest"])
+    capsys.readouterr()  # pack's own output
+    train = read_split(plain, "train")
+    in_sample = tmp_path / "train-eval" / "predictions.csv"
+    in_sample.parent.mkdir()
+    with in_sample.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["key", "source", "patient_id", "group", "true_label", "predicted_label",
+                         *[f"prob_{c}" for c in CLASSES]])
+        for sample in train:
+            probs = [0.1] * len(CLASSES)
+            probs[sample["cls"]] = 0.7
+            writer.writerow([sample["key"], sample["meta"]["source"], "", "", sample["meta"]["label"],
+                             sample["meta"]["label"], *map(repr, probs)])
+    assert main(["label-issues", "--predictions", str(in_sample), "--shards", str(plain),
+                 "--out", str(tmp_path / "d")]) == 2
+    err = _one_line(capsys)
+    assert "frames of the train split" in err and "in-sample" in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_missing_cleanlab_is_one_line_naming_the_extra(flipped_pack, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "cleanlab", None)  # import cleanlab now raises ImportError
+    assert main(["label-issues", "--predictions", str(flipped_pack["oof"]), "--shards", str(flipped_pack["shards"]),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "pip install 'gastro-dist[labels]'" in _one_line(capsys)
