@@ -1,5 +1,5 @@
 """Benchmarks: `gastro-dist bench loader`, `bench train`, `bench infer` (evaluate's and predict's forward pass,
-PyTorch or ONNX Runtime) and `bench statistics` (the coverage and size simulation of `evaluation.simulation`).
+PyTorch or ONNX Runtime), `bench video` (predict-video, decoding to smoothed probability) and `bench statistics` (the coverage and size simulation of `evaluation.simulation`).
 
 `bench loader` times the real training input pipeline, `loaders.TrainLoader` (shard read, decode,
 augmentation, collation into the batch tensor the trainer gets), and with `--source` the same
@@ -576,6 +576,105 @@ def _cmd_bench_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- video
+def bench_video(model_name: str, *, image_size: int, backend: str, seconds: float, fps: int, batch_size: int,
+                width_px: int, height_px: int, device: str | None = None) -> dict[str, Any]:
+    """`predict-video` on a synthetic recording (H.264, a moving textured scene) with an untrained model:
+    throughput reading every frame as fast as possible, then the same recording replayed at its own frame
+    rate as a live feed (`--realtime`): frames dropped and per-frame latency p50/p95, from the decoder's
+    output to the smoothed probability (the wait in the queue, preprocessing, the batch's forward pass,
+    smoothing). A configuration keeps up when it drops nothing at `fps`."""
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    from gastro_dist.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+    from gastro_dist.evaluation.export import export_model
+    from gastro_dist.evaluation.inference import load_trained_model
+    from gastro_dist.evaluation.video_predict import VideoSettings, predict_videos
+    from gastro_dist.models.backbones import build_model
+    from gastro_dist.run_dir import ModelMeta, RunDir
+
+    check_count("--fps", fps, 1)
+    check_count("--batch-size", batch_size, 1)
+    if not 1 <= seconds <= 600:
+        raise UserError(f"--seconds must be in [1, 600], not {seconds}")
+    target = train_device(device)
+    check_batch(batch_size, image_size, *batch_memory(target))
+    machine = machine_description()
+    classes = [f"class_{k}" for k in range(NUM_CLASSES)]
+    with tempfile.TemporaryDirectory() as folder:
+        run = RunDir(Path(folder) / "run")
+        run.path.mkdir()
+        model, _ = build_model(ModelConfig(name=model_name, pretrained="none"), num_classes=NUM_CLASSES,
+                               load_pretrained=False, image_size=image_size)
+        save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(run.model_weights))
+        meta = ModelMeta(architecture=model_name, classes=classes, image_size=image_size, eval_crop_ratio=0.875,
+                         mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+        meta.write(run.model_json)
+        onnx_file = None
+        if backend == "onnx":
+            onnx_file = export_model(model, "onnx", Path(folder) / "model.onnx", input_size=image_size,
+                                     classes=classes, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        recording = _synthetic_recording(Path(folder) / "recording.mp4", seconds, fps, width_px, height_px)
+        trained = load_trained_model(run.path)
+        figures = {}
+        for mode, realtime in (("as_fast_as_possible", False), ("realtime", True)):
+            settings = VideoSettings(batch_size=batch_size, realtime=realtime)
+            result = predict_videos(trained, [str(recording)], Path(folder) / mode, settings, backend=backend,
+                                    onnx_file=onnx_file, device=target, report=lambda line: None)[0]
+            if result.status != "predicted":
+                raise UserError(f"bench video: the synthetic recording was not predicted: {result.error}")
+            figures[mode] = {"frames_per_s": result.frames_per_s, "frames": result.info.num_read,
+                             "frames_predicted": result.num_predicted, "frames_dropped": result.num_dropped,
+                             "latency_p50_ms": result.latency_ms(50), "latency_p95_ms": result.latency_ms(95)}
+    realtime = figures["realtime"]
+    return {"model": model_name, "backend": backend, "image_size": image_size, "batch_size": batch_size,
+            "video": f"{width_px}x{height_px} H.264, {fps} fps, {seconds:g} s",
+            "frames_per_s": figures["as_fast_as_possible"]["frames_per_s"],
+            "keeps_up": realtime["frames_dropped"] == 0, **{f"realtime_{k}": v for k, v in realtime.items()},
+            "as_fast_as_possible": figures["as_fast_as_possible"],
+            "device": torch.cuda.get_device_name(target) if target.type == "cuda" else f"cpu ({machine['cpu_model']})",
+            "threads": torch.get_num_threads(),
+            "machine": {**machine, "load_average_after": [round(x, 2) for x in os.getloadavg()]}}
+
+
+def _synthetic_recording(path: Path, seconds: float, fps: int, width_px: int, height_px: int) -> Path:
+    """A textured scene drifting a few pixels a frame: what an encoder and decoder work on in a procedure."""
+    import av
+    import numpy as np
+
+    texture = np.random.default_rng(0).integers(0, 256, (height_px // 8 + 64, width_px // 8 + 64, 3), dtype=np.uint8)
+    texture = texture.repeat(8, axis=0).repeat(8, axis=1)
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width_px, height_px, "yuv420p"
+        for k in range(round(seconds * fps)):
+            shift = (2 * k) % 512
+            pixels = np.ascontiguousarray(texture[shift // 2:shift // 2 + height_px, shift:shift + width_px])
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def _cmd_bench_video(args: argparse.Namespace) -> int:
+    result = bench_video(args.model, image_size=args.image_size, backend=args.backend, seconds=args.seconds,
+                         fps=args.fps, batch_size=args.batch_size, width_px=args.width, height_px=args.height,
+                         device=args.device)
+    _print_table(f"predict-video: {result['model']} on {result['device']} ({result['backend']}): "
+                 f"{result['image_size']} px, batch {result['batch_size']}, {result['video']}",
+                 [("frames/s (every frame, as fast as possible)", result["frames_per_s"]),
+                  ("realtime: frames dropped", result["realtime_frames_dropped"]),
+                  ("realtime: latency p50 (ms)", result["realtime_latency_p50_ms"]),
+                  ("realtime: latency p95 (ms)", result["realtime_latency_p95_ms"]),
+                  ("keeps up", "yes" if result["keeps_up"] else "no"), ("threads", result["threads"]),
+                  ("load average before", " ".join(map(str, result["machine"]["load_average"])))])
+    _write_json(args.json, result)
+    return 0
+
+
 # ---------------------------------------------------------------- command line
 def _cmd_bench_statistics(args: argparse.Namespace) -> int:
     from gastro_dist.evaluation import simulation
@@ -646,6 +745,20 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--warmup", type=int, default=2, help="untimed forward passes first")
     q.add_argument("--json", type=Path, default=None, help="also write the figures here")
     q.set_defaults(handler=_cmd_bench_infer)
+
+    q = bench_sub.add_parser("video", help="frames/s and per-frame latency of predict-video on a synthetic recording, "
+                                           "as fast as possible and replayed in real time")
+    q.add_argument("--model", default="resnet18", help="model name, e.g. resnet18, resnet50")
+    q.add_argument("--image-size", type=int, default=224, help="square input size")
+    q.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="PyTorch or ONNX Runtime")
+    q.add_argument("--seconds", type=float, default=10.0, help="length of the synthetic recording")
+    q.add_argument("--fps", type=int, default=25, help="its frame rate: the rate to keep up with")
+    q.add_argument("--width", type=int, default=1280, help="its frame width in pixels")
+    q.add_argument("--height", type=int, default=720, help="its frame height in pixels")
+    q.add_argument("--batch-size", type=int, default=8, help="frames per forward pass at most")
+    q.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when a GPU is visible")
+    q.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    q.set_defaults(handler=_cmd_bench_video)
 
     q = bench_sub.add_parser("statistics", help="coverage of the report's intervals and size of its tests, simulated")
     q.add_argument("--datasets", type=int, default=500, help="simulated test sets per scenario")

@@ -263,6 +263,26 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict_video(args: argparse.Namespace) -> int:
+    from gastro_dist.evaluation.inference import load_trained_model
+    from gastro_dist.evaluation.video_predict import VideoSettings, predict_videos
+    from gastro_dist.evaluation.video_timeline import FindingRules, Smoothing
+
+    settings = VideoSettings(fps=args.fps, smoothing=Smoothing(args.smoothing, args.window_s),
+                             findings=FindingRules(args.threshold, args.min_duration_s, args.merge_gap_s),
+                             annotate=args.annotate, cam_every=args.cam_every, batch_size=args.batch_size,
+                             queue_frames=args.queue_frames, idle_timeout_s=args.idle_timeout_s,
+                             realtime=args.realtime)
+    trained = load_trained_model(args.run, args.checkpoint)
+    results = predict_videos(trained, args.videos, args.out, settings, backend=args.backend, onnx_file=args.onnx,
+                             live=args.live, report=lambda line: print(line, file=sys.stderr))
+    for result in results:
+        if result.status != "failed":
+            print(f"{result.name}: {result.num_predicted} frames predicted, {len(result.findings)} findings")
+    print(f"frames.csv, findings.csv, videos.csv and summary.html in {args.out}")
+    return 1 if any(result.status == "failed" for result in results) else 0
+
+
 def add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
     def run_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--run", type=Path, required=True, help="a finished training run folder")
@@ -320,6 +340,46 @@ def add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--cam", type=Path, default=None, metavar="DIR", help="also write Grad-CAM overlays of image files here")
     p.set_defaults(handler=_cmd_predict)
+
+    p = sub.add_parser("predict-video", help="predict procedure videos or a live stream frame by frame: smoothed "
+                                             "probabilities, findings as time segments, an annotated copy",
+                       description="Writes OUT/frames.csv (a row per predicted frame: raw and smoothed probabilities), "
+                                   "OUT/findings.csv (time segments where a class's smoothed probability stays above "
+                                   "--threshold), OUT/videos.csv (a row per video: frames decoded, predicted, dropped, "
+                                   "damage, speed), OUT/summary.html, and with --annotate OUT/NAME.annotated.mp4. "
+                                   "URLs (rtsp://, udp://, ...) and named pipes are live: when the model falls behind, "
+                                   "the oldest waiting frames are dropped and counted; Ctrl-C or the stream's end "
+                                   "closes the outputs. Exit status 1 when some video gave no prediction.")
+    run_args(p)
+    p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files, named pipes or stream URLs")
+    p.add_argument("--out", type=Path, required=True, help="folder for the outputs")
+    p.add_argument("--fps", type=float, default=None, help="frames predicted per second of video (default: every frame)")
+    p.add_argument("--smoothing", choices=("ema", "centred", "none"), default="ema",
+                   help="ema: causal, no latency added; centred: latency --window-s / 2, not for live input")
+    p.add_argument("--window-s", type=float, default=1.0,
+                   help="centred: the window's width; ema: twice its time constant")
+    p.add_argument("--threshold", type=float, default=0.5, help="a finding: smoothed probability above this")
+    p.add_argument("--min-duration-s", type=float, default=1.0, help="shorter findings are left out")
+    p.add_argument("--merge-gap-s", type=float, default=1.0, help="findings of a class this close are merged")
+    p.add_argument("--annotate", action="store_true",
+                   help="write an annotated copy of each video (predicted class, a bar per class)")
+    p.add_argument("--cam-every", type=int, default=0, metavar="K",
+                   help="with --annotate: a Grad-CAM overlay on every K-th predicted frame")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                   help="PyTorch (bf16 on CUDA, float32 on CPU) or ONNX Runtime on --onnx")
+    p.add_argument("--onnx", type=Path, default=None, metavar="FILE",
+                   help="with --backend onnx: the file `gastro-dist export --format onnx` wrote from --run")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="frames per forward pass (live: at most; the frames waiting are taken at once)")
+    p.add_argument("--live", action="store_true", help="read files as they grow (a recording still being written)")
+    p.add_argument("--realtime", action="store_true",
+                   help="read files at their own frame rate, as a live feed: what would be dropped and how late "
+                        "predictions come on this machine")
+    p.add_argument("--queue-frames", type=int, default=16,
+                   help="decoded frames waiting for the model at most; live input drops the oldest beyond")
+    p.add_argument("--idle-timeout-s", type=float, default=30.0,
+                   help="live input: no frame for this long ends the stream")
+    p.set_defaults(handler=_cmd_predict_video)
 
     p = sub.add_parser("cam", help="Grad-CAM heatmap overlays as PNG",
                        description="Writes OUT/STEM_cam.png per image (inputs sharing a stem get a digest of their "
@@ -472,6 +532,9 @@ EXAMPLES = {
     "compare": "gastro-dist compare --configs configs/vgg19.yaml configs/resnet50.yaml --shards /data/shards "
                "--out runs/compare",
     "predict": "gastro-dist predict --run runs/r50 new_images/ --out predictions.csv --tta",
+    "predict-video": "gastro-dist predict-video --run runs/r50 procedure.mp4 --out pv/ --annotate --cam-every 25\n"
+                     "live, from the video tower's stream: gastro-dist predict-video --run runs/r50 "
+                     "udp://0.0.0.0:5000 --out pv-live/",
     "cam": "gastro-dist cam --run runs/r50 frame.jpg --out cams/",
     "export": "gastro-dist export --run runs/r50 --format onnx --out r50.onnx",
     "config": "gastro-dist config show --config configs/resnet50.yaml",
