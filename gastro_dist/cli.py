@@ -61,6 +61,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         class_map=args.class_map,
         segments=args.segments,
         pseudonym_key_file=args.pseudonymise,
+        relabel=args.relabel,
     )
     return 0 if result.packed > 0 else 1
 
@@ -130,6 +131,10 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pseudonymise", type=Path, default=None, metavar="KEYFILE",
                    help="write every patient id and path as a keyed hash (HMAC-SHA256) of it; the key file stays "
                         "with you (default: the file named by $GASTRO_DIST_PSEUDONYM_KEY_FILE, if set)")
+    p.add_argument("--relabel", type=Path, default=None, metavar="DECISIONS",
+                   help="a reviewer's decisions (CSV source,sha256,decision[,new_label]; decision keep, relabel or "
+                        "exclude), e.g. label-issues' label_issues.csv filled in: applied where source and sha256 "
+                        "match an input, the others listed in OUT/relabel_unmatched.jsonl")
     p.set_defaults(handler=_cmd_pack)
 
     p = sub.add_parser("verify", help="re-read every shard and check it against index.json")
@@ -541,7 +546,10 @@ EXAMPLES = {
     "cv": "gastro-dist cv --config configs/resnet50.yaml --shards /data/shards-5fold --out runs/cv-r50\n"
           "its shards: gastro-dist pack /data/gastro --out /data/shards-5fold --folds 5 --test-per-class 150",
     "bench": "gastro-dist bench loader --shards /data/shards --workers 8",
-    "label-issues": "gastro-dist label-issues --cv runs/cv-r50 --out runs/cv-r50/label-review",
+    "label-issues": "gastro-dist label-issues --cv runs/cv-r50 --out runs/cv-r50/label-review\n"
+                    "then, with the decision column filled in: gastro-dist pack /data/gastro --manifest "
+                    "/data/gastro/labels.csv --out /data/shards-reviewed --relabel "
+                    "runs/cv-r50/label-review/label_issues.csv",
 }
 
 

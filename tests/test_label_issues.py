@@ -183,3 +183,87 @@ def test_missing_cleanlab_is_one_line_naming_the_extra(flipped_pack, tmp_path, m
     assert main(["label-issues", "--predictions", str(flipped_pack["oof"]), "--shards", str(flipped_pack["shards"]),
                  "--out", str(tmp_path / "x")]) == 2
     assert "pip install 'gastro-dist[labels]'" in _one_line(capsys)
+
+
+def test_relabel_round_trip_makes_a_new_shard_set_an_old_run_refuses(flipped_pack, tmp_path, capsys):
+    """label_issues.csv filled in: one frame relabelled, one excluded, one decision for a file no longer
+    there and one for a file changed since the review (both listed, not applied), the rest undecided."""
+    import hashlib
+    import shutil
+
+    from conftest import REPO
+    from gastro_dist.config import load_config
+    from gastro_dist.data.shard_index import load_shard_index
+    from gastro_dist.run_dir import RunDir
+    from gastro_dist.training.trainer import check_run_dir
+
+    review = tmp_path / "review"
+    assert main(["label-issues", "--predictions", str(flipped_pack["oof"]), "--shards", str(flipped_pack["shards"]),
+                 "--out", str(review)]) == 0
+    rows = _issues(review)
+    changed = "c2/img5.png"
+    src = tmp_path / "src"
+    shutil.copytree(flipped_pack["src"], src)
+    reviewed_sha256 = hashlib.sha256((src / changed).read_bytes()).hexdigest()
+    save_image(src / changed, img=_grey(4242))  # edited after the review
+    by_source = {row["source"]: row for row in rows}
+    by_source["c0/img1.png"].update(decision="relabel", new_label="3rd stage")
+    by_source["c1/img2.png"].update(decision="exclude")
+    rows.append({**rows[0], "source": "gone/img.png", "decision": "keep"})
+    rows.append({**rows[0], "source": changed, "sha256": reviewed_sha256, "decision": "exclude"})
+    decisions = tmp_path / "decisions.csv"
+    with decisions.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    before, after = tmp_path / "before", tmp_path / "after"
+    pack = ["pack", str(src), "--manifest", str(flipped_pack["manifest"]), "--folds", "2", "--input-size", "32",
+            "--resize-short", "32", "--workers", "1"]
+    assert main([*pack, "--out", str(before)]) == 0
+    capsys.readouterr()
+    assert main([*pack, "--out", str(after), "--relabel", str(decisions)]) == 0
+    err = capsys.readouterr().err
+    assert "1 decision(s)" in err and "no input with this source" in err and "content changed" in err
+
+    record = read_index(after)["relabel"]
+    assert record["sha256"] == hashlib.sha256(decisions.read_bytes()).hexdigest()
+    assert record["applied"] == {"keep": 0, "relabel": 1, "exclude": 1}
+    assert record["not_applied"] == 2 and record["decisions"] == 4 and record["undecided"] == len(rows) - 4
+    unmatched = [json.loads(line) for line in (after / "relabel_unmatched.jsonl").read_text().splitlines()]
+    assert {(entry["source"], entry["reason"].split(":")[0]) for entry in unmatched} == {
+        ("gone/img.png", "no input with this source"), (changed, "content changed since the review")}
+    skipped = [json.loads(line) for line in (after / "skipped.jsonl").read_text().splitlines()]
+    assert [(entry["path"], entry["reason"]) for entry in skipped] == [("c1/img2.png", "excluded on review")]
+    labels = {sample["meta"]["source"]: sample["meta"]["label"]
+              for split in ("fold-0", "fold-1") for sample in read_split(after, split)}
+    assert labels["c0/img1.png"] == "3rd stage" and "c1/img2.png" not in labels and changed in labels
+    assert len(labels) == len(flipped_pack["true_class"]) - 1
+    assert read_index(before)["relabel"] is None
+
+    # a run trained on the pack before the decisions refuses the new one
+    config = load_config(REPO / "configs" / "smoke.yaml", ["data.fold=0"])
+    old = load_shard_index(before)
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.write_summary({"shards_index_sha256": old.index_sha256, "shards": str(before), "fold": 0})
+    check_run_dir(run, config, old)  # the same shard set continues
+    with pytest.raises(UserError, match="index.json differs"):
+        check_run_dir(run, config, load_shard_index(after))
+
+
+def test_bad_decisions_stop_the_pack_naming_the_row(flipped_pack, tmp_path, capsys):
+    sha256 = "0" * 64
+    for rows, problem in (([["c0/img1.png", sha256, "maybe", ""]], "row 2: decision 'maybe' is not one of"),
+                          ([["c0/img1.png", sha256, "relabel", "polyp"]], "new_label 'polyp' is none of the classes"),
+                          ([["c0/img1.png", sha256, "keep", ""], ["c0/img1.png", sha256, "exclude", ""]],
+                           "row 3 and row 2 decide differently")):
+        decisions = tmp_path / "decisions.csv"
+        with decisions.open("w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows([["source", "sha256", "decision", "new_label"], *rows])
+        out = tmp_path / "out"
+        assert main(["pack", str(flipped_pack["src"]), "--manifest", str(flipped_pack["manifest"]), "--out", str(out),
+                     "--workers", "1", "--relabel", str(decisions)]) == 2
+        err = _one_line(capsys)
+        assert problem in err, err
+        assert not (out / "index.json").exists()

@@ -97,10 +97,13 @@ class Listing(NamedTuple):
     path_column: str
     required_columns: tuple[str, ...]
     row_field: str  # rejected.jsonl field giving the row of an unusable row
+    optional_columns: str = "[,patient_id]"  # as named in messages
 
 
 MANIFEST = Listing("manifest", "path", ("path", "label"), "manifest_row")
 SEGMENTS = Listing("segments file", "video", ("video", "start_s", "end_s", "label"), "segments_row")
+# Not inputs but a reviewer's decisions about them (`relabel`), read with the same checks.
+RELABEL = Listing("--relabel file", "source", ("source", "sha256", "decision"), "relabel_row", "[,new_label]")
 
 
 def load_class_map(path: Path, console: Console) -> dict[str, str]:
@@ -293,7 +296,7 @@ def _read_listing(listing: Listing, csv_path: Path, src: Path, label_for: dict[s
     if not csv_path.is_file():
         raise UserError(f"{listing.option} {csv_path} not found; pass a CSV with columns "
                         f"{','.join(listing.required_columns)}[,patient_id]")
-    for row_number, row in _csv_rows(csv_path, listing):
+    for row_number, row in csv_rows(csv_path, listing):
         cell = row[listing.path_column]
         relative = _manifest_source(cell, src) if cell else f"<{listing.option} row {row_number}>"
         source = pseudonyms.path(relative or cell)
@@ -346,7 +349,7 @@ def _segment_times(row: dict[str, str]) -> tuple[float, float]:
     return start_s, end_s
 
 
-def _csv_rows(path: Path, listing: Listing) -> Iterator[tuple[int, dict[str, str]]]:
+def csv_rows(path: Path, listing: Listing) -> Iterator[tuple[int, dict[str, str]]]:
     """(line number, stripped cells by lower-case column name) of each data row of a UTF-8 CSV."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheet exports add a BOM
@@ -356,7 +359,8 @@ def _csv_rows(path: Path, listing: Listing) -> Iterator[tuple[int, dict[str, str
             if missing_columns:
                 raise UserError(
                     f"{listing.option} {path} lacks column(s) {', '.join(missing_columns)}; "
-                    f"its first row must be a header with {','.join(listing.required_columns)}[,patient_id]"
+                    f"its first row must be a header with {','.join(listing.required_columns)}"
+                    f"{listing.optional_columns}"
                 )
             for row_number, raw_row in enumerate(reader, start=2):
                 row = {key: (value or "").strip() for key, value in raw_row.items() if key}

@@ -7,8 +7,9 @@ output folder), writing the shards from the spool, and the bookkeeping files tha
 input seen (index.json, rejected.jsonl, skipped.jsonl, duplicates.jsonl), and for every part of a packed
 input that was left out (a damaged video's lost frames, frames labelled twice: skipped.jsonl lines with
 `part`, and a warning). Finding the inputs is
-`discovery`'s work, duplicates and splits `splitting`'s; reading one input kind is delegated: images to
-`images`, videos to `video`, DICOM to `dicom`, frame choice to `frames`, pseudonyms to `pseudonym`.
+`discovery`'s work, duplicates and splits `splitting`'s, a reviewer's decisions (--relabel) `relabel`'s;
+reading one input kind is delegated: images to `images`, videos to `video`, DICOM to `dicom`, frame choice
+to `frames`, pseudonyms to `pseudonym`.
 The on-disk format and the rules are documented in shards/README.md.
 """
 
@@ -63,6 +64,7 @@ from gastro_dist.data.images import (
     shrink_to_short_side,
 )
 from gastro_dist.data.pseudonym import METHOD, Pseudonymiser, load_pseudonymiser
+from gastro_dist.data.relabel import UNMATCHED_FILE, apply_decisions, read_decisions
 from gastro_dist.data.shard_index import INDEX_FILE, fold_of_split
 from gastro_dist.data.splitting import SplitRules, assign_splits, drop_duplicates, keep_frames_once, samples_per_class
 from gastro_dist.data.synth import read_synthetic_marker
@@ -224,10 +226,13 @@ def pack_dataset(
     class_map: str | Path | None = None,
     segments: str | Path | None = None,
     pseudonym_key_file: str | Path | None = None,
+    relabel: str | Path | None = None,
 ) -> PackResult:
     """Read every input, split by patient and write shards plus bookkeeping to `out_dir`.
 
     With `pseudonym_key_file`, patient ids and paths are written as keyed hashes (see `pseudonym`).
+    With `relabel`, a reviewer's decisions (`relabel`) are applied to the inputs read, before duplicates
+    and splits, and index.json records them, so that the result is another shard set.
     User mistakes raise `UserError`; bad input files never do (they are listed in rejected.jsonl).
     With several workers, a calling script needs `if __name__ == "__main__":` (see `_Workers`).
     """
@@ -236,6 +241,7 @@ def pack_dataset(
     _check_folders(src, out_dir)
     pseudonyms = load_pseudonymiser(pseudonym_key_file, RECORDED_EXTENSIONS, out_dir)
     label_for = load_class_map(Path(class_map), console) if class_map else None
+    decisions = read_decisions(Path(relabel)) if relabel else None
     listings = [(listing, Path(path)) for listing, path in ((MANIFEST, manifest), (SEGMENTS, segments)) if path]
     if listings:
         inputs = read_listings(listings, src, label_for, pseudonyms, console)
@@ -243,6 +249,8 @@ def pack_dataset(
         inputs = scan_class_folders(src, out_dir, label_for, pseudonyms, console)
     if label_for is None:  # class names are folder names or listed labels as written (a map's are checked already)
         normalise_class_names(inputs, "manifest labels" if listings else "folders", console)
+    if decisions is not None:
+        decisions.check_labels({item.label for item in inputs.candidates})
     _require_decoders(inputs.candidates)
     files_seen = len(inputs.candidates) + len(inputs.skipped) + len(inputs.rejected)  # before reading moves any
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -258,6 +266,10 @@ def pack_dataset(
                                max_video_bytes=int(settings.max_video_mb * 1e6), frame_rules=settings.frame_rules,
                                spool_dir=Path(spool_dir))
         valid = _read_inputs(inputs, options, settings.workers or _available_cpus(), pseudonyms, console)
+        relabel_record = None
+        if decisions is not None:
+            valid, relabel_record, unmatched = apply_decisions(decisions, valid, inputs, pseudonyms, console)
+            _write_jsonl(out_dir / UNMATCHED_FILE, unmatched)
         kept, dropped, conflicts = drop_duplicates(valid, inputs.rejected)
         for conflict in conflicts:
             copies = conflict["copies"]
@@ -280,6 +292,7 @@ def pack_dataset(
                          pseudonyms)
     index["without_patient_id"] = without_patient_id
     index["synthetic"] = read_synthetic_marker(src)
+    index["relabel"] = relabel_record
     _print_summary(index, Console(soft_wrap=True))
     write_json_atomic(out_dir / INDEX_FILE, index)  # a folder without index.json is an incomplete pack
     totals = index["totals"]

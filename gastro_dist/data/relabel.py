@@ -1,0 +1,134 @@
+"""`pack --relabel DECISIONS.csv`: a reviewer's decisions on flagged frames, applied on a re-pack.
+
+A decision names an input by its source (as recorded: relative to SRC, or its pseudonym) and by the sha256
+of the bytes the reviewer saw, and says keep, relabel (to `new_label`) or exclude. It is applied only when
+both still match an input read now: a file changed since the review, a source that is no longer an input,
+or a video (whose frames are reviewed one by one: not supported yet) is listed in relabel_unmatched.jsonl
+with a warning, never applied silently. Excluded inputs go to skipped.jsonl ("excluded on review").
+`label-issues` writes label_issues.csv with these columns, so a filled-in copy is a decisions file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+from gastro_dist import UserError
+from gastro_dist.data.discovery import RELABEL, Input, Inputs, csv_rows, nfc
+from gastro_dist.data.pseudonym import Pseudonymiser
+from gastro_dist.files import csv_text, file_sha256
+
+DECISIONS = ("keep", "relabel", "exclude")
+EXCLUDED_REASON = "excluded on review"
+UNMATCHED_FILE = "relabel_unmatched.jsonl"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Decision:
+    row: int  # line number in the decisions file
+    source: str  # as written, in csv_text form (a spreadsheet-safe cell)
+    sha256: str
+    decision: str
+    new_label: str
+
+    def entry(self, reason: str) -> dict:
+        """A relabel_unmatched.jsonl line."""
+        return {"source": self.source, "sha256": self.sha256, "decision": self.decision,
+                "new_label": self.new_label or None, RELABEL.row_field: self.row, "reason": reason}
+
+
+@dataclass
+class Decisions:
+    """A decisions file read and checked: the decided rows, and how many rows were left undecided."""
+
+    path: Path
+    sha256: str
+    rows: list[Decision]
+    num_undecided: int
+
+    def check_labels(self, classes: set[str]) -> None:
+        """Relabelling means to a class the pack has: a typo must not create a class of its own."""
+        for decision in self.rows:
+            if decision.decision == "relabel" and decision.new_label not in classes:
+                raise UserError(f"{RELABEL.option} {self.path} row {decision.row}: new_label "
+                                f"{decision.new_label!r} is none of the classes [{', '.join(sorted(classes))}]")
+
+
+def read_decisions(path: Path) -> Decisions:
+    """The rows of a decisions CSV (columns source, sha256, decision[, new_label]; others ignored). A row
+    without a decision was not reviewed and is counted only; a bad decision, a relabel without new_label,
+    a malformed sha256 or one source decided two ways stops the pack naming the row."""
+    if not path.is_file():
+        raise UserError(f"{RELABEL.option} {path} not found; pass the CSV a reviewer filled in "
+                        "(label-issues writes label_issues.csv with its columns)")
+    rows, undecided, first_row_of = [], 0, {}
+    for row_number, row in csv_rows(path, RELABEL):
+        decision = row["decision"].lower()
+        if not decision:
+            undecided += 1
+            continue
+        where = f"{RELABEL.option} {path} row {row_number}"
+        if decision not in DECISIONS:
+            raise UserError(f"{where}: decision {row['decision']!r} is not one of {', '.join(DECISIONS)}")
+        new_label = nfc(row.get("new_label", ""))
+        if decision == "relabel" and not new_label:
+            raise UserError(f"{where}: relabel needs the class in new_label")
+        sha256 = row["sha256"].lower()
+        if not _SHA256.fullmatch(sha256):
+            raise UserError(f"{where}: sha256 {row['sha256'][:80]!r} is not 64 hex digits")
+        current = Decision(row_number, csv_text(row["source"]), sha256, decision,
+                           new_label if decision == "relabel" else "")
+        earlier = first_row_of.setdefault(current.source, current)
+        if (earlier.sha256, earlier.decision, earlier.new_label) != (sha256, current.decision, current.new_label):
+            raise UserError(f"{where} and row {earlier.row} decide differently about {row['source'][:80]!r}; "
+                            "keep one")
+        if earlier is current:
+            rows.append(current)
+    return Decisions(path, file_sha256(path), rows, undecided)
+
+
+def apply_decisions(decisions: Decisions, valid: list[Input], inputs: Inputs, pseudonyms: Pseudonymiser,
+                    console: Console) -> tuple[list[Input], dict, list[dict]]:
+    """The inputs still to pack after the decisions, index.json's `relabel` record, and the decisions not
+    applied (relabel_unmatched.jsonl). Relabelled inputs change class in place; excluded ones leave
+    `valid` and `inputs.candidates` for `inputs.skipped`."""
+    by_source: dict[str, list[Input]] = {}
+    for item in valid:
+        by_source.setdefault(csv_text(item.source), []).append(item)
+    not_packed = {csv_text(entry["path"]): entry["reason"] for entry in inputs.rejected}
+    applied, unmatched, excluded = Counter(), [], set()
+    for decision in decisions.rows:
+        matches = by_source.get(decision.source, [])
+        if not matches:
+            reason = (f"input not packed: {not_packed[decision.source]}" if decision.source in not_packed
+                      else "no input with this source")
+            unmatched.append(decision.entry(reason))
+        elif any(item.frame_counts is not None or item.segment_s for item in matches):
+            unmatched.append(decision.entry("a video or multi-frame DICOM: decisions on frames are not applied yet"))
+        elif any(item.sha256 != decision.sha256 for item in matches):
+            unmatched.append(decision.entry(f"content changed since the review: sha256 is now {matches[0].sha256}"))
+        else:
+            applied[decision.decision] += 1
+            for item in matches:
+                if decision.decision == "relabel":
+                    item.label = decision.new_label
+                elif decision.decision == "exclude":
+                    excluded.add(id(item))
+                    inputs.skipped.append(item.entry(EXCLUDED_REASON, sha256=item.sha256,
+                                                     **{RELABEL.row_field: decision.row}))
+    inputs.candidates = [item for item in inputs.candidates if id(item) not in excluded]
+    for reason, count in Counter(entry["reason"].split(":")[0] for entry in unmatched).items():
+        console.print(f"[yellow]warning:[/] {count} decision(s) in {escape(str(decisions.path))} not applied: "
+                      f"{escape(reason)} (see {UNMATCHED_FILE})")
+    console.print(f"relabel: {applied['relabel']} relabelled, {applied['exclude']} excluded, {applied['keep']} kept "
+                  f"as labelled, {len(unmatched)} not applied, {decisions.num_undecided} undecided rows")
+    record = {"file": pseudonyms.path(str(decisions.path.resolve())), "sha256": decisions.sha256,
+              "decisions": len(decisions.rows), "applied": {name: applied[name] for name in DECISIONS},
+              "not_applied": len(unmatched), "undecided": decisions.num_undecided}
+    return [item for item in valid if id(item) not in excluded], record, unmatched
