@@ -104,7 +104,7 @@ def _checkpointed_sequential_class(cls: type[nn.Sequential]) -> type[nn.Sequenti
                 x, index = checkpoint(_run_layers, layers[index:stop], x, use_reentrant=False), stop
         return x
 
-    return type(f"Checkpointed{cls.__name__}", (cls,), {"forward": forward})
+    return type(f"CheckpointedRuns{cls.__name__}", (cls,), {"forward": forward})
 
 
 def _run_layers(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
