@@ -186,8 +186,10 @@ def test_missing_cleanlab_is_one_line_naming_the_extra(flipped_pack, tmp_path, m
 
 
 def test_relabel_round_trip_makes_a_new_shard_set_an_old_run_refuses(flipped_pack, tmp_path, capsys):
-    """label_issues.csv filled in: one frame relabelled, one excluded, one decision for a file no longer
-    there and one for a file changed since the review (both listed, not applied), the rest undecided."""
+    """label_issues.csv filled in: one frame relabelled, one excluded (with the same-label copy pack would
+    have dropped as a duplicate), one decision for a file no longer there, one for a file changed since the
+    review and one contradicting a decision about a copy of its picture (listed, not applied), the rest
+    undecided."""
     import hashlib
     import shutil
 
@@ -206,11 +208,19 @@ def test_relabel_round_trip_makes_a_new_shard_set_an_old_run_refuses(flipped_pac
     shutil.copytree(flipped_pack["src"], src)
     reviewed_sha256 = hashlib.sha256((src / changed).read_bytes()).hexdigest()
     save_image(src / changed, img=_grey(4242))  # edited after the review
+    shutil.copy(src / "c1" / "img2.png", src / "c1" / "img2-copy.png")
+    shutil.copy(src / "c3" / "img0.png", src / "c3" / "img0-copy.png")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(flipped_pack["manifest"].read_text(encoding="utf-8")
+                        + "c1/img2-copy.png,3rd stage,P1-9\nc3/img0-copy.png,élevé,P3-9\n", encoding="utf-8")
     by_source = {row["source"]: row for row in rows}
     by_source["c0/img1.png"].update(decision="relabel", new_label="3rd stage")
     by_source["c1/img2.png"].update(decision="exclude")
     rows.append({**rows[0], "source": "gone/img.png", "decision": "keep"})
     rows.append({**rows[0], "source": changed, "sha256": reviewed_sha256, "decision": "exclude"})
+    for source, decision in (("c3/img0.png", "keep"), ("c3/img0-copy.png", "exclude")):
+        rows.append({**rows[0], "source": source, "decision": decision,
+                     "sha256": hashlib.sha256((src / source).read_bytes()).hexdigest()})
     decisions = tmp_path / "decisions.csv"
     with decisions.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -218,7 +228,7 @@ def test_relabel_round_trip_makes_a_new_shard_set_an_old_run_refuses(flipped_pac
         writer.writerows(rows)
 
     before, after = tmp_path / "before", tmp_path / "after"
-    pack = ["pack", str(src), "--manifest", str(flipped_pack["manifest"]), "--folds", "2", "--input-size", "32",
+    pack = ["pack", str(src), "--manifest", str(manifest), "--folds", "2", "--input-size", "32",
             "--resize-short", "32", "--workers", "1"]
     assert main([*pack, "--out", str(before)]) == 0
     capsys.readouterr()
@@ -228,16 +238,20 @@ def test_relabel_round_trip_makes_a_new_shard_set_an_old_run_refuses(flipped_pac
 
     record = read_index(after)["relabel"]
     assert record["sha256"] == hashlib.sha256(decisions.read_bytes()).hexdigest()
-    assert record["applied"] == {"keep": 0, "relabel": 1, "exclude": 1}
-    assert record["not_applied"] == 2 and record["decisions"] == 4 and record["undecided"] == len(rows) - 4
+    assert record["applied"] == {"keep": 1, "relabel": 1, "exclude": 1}
+    assert record["not_applied"] == 3 and record["decisions"] == 6 and record["undecided"] == len(rows) - 6
     unmatched = [json.loads(line) for line in (after / "relabel_unmatched.jsonl").read_text().splitlines()]
     assert {(entry["source"], entry["reason"].split(":")[0]) for entry in unmatched} == {
-        ("gone/img.png", "no input with this source"), (changed, "content changed since the review")}
+        ("gone/img.png", "no input with this source"), (changed, "content changed since the review"),
+        ("c3/img0-copy.png", f"contradicts row {len(rows)}")}
     skipped = [json.loads(line) for line in (after / "skipped.jsonl").read_text().splitlines()]
-    assert [(entry["path"], entry["reason"]) for entry in skipped] == [("c1/img2.png", "excluded on review")]
+    assert sorted((entry["path"], entry["reason"]) for entry in skipped) == [
+        ("c1/img2-copy.png", "excluded on review"), ("c1/img2.png", "excluded on review")]
     labels = {sample["meta"]["source"]: sample["meta"]["label"]
               for split in ("fold-0", "fold-1") for sample in read_split(after, split)}
-    assert labels["c0/img1.png"] == "3rd stage" and "c1/img2.png" not in labels and changed in labels
+    assert labels["c0/img1.png"] == "3rd stage" and changed in labels
+    assert not {"c1/img2.png", "c1/img2-copy.png"} & set(labels)
+    assert len({"c3/img0.png", "c3/img0-copy.png"} & set(labels)) == 1  # kept: one copy of the picture
     assert len(labels) == len(flipped_pack["true_class"]) - 1
     assert read_index(before)["relabel"] is None
 

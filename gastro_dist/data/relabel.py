@@ -102,6 +102,14 @@ def apply_decisions(decisions: Decisions, valid: list[Input], inputs: Inputs, ps
     for item in valid:
         by_source.setdefault(csv_text(item.source), []).append(item)
     not_packed = {csv_text(entry["path"]): entry["reason"] for entry in inputs.rejected}
+    # Identical stills under one label are one picture that pack packs once: a decision about it holds for
+    # every copy, or excluding the copy packed would let another copy take its place.
+    copies: dict[tuple[str, str], list[Input]] = {}
+    for item in valid:
+        if item.frame_counts is None:
+            copies.setdefault((item.sha256, item.label), []).append(item)
+    copies_of = {id(item): group for group in copies.values() for item in group}
+    decided_by: dict[int, Decision] = {}  # id(input) -> the row applied to it
     applied, unmatched, excluded = Counter(), [], set()
     for decision in decisions.rows:
         matches = by_source.get(decision.source, [])
@@ -113,9 +121,16 @@ def apply_decisions(decisions: Decisions, valid: list[Input], inputs: Inputs, ps
             unmatched.append(decision.entry("a video or multi-frame DICOM: decisions on frames are not applied yet"))
         elif any(item.sha256 != decision.sha256 for item in matches):
             unmatched.append(decision.entry(f"content changed since the review: sha256 is now {matches[0].sha256}"))
+        elif other := next((decided_by[id(copy)] for item in matches for copy in copies_of[id(item)]
+                            if id(copy) in decided_by), None):
+            if (other.decision, other.new_label) != (decision.decision, decision.new_label):
+                unmatched.append(decision.entry(f"contradicts row {other.row}: an identical copy of the same picture"))
+            else:  # the same decision about another copy: applied already
+                applied[decision.decision] += 1
         else:
             applied[decision.decision] += 1
-            for item in matches:
+            for item in {id(copy): copy for item in matches for copy in copies_of[id(item)]}.values():
+                decided_by[id(item)] = decision
                 if decision.decision == "relabel":
                     item.label = decision.new_label
                 elif decision.decision == "exclude":
