@@ -128,6 +128,8 @@ def test_flipped_labels_and_two_label_copies_are_flagged_per_patient(flipped_pac
     (flipped_pack["oof"].parent / "cv.json").write_text(json.dumps({"shards": str(flipped_pack["shards"])}))
     assert main(["label-issues", "--cv", str(flipped_pack["oof"].parent), "--out", str(tmp_path / "via-cv")]) == 0
     assert _issues(tmp_path / "via-cv") == rows
+    cv_dir = str(flipped_pack["oof"].parent)
+    assert main(["label-issues", "--cv", cv_dir, "--out", cv_dir]) == 2  # its summary.json would be overwritten
 
 
 def test_in_sample_predictions_are_refused(flipped_pack, tmp_path, capsys):

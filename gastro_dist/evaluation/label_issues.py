@@ -81,6 +81,9 @@ def find_label_issues(predictions_path: str | Path, shards_dir: str | Path, out_
     if not 0 <= near_duplicate_bits <= 64:
         raise UserError(f"--near-duplicate-bits must be in 0..64 (0: exact duplicates only), got {near_duplicate_bits}")
     predictions_path, out_dir = Path(predictions_path), Path(out_dir)
+    if out_dir.resolve() == predictions_path.parent.resolve():
+        raise UserError(f"--out {out_dir} is the predictions' own folder, whose files (a cv or evaluate summary) "
+                        f"must stay as they are; pass a folder of its own, e.g. {out_dir / 'label-review'}")
     index = load_shard_index(shards_dir)
     predictions = read_predictions_csv(predictions_path, index.classes, "the shards' classes are")
     keys = predictions["keys"]
@@ -193,10 +196,10 @@ def out_of_sample_evidence(path: Path, keys: list[str], split_of: dict[str, str]
     run_fold = RunDir(run).read_summary().get("fold") if isinstance(run, str) else None
     wrong = [key for key in fold_keys if fold_of_split(split_of[key]) != run_fold]
     if run_fold is None or wrong:
-        raise UserError(f"{path} predicts frames of fold(s) "
-                        f"{', '.join(sorted({split_of[key] for key in wrong or fold_keys}))} and nothing shows that the "
-                        "model was validated on them (no fold column; no metrics.json beside it naming a run trained "
-                        "with that data.fold): in-sample predictions hide label errors; use cv's oof_predictions.csv")
+        folds = ", ".join(sorted({split_of[key] for key in wrong or fold_keys}))
+        raise UserError(f"{path} predicts frames of fold(s) {folds} and nothing shows that the model was validated "
+                        "on them (no fold column; no metrics.json beside it naming a run trained with that "
+                        "data.fold): in-sample predictions hide label errors; use cv's oof_predictions.csv")
     return f"out of fold: evaluate's predictions of run {run}, validated on fold {run_fold}"
 
 
@@ -243,8 +246,8 @@ def _sample_record(members: dict[str, bytes], split: str, shard) -> dict:
         with Image.open(io.BytesIO(members["jpg"])) as img:
             picture_hash = difference_hash(img.convert("L"))
     except (UntrustedDocument, OSError, ValueError) as err:
-        raise RunFailure(f"{shard}: a sample cannot be read ({str(err)[:80]}); check the pack with gastro-dist verify") \
-            from None
+        raise RunFailure(f"{shard}: a sample cannot be read ({str(err)[:80]}); check the pack with "
+                         "gastro-dist verify") from None
     if not isinstance(meta, dict):
         raise RunFailure(f"{shard}: a sample json is not an object; check the pack with gastro-dist verify")
     return {"split": split, "source": str(meta.get("source") or ""), "sha256": str(meta.get("sha256") or ""),
