@@ -283,3 +283,37 @@ def test_bad_decisions_stop_the_pack_naming_the_row(flipped_pack, tmp_path, caps
         err = _one_line(capsys)
         assert problem in err, err
         assert not (out / "index.json").exists()
+
+
+def test_pseudonymised_pack_round_trip_matches_by_pseudonym(flipped_pack, tmp_path):
+    """label_issues.csv of a pseudonymised pack holds pseudonyms only, and its decisions apply to a re-pack with
+    the same key."""
+    key = tmp_path / "pseudonym.key"
+    key.write_text("k" * 32)
+    pack = ["pack", str(flipped_pack["src"]), "--manifest", str(flipped_pack["manifest"]), "--folds", "2",
+            "--input-size", "32", "--resize-short", "32", "--workers", "1", "--pseudonymise", str(key)]
+    assert main([*pack, "--out", str(tmp_path / "before")]) == 0
+    true_class = {}
+    for split in ("fold-0", "fold-1"):
+        for sample in read_split(tmp_path / "before", split):
+            true_class[sample["meta"]["source"]] = sample["meta"]["label"]
+    flipped_source = next(source for source, label in true_class.items() if label == CLASSES[0])
+    true_class[flipped_source] = CLASSES[1]  # the model is sure this one is another class
+    _write_oof(tmp_path / "before", tmp_path / "cv" / "oof_predictions.csv", true_class)
+    assert main(["label-issues", "--cv", str(tmp_path / "cv"), "--shards", str(tmp_path / "before"),
+                 "--out", str(tmp_path / "review")]) == 0
+    rows = _issues(tmp_path / "review")
+    assert flipped_source in {row["source"] for row in rows}
+    assert not any(name in json.dumps(rows) for name in ("img", "c0/", "P0-"))  # no path or patient id
+    for row in rows:
+        row["decision"] = "exclude" if row["source"] == flipped_source else ""
+    decisions = tmp_path / "decisions.csv"
+    with decisions.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert main([*pack, "--out", str(tmp_path / "after"), "--relabel", str(decisions)]) == 0
+    record = read_index(tmp_path / "after")["relabel"]
+    assert record["applied"]["exclude"] == 1 and record["not_applied"] == 0
+    skipped = [json.loads(line) for line in (tmp_path / "after" / "skipped.jsonl").read_text().splitlines()]
+    assert [(entry["path"], entry["reason"]) for entry in skipped] == [(flipped_source, "excluded on review")]
