@@ -131,7 +131,11 @@ class OnnxFrameModel:
                             "export it again from --run")
         self.softmax = sidecar.get("output") == "logits"  # logits / T: softmax gives the probabilities
         providers = ["CUDAExecutionProvider"] if device is not None and device.type == "cuda" else []
-        self.session = onnxruntime.InferenceSession(str(path), providers=providers + ["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        # idle threads sleep rather than spin: the decoding thread needs the same cores (benchmarks/README.md)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = onnxruntime.InferenceSession(str(path), options,
+                                                    providers=providers + ["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.precision = "fp32"
 
