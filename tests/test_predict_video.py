@@ -214,8 +214,32 @@ def test_onnx_backend_mistakes_are_one_line(run, tmp_path, capsys):
                  "--onnx", str(tmp_path / "absent.onnx")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "absent.onnx or its sidecar" in err
+    other = tmp_path / "other.onnx"  # exported from a run with other classes: refused before it is loaded
+    other.write_bytes(b"onnx")
+    (tmp_path / "other.onnx.json").write_text(json.dumps({"classes": ["a", "b", "c"], "input_size": 48,
+                                                          "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                                                          "temperature": 1.5}))
+    assert main(["predict-video", "--run", str(run), str(clip), "--out", str(tmp_path / "d"), "--backend", "onnx",
+                 "--onnx", str(other)]) == 2
+    assert "was not exported from this run (classes differ)" in capsys.readouterr().err
     assert main(["predict-video", "--run", str(run), str(clip), "--out", str(tmp_path / "c"), "--cam-every", "3"]) == 2
     assert "add --annotate" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_bf16_probabilities_are_within_2e_2_of_cpu_float32(run, tmp_path):
+    from gastro_dist.evaluation.inference import load_trained_model
+    from gastro_dist.evaluation.video_predict import VideoSettings, predict_videos
+
+    clip = write_clip(tmp_path / "clip.mp4", [RED, BLUE, GREEN, GREY] * 3)
+    probabilities = {}
+    for device in ("cpu", "cuda"):
+        predict_videos(load_trained_model(run), [str(clip)], tmp_path / device, VideoSettings(),
+                       device=torch.device(device))
+        probabilities[device] = np.array([[float(v) for k, v in row.items() if k.startswith("prob_")]
+                                          for row in read_csv(tmp_path / device / "frames.csv")])
+    assert np.abs(probabilities["cpu"] - probabilities["cuda"]).max() < 2e-2
 
 
 # ---------------------------------------------------------------- odd and hostile videos
