@@ -11,6 +11,8 @@ import csv
 import fractions
 import json
 import math
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +182,12 @@ def test_predict_video_end_to_end_csvs_annotated_copy_and_summary(run, tmp_path,
     assert "&lt;b&gt;blue&lt;/b&gt; mucosa" in page and "<b>blue</b>" not in page
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in page
     assert "latency 0.2 s" in page
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser:  # as a browser reads it, with every host name unresolvable: nothing is fetched
+        dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                              "--host-resolver-rules=MAP * ~NOTFOUND", "--dump-dom", (out / "summary.html").as_uri()],
+                             capture_output=True, text=True, timeout=60).stdout
+        assert dom.count("<polyline") == 3 and dom.count("<img") == 3 and "&lt;b&gt;blue&lt;/b&gt; mucosa" in dom
 
 
 def test_fps_predicts_a_sample_and_the_annotated_copy_keeps_every_frame(run, tmp_path, monkeypatch):
