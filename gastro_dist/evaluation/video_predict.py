@@ -483,7 +483,7 @@ def _predict_video(source: Source, settings: VideoSettings, trained: TrainedMode
         while (items := queue.take(settings.batch_size, wait_for_all=not source.live,
                                    timeout_s=settings.idle_timeout_s + 2.0)) is not None:
             if not items:
-                if source.live:  # nothing for idle_timeout_s: the stream has ended
+                if source.followed:  # nothing for idle_timeout_s: the stream has ended (a file ends by itself)
                     result.silent = True
                     break
                 continue
