@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 
 from gastro_dist.data import video
 from gastro_dist.evaluation.cam import _caption_font, eval_crop_box, overlay_heatmap
+from gastro_dist.evaluation.report import display_name
 
 # matplotlib's tab10: distinct on screen and in greyscale print
 CLASS_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -53,7 +54,7 @@ class AnnotatedVideo:
     """Writes the annotated copy as results arrive: frames are held until the prediction they show is known."""
 
     def __init__(self, path: Path, classes: list[str], trained):
-        self.path, self.classes = path, classes
+        self.path, self.classes = path, [display_name(name) for name in classes]  # as drawn on the frames
         self._image_size, self._crop_ratio = trained.image_size, trained.meta.eval_crop_ratio
         self._held: deque = deque()
         self._current: np.ndarray | None = None
@@ -140,7 +141,7 @@ class AnnotatedVideo:
 def write_summary_html(path: Path, results: list, classes: list[str], settings, trained, backend: str,
                        precision: str) -> None:
     smoothing, rules = settings.smoothing, settings.findings
-    legend = " ".join(f'<span class="key" style="background:{class_colour(k)}"></span>{html.escape(name)}'
+    legend = " ".join(f'<span class="key" style="background:{class_colour(k)}"></span>{html.escape(display_name(name))}'
                       for k, name in enumerate(classes))
     sections = [_video_section(result, classes, rules.threshold) for result in results]
     page = f"""<!DOCTYPE html>
@@ -175,9 +176,9 @@ def _video_section(result, classes: list[str], threshold: float) -> str:
     if not result.timeline:
         return f"<h2>{name}</h2><p>{facts}</p>{problem_text}"
     rows = "".join(
-        f"<tr><td>{html.escape(classes[f.class_index])}</td><td>{f.start_s:.1f}</td><td>{f.end_s:.1f}</td>"
+        f"<tr><td>{html.escape(display_name(classes[f.class_index]))}</td><td>{f.start_s:.1f}</td><td>{f.end_s:.1f}</td>"
         f"<td>{f.duration_s:.1f}</td><td>{f.peak:.2f} at {f.peak_time_s:.1f} s</td><td>{f.mean:.2f}</td>"
-        f"<td>{_thumbnail_img(f.peak_thumbnail, f'{classes[f.class_index]} at {f.peak_time_s:.1f} s')}</td></tr>"
+        f"<td>{_thumbnail_img(f.peak_thumbnail, f'{display_name(classes[f.class_index])} at {f.peak_time_s:.1f} s')}</td></tr>"
         for f in result.findings)
     table = ("<table><tr><th>class</th><th>start (s)</th><th>end (s)</th><th>duration (s)</th><th>peak</th>"
              f"<th>mean</th><th>frame at the peak</th></tr>{rows}</table>" if result.findings
