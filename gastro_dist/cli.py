@@ -452,7 +452,7 @@ def _cmd_label_issues(args: argparse.Namespace) -> int:
         raise UserError("--predictions needs --shards: the pack the predictions were made on")
     else:
         predictions, shards = args.predictions, args.shards
-    find_label_issues(predictions, shards, args.out, near_duplicate_bits=args.near_duplicate_bits)
+    find_label_issues(predictions, shards, args.out, near_duplicate_bits=args.near_duplicate_bits, run=args.run)
     return 0
 
 
@@ -460,8 +460,10 @@ def add_label_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("label-issues", help="likely mislabelled frames (cleanlab on out-of-fold predictions) and "
                                             "frames under two labels, for a reviewer; pip install 'gastro-dist[labels]'",
                        description="Writes OUT/label_issues.csv (a row per flagged frame, a patient's frames together, "
-                                   "with decision and new_label columns for `pack --relabel`) and OUT/summary.json "
-                                   "(counts, cleanlab's noise estimate per class pair). Refuses in-sample predictions "
+                                   "with decision and new_label columns for `pack --relabel`), OUT/summary.json "
+                                   "(counts, cleanlab's noise estimate per class pair) and OUT/review.html (an offline "
+                                   "page to decide on each frame and export the decisions as a CSV for `pack "
+                                   "--relabel`). Refuses in-sample predictions "
                                    "(frames the predicting model trained on): they hide label errors.")
     p.add_argument("--predictions", type=Path, default=None, metavar="CSV",
                    help="out-of-sample predictions: cv's oof_predictions.csv, or evaluate's predictions.csv of a "
@@ -469,7 +471,11 @@ def add_label_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shards", default=None, help="the pack the predictions were made on (with --cv: cv.json's)")
     p.add_argument("--cv", type=Path, default=None, metavar="RUN",
                    help="a cv --out folder: its oof_predictions.csv and the shards cv.json names")
-    p.add_argument("--out", type=Path, required=True, help="folder for label_issues.csv and summary.json")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for label_issues.csv, summary.json and review.html")
+    p.add_argument("--run", type=Path, default=None,
+                   help="a run trained on these classes: review.html shows its Grad-CAM for each frame's suggested "
+                        "class")
     p.add_argument("--near-duplicate-bits", type=int, default=3,
                    help="frames whose 64-bit perceptual hashes differ in fewer bits are the same picture "
                         "(0: exact duplicates only)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -286,7 +287,7 @@ def test_bad_decisions_stop_the_pack_naming_the_row(flipped_pack, tmp_path, caps
 
 
 def test_pseudonymised_pack_round_trip_matches_by_pseudonym(flipped_pack, tmp_path):
-    """label_issues.csv of a pseudonymised pack holds pseudonyms only, and its decisions apply to a re-pack with
+    """label_issues.csv and review.html of a pseudonymised pack hold pseudonyms only, and its decisions apply to a re-pack with
     the same key."""
     key = tmp_path / "pseudonym.key"
     key.write_text("k" * 32)
@@ -305,6 +306,8 @@ def test_pseudonymised_pack_round_trip_matches_by_pseudonym(flipped_pack, tmp_pa
     rows = _issues(tmp_path / "review")
     assert flipped_source in {row["source"] for row in rows}
     assert not any(name in json.dumps(rows) for name in ("img", "c0/", "P0-"))  # no path or patient id
+    page = re.sub(r"data:image/jpeg;base64,[A-Za-z0-9+/=]+", "", (tmp_path / "review" / "review.html").read_text())
+    assert flipped_source in page and not any(name in page for name in ("img0", "c0/", "P0-"))  # nor in review.html
     for row in rows:
         row["decision"] = "exclude" if row["source"] == flipped_source else ""
     decisions = tmp_path / "decisions.csv"

@@ -19,7 +19,8 @@ included, so they would hide the errors looked for. Each predicted key is looked
 
 Outputs (README, "Label review"): OUT/label_issues.csv, one row per flagged frame, a patient's frames
 together, with empty `decision` and `new_label` columns that `pack --relabel` reads once a reviewer has
-filled them in, and OUT/summary.json (counts, the noise estimate per class pair, settings).
+filled them in, OUT/summary.json (counts, the noise estimate per class pair, settings) and OUT/review.html,
+the same frames as an offline page to decide on in the browser (`label_review_page`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from gastro_dist.config import DataConfig
 from gastro_dist.data.frames import difference_hash
 from gastro_dist.data.shard_index import ShardIndex, fold_of_split, load_shard_index
 from gastro_dist.data.shard_reader import ShardReadError, iter_shard_samples
+from gastro_dist.evaluation.label_review_page import (MAX_PATIENT_THUMBNAILS, REVIEW_HTML, ReviewFrame, ReviewUnit,
+                                                      cam_overlays, thumbnail_jpeg, write_review_page)
 from gastro_dist.evaluation.prediction_files import read_predictions_csv
 from gastro_dist.files import (UntrustedDocument, csv_text, excerpt, file_sha256, load_json_untrusted, read_limited,
                                write_json_atomic, write_text_atomic)
@@ -75,8 +78,9 @@ def cv_inputs(cv_dir: str | Path, shards_dir: str | None) -> tuple[Path, str]:
 
 
 def find_label_issues(predictions_path: str | Path, shards_dir: str | Path, out_dir: str | Path,
-                      near_duplicate_bits: int = DEFAULT_NEAR_DUPLICATE_BITS) -> dict:
-    """Write OUT/label_issues.csv and OUT/summary.json; returns summary.json's content."""
+                      near_duplicate_bits: int = DEFAULT_NEAR_DUPLICATE_BITS, run: str | Path | None = None) -> dict:
+    """Write OUT/label_issues.csv, OUT/summary.json and OUT/review.html (with Grad-CAM overlays of `run`
+    for the suggested class, when given); returns summary.json's content."""
     count, cleanlab_filter, rank = require_cleanlab()
     if not 0 <= near_duplicate_bits <= 64:
         raise UserError(f"--near-duplicate-bits must be in 0..64 (0: exact duplicates only), got {near_duplicate_bits}")
@@ -131,6 +135,10 @@ def find_label_issues(predictions_path: str | Path, shards_dir: str | Path, out_
     by_patient = sorted(rows, key=lambda row: (first_rank_of_unit[unit_of[row]], unit_of[row], rank_of[row]))
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    predictions_sha256 = file_sha256(predictions_path)
+    # review.html first: a --run that does not fit stops before label_issues.csv and summary.json are written.
+    _write_review_page(out_dir / REVIEW_HTML, index, keys, samples, unit_of, by_patient, given, probs, rank_of,
+                       reasons, f"{predictions_sha256}-{index.index_sha256}", run)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["key", "source", "sha256", "patient", "split", "frame_index", "given_label", "suggested_label",
@@ -157,7 +165,7 @@ def find_label_issues(predictions_path: str | Path, shards_dir: str | Path, out_
         "patients_with_flagged_frames": len({unit_of[row] for row in rows}),
         "out_of_sample": evidence,
         "noise": _noise_estimate(joint, classes),
-        "settings": {"predictions": str(predictions_path), "predictions_sha256": file_sha256(predictions_path),
+        "settings": {"predictions": str(predictions_path), "predictions_sha256": predictions_sha256,
                      "shards": str(index.root), "shards_index_sha256": index.index_sha256,
                      "cleanlab": {"find_label_issues": {"filter_by": FILTER_BY},
                                   "get_label_quality_scores": {"method": RANKED_BY},
@@ -168,8 +176,53 @@ def find_label_issues(predictions_path: str | Path, shards_dir: str | Path, out_
     print(f"label-issues: {len(rows)} of {len(keys)} frames flagged ({summary['by_reason'][REASON_CLEANLAB]} likely "
           f"mislabelled, {summary['by_reason'][REASON_EXACT]} exact and {summary['by_reason'][REASON_NEAR]} near "
           f"duplicates under another label) in {summary['patients_with_flagged_frames']} patients: "
-          f"{out_dir / ISSUES_CSV}")
+          f"{out_dir / ISSUES_CSV}; review them in the browser: {out_dir / REVIEW_HTML}")
     return summary
+
+
+# ---------------------------------------------------------------- review.html
+def _write_review_page(path: Path, index: ShardIndex, keys: list[str], samples: dict[str, dict], unit_of: list[str],
+                       rows: list[int], given: np.ndarray, probs: np.ndarray, rank_of: dict[int, int],
+                       reasons: dict[int, list[str]], page_id: str, run: str | Path | None) -> None:
+    """The flagged `rows` (in label_issues.csv's order) and, per patient, up to MAX_PATIENT_THUMBNAILS of its
+    frames that are not flagged, read again from the shards (only those keys are kept in memory)."""
+    flagged = set(rows)
+    units: dict[str, ReviewUnit] = {}
+    thumbnail_keys: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        meta = samples[keys[row]]
+        units.setdefault(unit_of[row], ReviewUnit(_unit_title(meta, keys[row]))).num_flagged += 1
+    for row, unit in enumerate(unit_of):
+        if unit in units:
+            units[unit].num_frames += 1
+            if row not in flagged and len(thumbnail_keys[unit]) < MAX_PATIENT_THUMBNAILS:
+                thumbnail_keys[unit].append(keys[row])
+    wanted = {keys[row] for row in rows} | {key for group in thumbnail_keys.values() for key in group}
+    jpegs = _read_jpegs(index, wanted)
+    row_of = {key: row for row, key in enumerate(keys)}
+    for unit, unit_keys in thumbnail_keys.items():
+        units[unit].thumbnails = [(key, index.classes[given[row_of[key]]], thumbnail_jpeg(jpegs[key]))
+                                  for key in unit_keys]
+    suggested = [int(probs[row].argmax()) for row in rows]
+    if run is None:
+        cams = [None] * len(rows)
+        cam_note = "Grad-CAM needs a trained run: label-issues ... --run RUN adds its heatmap for the suggested class."
+    else:
+        cams = cam_overlays(run, index.classes, [jpegs[keys[row]] for row in rows], suggested)
+        cam_note = f"Grad-CAM of run {run} for the suggested class, laid over the square the network sees."
+    frames = [ReviewFrame(key=keys[row], source=csv_text(samples[keys[row]]["source"]),
+                          sha256=samples[keys[row]]["sha256"], unit=unit_of[row], given=int(given[row]),
+                          suggested=suggestion, probs=[float(p) for p in probs[row]], rank=rank_of[row],
+                          reasons="; ".join(reasons[row]), jpeg=jpegs[keys[row]], cam_jpeg=cam)
+              for row, suggestion, cam in zip(rows, suggested, cams)]
+    write_review_page(path, frames, units, index.classes, page_id, cam_note)
+
+
+def _unit_title(meta: dict, key: str) -> str:
+    """How review.html names a review unit (`_review_unit`): pseudonyms in a pseudonymised pack."""
+    if meta["patient_id"]:
+        return f"Patient {meta['patient_id']}"
+    return f"Recording {meta['source']}" if meta["source"] else f"Frame {key}"
 
 
 # ---------------------------------------------------------------- in-sample predictions
@@ -224,11 +277,10 @@ def _read_object(path: Path) -> dict:
 # ---------------------------------------------------------------- the shards
 def _read_samples(index: ShardIndex, keys: set[str]) -> dict[str, dict]:
     """For each wanted key: its split, its sample json's source, sha256, patient id and frame index, and
-    the dHash of its stored picture. Only the splits a key names are read (a key starts with its split)."""
+    the dHash of its stored picture."""
     max_member_bytes = DataConfig().max_member_mb << 20
-    splits = [split for split in index.splits if any(key.startswith(f"{split}_") for key in keys)]
     found: dict[str, dict] = {}
-    for split in splits:
+    for split in _splits_holding(index, keys):
         for shard in index.shards(split):
             try:
                 for sample in iter_shard_samples(shard.path, max_member_bytes, frozenset({"jpg", "json"}),
@@ -237,6 +289,30 @@ def _read_samples(index: ShardIndex, keys: set[str]) -> dict[str, dict]:
                         found[sample.key] = _sample_record(sample.members, split, shard.path)
             except ShardReadError as err:
                 raise RunFailure(f"{shard.path}: {err}; check the pack with gastro-dist verify") from None
+    return found
+
+
+def _splits_holding(index: ShardIndex, keys: set[str]) -> list[str]:
+    """The splits whose shards hold `keys` (a key starts with its split): only those are read."""
+    return [split for split in index.splits if any(key.startswith(f"{split}_") for key in keys)]
+
+
+def _read_jpegs(index: ShardIndex, keys: set[str]) -> dict[str, bytes]:
+    """The stored JPEG of each wanted key (a second pass over its splits' shards: the first keeps no pictures)."""
+    max_member_bytes = DataConfig().max_member_mb << 20
+    found: dict[str, bytes] = {}
+    for split in _splits_holding(index, keys):
+        for shard in index.shards(split):
+            try:
+                for sample in iter_shard_samples(shard.path, max_member_bytes, frozenset({"jpg"}), shard.num_bytes):
+                    if sample.key in keys and not sample.problem and "jpg" in sample.members:
+                        found[sample.key] = sample.members["jpg"]
+            except ShardReadError as err:
+                raise RunFailure(f"{shard.path}: {err}; check the pack with gastro-dist verify") from None
+    missing = keys - set(found)
+    if missing:
+        raise RunFailure(f"{index.root}: {len(missing)} frames read a moment ago are gone ({excerpt(min(missing))} "
+                         "...); check the pack with gastro-dist verify")
     return found
 
 
