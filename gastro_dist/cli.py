@@ -498,6 +498,44 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from gastro_dist.tune import tune
+
+    # Each worker --workers-here starts runs this search with one worker and no --final-test.
+    worker_argv = ["tune", "--config", str(args.config), "--shards", args.shards, "--out", str(args.out),
+                   "--trials", str(args.trials), "--seed", str(args.seed), "--pruner", args.pruner,
+                   *(["--space", str(args.space)] if args.space else []),
+                   *(["--storage", args.storage] if args.storage else []), *(["--cv"] if args.cv else []),
+                   *args.overrides]
+    tune(args.config, args.shards, args.out, args.trials, space_path=args.space, storage=args.storage,
+         workers_here=args.workers_here, seed=args.seed, pruner=args.pruner, cv=args.cv, final_test=args.final_test,
+         overrides=args.overrides, worker_argv=worker_argv)
+    return 0
+
+
+def add_tune_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="hyperparameter search with Optuna: trials as training runs, pruned on val, "
+                                    "shared by any number of workers (README, \"Hyperparameter search\")",
+                       description="Re-running with the same --out continues the study up to --trials. "
+                                   "Trials read the train and val splits only; the test split is read only by --final-test.")
+    p.add_argument("--config", type=Path, required=True, help="base YAML config the search varies")
+    p.add_argument("--shards", required=True, help="folder written by `gastro-dist pack` (with --folds K for --cv)")
+    p.add_argument("--out", type=Path, required=True, help="study folder: trial-NNNN runs, tune.json/md/html, best.yaml")
+    p.add_argument("--trials", type=int, required=True, metavar="N", help="trials the study should have (finished or pruned)")
+    p.add_argument("--space", type=Path, default=None, help="search space YAML (default: configs/search/tune_space.yaml)")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage: a journal file path, or an RDB URL (sqlite:///, postgresql://) "
+                        "(default: OUT/study.journal)")
+    p.add_argument("--workers-here", type=int, default=1, metavar="K", help="worker processes on this machine")
+    p.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
+    p.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"), help="Optuna pruner")
+    p.add_argument("--cv", action="store_true", help="objective: mean over the pack's folds (shards packed with --folds K)")
+    p.add_argument("--final-test", action="store_true",
+                   help="after the search, train best.yaml once into OUT/final and evaluate it on the test split")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the base config")
+    p.set_defaults(handler=_cmd_tune)
+
+
 def add_config_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="show or check a training config")
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -551,6 +589,8 @@ EXAMPLES = {
     "config": "gastro-dist config show --config configs/resnet50.yaml",
     "cv": "gastro-dist cv --config configs/resnet50.yaml --shards /data/shards-5fold --out runs/cv-r50\n"
           "its shards: gastro-dist pack /data/gastro --out /data/shards-5fold --folds 5 --test-per-class 150",
+    "tune": "gastro-dist tune --config configs/resnet50.yaml --shards /data/shards --out runs/tune-r50 --trials 40 "
+            "--workers-here 2\nthen: gastro-dist train --config runs/tune-r50/best.yaml --shards /data/shards --out runs/r50-best",
     "bench": "gastro-dist bench loader --shards /data/shards --workers 8",
     "label-issues": "gastro-dist label-issues --cv runs/cv-r50 --out runs/cv-r50/label-review\n"
                     "then, with the decision column filled in: gastro-dist pack /data/gastro --manifest "
@@ -568,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluation_commands(sub)
     add_cv_commands(sub)
     add_label_commands(sub)
+    add_tune_commands(sub)
     add_config_commands(sub)
     add_bench_commands(sub)
     for name, command in sub.choices.items():

@@ -12,10 +12,11 @@ import dataclasses
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from rich.console import Console
 from rich.progress import Progress
 from torch import nn
@@ -101,10 +102,19 @@ class Diverged(RunFailure):
     """Too many consecutive optimizer steps had a non-finite loss or gradient."""
 
 
+class Stopped(Exception):
+    """`on_epoch_end` asked the run to stop (a hyperparameter search pruned it); summary.json says "pruned"."""
+
+
+# (phase name, epoch over the whole run counting from 1, the epoch's val macro accuracy) -> stop now?
+EpochHook = Callable[[str, int, float], bool]
+
+
 @forgets_accelerator_settings
-def train(config: TrainConfig, shards_dir: str | Path, run_dir: str | Path) -> dict:
-    """Run (or resume) both phases; returns summary.json's content."""
-    return Trainer(config, shards_dir, run_dir).run()
+def train(config: TrainConfig, shards_dir: str | Path, run_dir: str | Path, on_epoch_end: EpochHook | None = None) -> dict:
+    """Run (or resume) both phases; returns summary.json's content. `on_epoch_end`, called on the main process
+    after each epoch is validated and saved, may stop the run (`Stopped`): every process stops at that epoch."""
+    return Trainer(config, shards_dir, run_dir, on_epoch_end).run()
 
 
 @dataclasses.dataclass
@@ -152,7 +162,9 @@ def check_training(config: TrainConfig, shards_dir: str | Path, run_dir: str | P
 class Trainer:
     """One run: setup, then each phase (epochs of train steps + validation), then the final model."""
 
-    def __init__(self, config: TrainConfig, shards_dir: str | Path, run_dir: str | Path):
+    def __init__(self, config: TrainConfig, shards_dir: str | Path, run_dir: str | Path,
+                 on_epoch_end: EpochHook | None = None):
+        self.on_epoch_end = on_epoch_end
         self.shards_dir = shard_location(shards_dir)  # a folder or a URL; str() holds no credentials
         self.run_dir = RunDir(run_dir)
         # Everything a user can get wrong is checked before the accelerator touches a device.
@@ -255,6 +267,11 @@ class Trainer:
                 self._write_summary()
         except Preempted:
             self.summary["status"] = "preempted"
+            self._write_summary()
+            self.run_log.close()
+            raise
+        except Stopped:
+            self.summary["status"] = "pruned"
             self._write_summary()
             self.run_log.close()
             raise
@@ -575,6 +592,13 @@ class Trainer:
         self._report_skipped(state)
         state.phase_done = state.epoch >= phase.epochs
         self.save_state(state, scheduler, [])
+        if self.on_epoch_end is not None:
+            stop = [self.on_epoch_end(state.phase, self._epochs_before(state.phase) + state.epoch,
+                                      winner_scores["macro_accuracy"]) if self.is_main else False]
+            if self.world_size > 1:
+                broadcast_object_list(stop)  # the main process's decision: every process stops at this epoch
+            if stop[0]:
+                raise Stopped(f"stopped after {state.phase} epoch {state.epoch}")
 
     def _epochs_before(self, phase_name: str) -> int:
         """Epochs of the phases before `phase_name`: with them, the epoch axis runs over the whole run."""

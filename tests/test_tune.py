@@ -1,0 +1,167 @@
+"""`gastro-dist tune`: the search space checked before anything runs, seeded TPE proposals, a search end to
+end on a pack whose test shards are unreadable (reports, best.yaml), pruning from the trainer's epoch hook,
+continuing a study and refusing a changed one, and two local workers sharing one journal study."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from conftest import REPO, TINY_TRAIN_OVERRIDES
+from hostile import copy_pack, read_index, replace_shard_bytes
+
+from gastro_dist import UserError
+from gastro_dist.cli import main
+from gastro_dist.config import load_config
+from gastro_dist.tune import load_space, make_sampler, suggest
+
+SMALL_SPACE = {"head.lr": {"float": [1e-3, 1e-2], "log": True}, "label_smoothing": {"float": [0.0, 0.2]},
+               "finetune.unfreeze": {"choices": ["1", "all"]}}
+
+
+def write_space(path: Path, space: dict) -> Path:
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def run_tune(shards: Path, out: Path, space: Path, trials: int, *extra: str) -> int:
+    return main(["tune", "--config", str(REPO / "configs" / "smoke.yaml"), "--shards", str(shards), "--out", str(out),
+                 "--trials", str(trials), "--space", str(space), *extra, *TINY_TRAIN_OVERRIDES])
+
+
+def load_results(out: Path) -> dict:
+    return json.loads((out / "tune.json").read_text())
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"head.learning_rate": {"float": [1e-4, 1e-2]}}, "unknown config key"),
+    ({"head.lr": {"float": [1e-2, 1e-4]}}, "lo < hi"),
+    ({"head.lr": {"float": [0.0, 1e-2], "log": True}}, "lo > 0"),
+    ({"head.epochs": {"float": [0.5, 3.0]}}, "whole number"),
+    ({"data.hflip": {"int": [0, 1]}}, "true or false"),
+    ({"label_smoothing": {"float": [0.0, 1.0]}}, "label_smoothing must be in [0, 1)"),
+    ({"head.lr": {"choices": []}}, "non-empty list"),
+    ({"head.lr": {"float": [1e-4, 1e-2], "int": [1, 2]}}, "exactly one of"),
+    ({"model.drop_path": {"float": [0.0, 0.2], "when": {"model.kind": "timm"}}}, "unknown config key"),
+])
+def test_space_mistakes_are_one_line_errors(tmp_path, spec, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace(")", r"\)")) as err:
+        load_space(write_space(tmp_path / "space.yaml", spec), load_config(None))
+    assert "\n" not in str(err.value)
+
+
+def test_space_mistake_stops_the_command_before_anything_runs(tmp_path, synthetic_shards, capsys):
+    space = write_space(tmp_path / "space.yaml", {"head.lrr": {"float": [1e-4, 1e-2]}})
+    assert run_tune(synthetic_shards, tmp_path / "study", space, 2) == 2
+    assert "head.lrr" in capsys.readouterr().err
+    assert not (tmp_path / "study").exists()
+
+
+def test_shipped_space_loads_and_conditional_keys_follow_their_condition():
+    base = load_config(REPO / "configs" / "smoke.yaml")
+    space = load_space(REPO / "configs" / "search" / "tune_space.yaml", base)
+    study = optuna.create_study(sampler=make_sampler(0))
+    for _ in range(8):
+        trial = study.ask()
+        params = suggest(trial, space, base)
+        assert ("data.auto_augment_magnitude" in params) == (params["data.auto_augment"] == "randaugment")
+        study.tell(trial, 0.5)
+
+
+def test_the_same_seed_proposes_the_same_first_trials():
+    base, space = load_config(None), SMALL_SPACE
+
+    def first_params(seed: int) -> list[dict]:
+        study = optuna.create_study(direction="maximize", sampler=make_sampler(seed))
+        proposed = []
+        for value in (0.3, 0.6, 0.4):
+            trial = study.ask()
+            proposed.append(suggest(trial, space, base))
+            study.tell(trial, value)
+        return proposed
+
+    assert first_params(7) == first_params(7)
+    assert first_params(7) != first_params(8)
+
+
+def test_search_end_to_end_never_reads_the_test_split(tmp_path, synthetic_shards, capsys):
+    """Every test shard is garbage (its index.json entry unchanged): a search must not notice."""
+    shards = copy_pack(synthetic_shards, tmp_path / "shards")
+    for position in range(len(read_index(shards)["splits"]["test"]["shards"])):
+        replace_shard_bytes(shards, "test", b"not a tar" * 10, position=position, update_sha256=False)
+    out = tmp_path / "study"
+    assert run_tune(shards, out, write_space(tmp_path / "space.yaml", SMALL_SPACE), 3, "--seed", "1") == 0
+    results = load_results(out)
+    assert [t["number"] for t in results["trials"]] == [0, 1, 2]
+    assert all(t["state"] in ("complete", "pruned") for t in results["trials"])
+    completed = [t for t in results["trials"] if t["state"] == "complete"]
+    assert results["best"]["value"] == max(t["value"] for t in completed)
+    for trial in completed:
+        summary = json.loads((Path(trial["run_dir"]) / "summary.json").read_text())
+        assert trial["value"] == summary["phases"]["finetune"]["val_macro_accuracy"]
+        assert trial["epochs_run"] == 2
+    markdown = (out / "tune.md").read_text()
+    assert "| 2 |" in markdown and "optimistic" in markdown
+    html = (out / "tune.html").read_text()
+    assert html.count("data:image/png;base64,") == (2 if len(completed) >= 2 else 1)
+    best = load_config(out / "best.yaml")
+    assert best.head.lr == pytest.approx(results["best"]["params"]["head.lr"])
+    assert main(["config", "check", str(out / "best.yaml")]) == 0
+
+
+class AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial) -> bool:
+        return True
+
+
+def test_a_pruned_trial_stops_after_its_first_epoch_and_its_run_folder_says_so(tmp_path, synthetic_shards,
+                                                                               monkeypatch):
+    monkeypatch.setattr("gastro_dist.tune.make_pruner", lambda name: AlwaysPrune())
+    out = tmp_path / "study"
+    assert run_tune(synthetic_shards, out, write_space(tmp_path / "space.yaml", SMALL_SPACE), 1) == 0
+    (trial,) = load_results(out)["trials"]
+    assert trial["state"] == "pruned" and trial["epochs_run"] == 1
+    summary = json.loads((Path(trial["run_dir"]) / "summary.json").read_text())
+    assert summary["status"] == "pruned" and "finetune" not in summary["phases"]
+    assert load_results(out)["best"] is None and not (out / "best.yaml").exists()
+
+
+def test_rerun_continues_the_study_and_refuses_a_changed_space_or_config(tmp_path, synthetic_shards, capsys):
+    out, space = tmp_path / "study", write_space(tmp_path / "space.yaml", SMALL_SPACE)
+    assert run_tune(synthetic_shards, out, space, 1) == 0
+    assert run_tune(synthetic_shards, out, space, 2) == 0
+    assert [t["number"] for t in load_results(out)["trials"]] == [0, 1]
+    capsys.readouterr()
+    changed = write_space(tmp_path / "other.yaml", {**SMALL_SPACE, "head.lr": {"float": [1e-4, 1e-2], "log": True}})
+    assert run_tune(synthetic_shards, out, changed, 3) == 2
+    assert "space head.lr was" in capsys.readouterr().err
+    assert run_tune(synthetic_shards, out, space, 3, "finetune.lr=0.05") == 2
+    assert "finetune.lr was" in capsys.readouterr().err
+    assert len(load_results(out)["trials"]) == 2
+
+
+def test_two_local_workers_share_one_study(tmp_path, synthetic_shards):
+    out = tmp_path / "study"
+    assert run_tune(synthetic_shards, out, write_space(tmp_path / "space.yaml", SMALL_SPACE), 4,
+                    "--workers-here", "2") == 0
+    trials = load_results(out)["trials"]
+    numbers = [t["number"] for t in trials]
+    assert sorted(numbers) == sorted(set(numbers))
+    assert sum(t["state"] in ("complete", "pruned") for t in trials) == 4
+    assert len({t["run_dir"] for t in trials}) == len(trials)
+    workers = {json.loads((Path(t["run_dir"]) / "summary.json").read_text())["status"] for t in trials}
+    assert workers <= {"completed", "pruned"}
+
+
+def test_final_test_trains_the_best_config_once_and_reports_test_apart(tmp_path, synthetic_shards):
+    out = tmp_path / "study"
+    assert run_tune(synthetic_shards, out, write_space(tmp_path / "space.yaml", SMALL_SPACE), 1, "--final-test") == 0
+    final = load_results(out)["final_test"]
+    assert final["split"] == "test" and 0 <= final["accuracy"] <= 1
+    assert json.loads((out / "final" / "summary.json").read_text())["status"] == "completed"
+    assert (out / "final" / "test" / "metrics.json").is_file()
+    markdown = (out / "tune.md").read_text()
+    assert markdown.index("optimistic") < markdown.index("## Final test")
