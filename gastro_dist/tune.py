@@ -250,12 +250,14 @@ def _run_trial(trial, study, out_dir: Path, shards_dir: str, base: TrainConfig, 
     study.tell(trial, sum(fold_scores) / len(fold_scores))
 
 
-def _counted(study) -> int:
-    """Trials that count towards --trials: finished, pruned, or under way (running or queued)."""
+def _trials_to_ask(study, num_trials: int) -> bool:
+    """Whether a worker should ask for another trial: one is queued (a retry), or fewer than --trials are
+    finished, pruned, running or queued."""
     from optuna.trial import TrialState
 
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING,
-                                                        TrialState.WAITING)))
+    counted = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING,
+                                                       TrialState.WAITING))
+    return len(counted) < num_trials or any(t.state == TrialState.WAITING for t in counted)
 
 
 def run_worker(study, out_dir: Path, shards_dir: str, base: TrainConfig, space: dict, num_trials: int, cv: bool) -> None:
@@ -265,7 +267,7 @@ def run_worker(study, out_dir: Path, shards_dir: str, base: TrainConfig, space: 
     from optuna.trial import TrialState
 
     failures = 0
-    while _counted(study) < num_trials and failures <= num_trials:
+    while _trials_to_ask(study, num_trials) and failures <= num_trials:
         trial = study.ask()
         ahead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
                                                                      TrialState.RUNNING, TrialState.WAITING))
@@ -351,7 +353,7 @@ def write_reports(study, out_dir: Path, base: TrainConfig, num_trials: int) -> d
 
     trials = [{"number": t.number, "state": t.state.name.lower(), "params": t.params, "value": t.value,
                "epochs_run": t.user_attrs.get("epochs_run"), "run_dir": t.user_attrs.get("run_dir"),
-               **({"error": t.user_attrs["error"]} if "error" in t.user_attrs else {}),
+               **{key: t.user_attrs[key] for key in ("error", "retry_of") if key in t.user_attrs},
                **({"fold_scores": t.user_attrs["fold_scores"]} if "fold_scores" in t.user_attrs else {})}
               for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

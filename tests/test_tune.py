@@ -165,3 +165,49 @@ def test_final_test_trains_the_best_config_once_and_reports_test_apart(tmp_path,
     assert (out / "final" / "test" / "metrics.json").is_file()
     markdown = (out / "tune.md").read_text()
     assert markdown.index("optimistic") < markdown.index("## Final test")
+
+
+def test_a_preempted_trial_is_retried_once_from_its_checkpoint(tmp_path, synthetic_shards, monkeypatch):
+    """SIGUSR1 mid-trial (here: the first epoch's report) stops the worker with exit 75; the next run of the
+    worker retrains the same parameters in the same folder, resuming after the saved epoch, counted once."""
+    from gastro_dist import Preempted
+
+    calls = {"count": 0}
+    should_prune = optuna.trial.Trial.should_prune
+
+    def preempt_once(trial):
+        calls["count"] += 1
+        if calls["count"] == 1:
+            raise Preempted()
+        return should_prune(trial)
+
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", preempt_once)
+    out, space = tmp_path / "study", write_space(tmp_path / "space.yaml", SMALL_SPACE)
+    assert run_tune(synthetic_shards, out, space, 1, "--pruner", "none") == 75
+    assert run_tune(synthetic_shards, out, space, 1, "--pruner", "none") == 0
+    failed, retried = load_results(out)["trials"]
+    assert failed["state"] == "fail" and retried["state"] == "complete" and retried["retry_of"] == 0
+    assert retried["params"] == failed["params"] and retried["run_dir"] == failed["run_dir"]
+    summary = json.loads((Path(retried["run_dir"]) / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumes"][0]["phase"] == "head"
+
+
+@pytest.fixture(scope="module")
+def fold_shards(synthetic_source, tmp_path_factory) -> Path:
+    from gastro_dist.data.pack import PackSettings, pack_dataset
+
+    out = tmp_path_factory.mktemp("folds") / "shards"
+    settings = PackSettings(folds=2, test_per_class=3, input_size=48, resize_short=56, shard_size=8, workers=1, seed=0)
+    pack_dataset(synthetic_source, out, settings, manifest=synthetic_source / "manifest.csv")
+    return out
+
+
+def test_cv_scores_a_trial_by_its_mean_over_folds(tmp_path, fold_shards):
+    out = tmp_path / "study"
+    assert run_tune(fold_shards, out, write_space(tmp_path / "space.yaml", SMALL_SPACE), 1, "--cv",
+                    "--pruner", "none") == 0
+    (trial,) = load_results(out)["trials"]
+    scores = [json.loads((Path(trial["run_dir"]) / f"fold-{fold}" / "summary.json").read_text())
+              ["phases"]["finetune"]["val_macro_accuracy"] for fold in (0, 1)]
+    assert trial["fold_scores"] == scores and trial["value"] == pytest.approx(sum(scores) / 2)
+    assert trial["epochs_run"] == 4
