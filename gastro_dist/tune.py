@@ -144,7 +144,7 @@ def make_pruner(name: str):
 
     if name not in PRUNERS:
         raise UserError(f"--pruner must be one of {', '.join(PRUNERS)}, not {excerpt(name)}")
-    return {"median": optuna.pruners.MedianPruner(n_warmup_steps=1),
+    return {"median": optuna.pruners.MedianPruner(n_warmup_steps=2),  # steps are epochs from 1: never after the first alone
             "hyperband": optuna.pruners.HyperbandPruner(),
             "none": optuna.pruners.NopPruner()}[name]
 
@@ -172,11 +172,11 @@ def open_study(out_dir: Path, storage_url: str | None, seed: int, pruner: str):
                                sampler=make_sampler(seed), pruner=make_pruner(pruner), load_if_exists=True)
 
 
-def _prepare_out(out_dir: Path, base: TrainConfig, space: dict, cv: bool, shards_dir: str) -> None:
+def _prepare_out(out_dir: Path, base: TrainConfig, space: dict, cv: bool, shards_index_sha256: str) -> None:
     """Store the base config, space and settings in OUT; a study continued with other ones is refused,
     naming what changed (two searches in one study would rank trials of different questions)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"cv": cv, "shards": str(shards_dir)}
+    settings = {"cv": cv, "shards_index_sha256": shards_index_sha256}  # the pack itself, wherever it is mounted
     space_file, base_file, study_file = out_dir / SPACE_FILE, out_dir / BASE_CONFIG_FILE, out_dir / STUDY_FILE
     if base_file.is_file():
         saved_base = load_yaml_untrusted(read_limited(base_file, str(base_file)), str(base_file)) or {}
@@ -185,7 +185,7 @@ def _prepare_out(out_dir: Path, base: TrainConfig, space: dict, cv: bool, shards
         changes = changed_training_keys(saved_base, base)
         changes += [f"space {key} was {saved_space.get(key)}, now {space.get(key)}"
                     for key in sorted(set(saved_space) | set(space)) if saved_space.get(key) != space.get(key)]
-        changes += [f"--{key} was {saved_settings.get(key)}, now {value}"
+        changes += [f"{'--cv' if key == 'cv' else 'the shards (index.json)'} was {saved_settings[key]}, now {value}"
                     for key, value in settings.items() if key in saved_settings and saved_settings[key] != value]
         if changes:
             raise UserError(f"{out_dir} holds a study with other settings ({'; '.join(changes)[:600]}); use a new --out, "
@@ -212,8 +212,8 @@ def _run_trial(trial, study, out_dir: Path, shards_dir: str, base: TrainConfig, 
     trial.set_user_attr("run_dir", str(run_dir))
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     params = suggest(trial, space, base)
-    config = load_config_with(base, {**params, "tracking.group": out_dir.name, "tracking.run_name":
-                                     f"{out_dir.name}-{run_dir.name}"})
+    config = load_config_with(base, {**params, "tracking.group": base.tracking.group or out_dir.name,
+                                     "tracking.run_name": f"{out_dir.name}-{run_dir.name}"})
     epochs_per_run = config.head.epochs + config.finetune.epochs
     folds = list(range(load_shard_index(shards_dir).num_folds)) if cv else [None]
     fold_scores = []
@@ -313,8 +313,9 @@ def tune(config_path: str | Path, shards_dir: str, out_dir: str | Path, num_tria
     index = load_shard_index(shards_dir)
     if cv and not index.num_folds:
         raise UserError(f"--cv needs shards packed with --folds K; {shards_dir} has none")
-    check_inputs(load_config_with(base, {"data.fold": 0}) if cv else base, shards_dir, RunDir(out_dir / "trial-check"))
-    _prepare_out(out_dir, base, space, cv, str(shards_dir))
+    # The base config against the shards, as `train --check` does; a folder no trial uses, so none is compared.
+    check_inputs(load_config_with(base, {"data.fold": 0}) if cv else base, shards_dir, RunDir(out_dir / "base-check"))
+    _prepare_out(out_dir, base, space, cv, index.index_sha256)
     study = open_study(out_dir, storage, seed, pruner)
     base = load_config(out_dir / BASE_CONFIG_FILE)  # what every worker trains from, whatever its --config
     if workers_here > 1:
