@@ -1,6 +1,7 @@
 """`gastro-dist tune`: the search space checked before anything runs, seeded TPE proposals, a search end to
 end on a pack whose test shards are unreadable (reports, best.yaml), pruning from the trainer's epoch hook,
-continuing a study and refusing a changed one, and two local workers sharing one journal study."""
+continuing a study and refusing a changed one, two local workers sharing one journal study, and a 2-task
+SLURM array with one task preempted (marked slurm: it starts tests/test_slurm.py's local cluster, ~35 s)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import yaml
 from conftest import REPO, TINY_TRAIN_OVERRIDES
 from hostile import copy_pack, read_index, replace_shard_bytes
+from test_slurm import cluster, shards  # noqa: F401  (fixtures of the SLURM test below)
 
 from gastro_dist import UserError
 from gastro_dist.cli import main
@@ -211,3 +213,44 @@ def test_cv_scores_a_trial_by_its_mean_over_folds(tmp_path, fold_shards):
               ["phases"]["finetune"]["val_macro_accuracy"] for fold in (0, 1)]
     assert trial["fold_scores"] == scores and trial["value"] == pytest.approx(sum(scores) / 2)
     assert trial["epochs_run"] == 4
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.xdist_group("slurm")
+def test_two_task_array_shares_one_study_and_survives_a_preempted_task(cluster, shards, tmp_path):
+    """slurm/tune.sbatch on the local 2-node cluster (tests/test_slurm.py's fixtures): 2 array tasks, 3 trials;
+    task 0 gets SIGUSR1 while its first trial trains: the trial checkpoints, is queued again once, the task
+    requeues itself, and the study ends with exactly 3 finished or pruned trials, no trial number twice."""
+    import time
+
+    import test_slurm
+
+    out = tmp_path / "study"
+    (tmp_path / "logs").mkdir()
+    space = write_space(tmp_path / "space.yaml", SMALL_SPACE)
+    array = cluster.sbatch("--array=0-1", "--cpus-per-task=1", "--time=10", str(REPO / "slurm" / "tune.sbatch"),
+                           "--config", str(test_slurm.SMOKE), "--shards", str(shards), "--out", str(out),
+                           "--trials", "3", "--space", str(space), "--pruner", "none",
+                           *test_slurm.COMMON_OVERRIDES, "head.epochs=1", "finetune.epochs=6", "data.batch_size=4",
+                           cwd=tmp_path, env={**test_slurm._job_env(), "PYTHONUNBUFFERED": "1"})
+    log0 = tmp_path / "logs" / f"gastro-tune-{array}_0.out"
+    deadline = time.monotonic() + 240
+    while "head epoch 1/1:" not in (log0.read_text(errors="replace") if log0.is_file() else ""):
+        assert time.monotonic() < deadline, f"task 0 never finished its first trial's head epoch: {cluster.job(f'{array}_0')}"
+        time.sleep(0.3)
+    cluster.cmd("scancel", "--signal=USR1", "--batch", f"{array}_0")
+    for task in (0, 1):
+        info = cluster.wait_job(f"{array}_{task}", timeout=300)
+        log = (tmp_path / "logs" / f"gastro-tune-{array}_{task}.out").read_text(errors="replace")
+        assert info["JobState"] == "COMPLETED", f"{info}\n{log[-6000:]}"
+    assert "scontrol requeue" in log0.read_text(errors="replace")
+    assert main(["tune", "--config", str(test_slurm.SMOKE), "--shards", str(shards), "--out", str(out),
+                 "--trials", "3", "--space", str(space), "--pruner", "none", *test_slurm.COMMON_OVERRIDES,
+                 "head.epochs=1", "finetune.epochs=6", "data.batch_size=4"]) == 0
+    trials = load_results(out)["trials"]
+    numbers = [t["number"] for t in trials]
+    assert len(numbers) == len(set(numbers))
+    assert sum(t["state"] in ("complete", "pruned") for t in trials) == 3
+    retried = [t for t in trials if "retry_of" in t]
+    assert len(retried) == 1 and retried[0]["state"] == "complete"
