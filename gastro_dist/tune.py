@@ -13,6 +13,7 @@ best.yaml, tune.html). The test split is never read by a trial: `train` reads tr
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import math
@@ -28,6 +29,7 @@ import yaml
 from gastro_dist import PREEMPT_EXIT_CODE, Preempted, RunFailure, UserError
 from gastro_dist.config import TrainConfig, changed_training_keys, load_config, save_config, to_dict
 from gastro_dist.files import excerpt, load_yaml_untrusted, read_limited, write_json_atomic, write_text_atomic
+from gastro_dist.tracking import group_run
 
 # Not in configs/ itself: every configs/*.yaml is a training config (tests/test_configs.py loads each as one).
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "configs" / "search" / "tune_space.yaml"
@@ -321,7 +323,10 @@ def tune(config_path: str | Path, shards_dir: str, out_dir: str | Path, num_tria
     if workers_here > 1:
         _spawn_workers([*(worker_argv or []), "--workers-here", "1"], workers_here)
     else:
-        run_worker(study, out_dir, str(shards_dir), base, space, num_trials, cv)
+        # Trials are runs of one tracker group (W&B group; with MLflow nested under a parent run per worker).
+        tracking = dataclasses.replace(base.tracking, group=base.tracking.group or out_dir.name)
+        with group_run(tracking, is_main=True):
+            run_worker(study, out_dir, str(shards_dir), base, space, num_trials, cv)
     if os.environ.get("GASTRO_DIST_TUNE_WORKER"):
         return {}
     results = write_reports(study, out_dir, base, num_trials)

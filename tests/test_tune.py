@@ -31,7 +31,7 @@ def write_space(path: Path, space: dict) -> Path:
 
 def run_tune(shards: Path, out: Path, space: Path, trials: int, *extra: str) -> int:
     return main(["tune", "--config", str(REPO / "configs" / "smoke.yaml"), "--shards", str(shards), "--out", str(out),
-                 "--trials", str(trials), "--space", str(space), *extra, *TINY_TRAIN_OVERRIDES])
+                 "--trials", str(trials), "--space", str(space), *TINY_TRAIN_OVERRIDES, *extra])
 
 
 def load_results(out: Path) -> dict:
@@ -254,3 +254,15 @@ def test_two_task_array_shares_one_study_and_survives_a_preempted_task(cluster, 
     assert sum(t["state"] in ("complete", "pruned") for t in trials) == 3
     retried = [t for t in trials if "retry_of" in t]
     assert len(retried) == 1 and retried[0]["state"] == "complete"
+
+
+def test_trials_are_runs_of_one_mlflow_group(tmp_path, synthetic_shards, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    out = tmp_path / "search"
+    assert run_tune(synthetic_shards, out, write_space(tmp_path / "space.yaml", SMALL_SPACE), 2,
+                    "tracking.tracker=mlflow", "tracking.project=tunetrack") == 0
+    runs = {run.info.run_name: run for run in mlflow.search_runs(experiment_names=["tunetrack"], output_format="list")}
+    assert set(runs) == {"search", "search-trial-0000", "search-trial-0001"}
+    assert {runs[f"search-trial-000{n}"].data.tags["mlflow.parentRunId"] for n in (0, 1)} == {runs["search"].info.run_id}
