@@ -266,3 +266,47 @@ def test_trials_are_runs_of_one_mlflow_group(tmp_path, synthetic_shards, monkeyp
     runs = {run.info.run_name: run for run in mlflow.search_runs(experiment_names=["tunetrack"], output_format="list")}
     assert set(runs) == {"search", "search-trial-0000", "search-trial-0001"}
     assert {runs[f"search-trial-000{n}"].data.tags["mlflow.parentRunId"] for n in (0, 1)} == {runs["search"].info.run_id}
+
+
+STOP_SCRIPT = '''
+import json, sys
+from accelerate import PartialState
+from gastro_dist.config import load_config
+from gastro_dist.training.trainer import Stopped, train
+
+shards, run, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+calls = []
+def stop_after_first_epoch(phase, epoch, macro_accuracy):
+    calls.append([phase, epoch])
+    return True
+try:
+    train(load_config(None, overrides), shards, run, on_epoch_end=stop_after_first_epoch)
+    outcome = "finished"
+except Stopped:
+    outcome = "stopped"
+rank = PartialState().process_index
+with open(f"{run}/rank{rank}.json", "w") as f:
+    json.dump({"outcome": outcome, "calls": calls}, f)
+'''
+
+
+def test_the_epoch_hook_stops_every_process_at_the_same_epoch(synthetic_shards, tmp_path):
+    """Under 2 processes only the main one calls on_epoch_end; its decision reaches the other, and both stop."""
+    import os
+    import subprocess
+    import sys
+
+    script, run = tmp_path / "stop.py", tmp_path / "run"
+    script.write_text(STOP_SCRIPT)
+    accelerate = Path(sys.executable).parent / "accelerate"
+    result = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(synthetic_shards),
+                             str(run), *TINY_TRAIN_OVERRIDES, "data.batch_size=4"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((run / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["outcome"] for r in ranks] == ["stopped", "stopped"]
+    assert ranks[0]["calls"] == [["head", 1]] and ranks[1]["calls"] == []
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "pruned" and summary["world_size"] == 2
