@@ -282,12 +282,33 @@ def run_worker(study, out_dir: Path, shards_dir: str, base: TrainConfig, space: 
         failures += study.get_trials(deepcopy=False)[trial.number].state == TrialState.FAIL
 
 
+def worker_devices(visible_gpus: list[str], workers: int) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES of each of `workers` workers: the GPUs dealt out in turn (workers share a GPU only
+    when there are fewer GPUs than workers); None without GPUs."""
+    if not visible_gpus:
+        return [None] * workers
+    if len(visible_gpus) < workers:
+        return [visible_gpus[i % len(visible_gpus)] for i in range(workers)]
+    return [",".join(visible_gpus[i::workers]) for i in range(workers)]
+
+
+def _visible_gpus() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return listed.split(",") if listed else [str(i) for i in range(torch.cuda.device_count())]
+
+
 def _spawn_workers(argv: list[str], workers: int) -> None:
     """K worker processes of this command on this machine, each with its share of the CPU cores (one
-    torch/OpenMP thread pool per worker, not K pools each the size of the machine)."""
+    torch/OpenMP thread pool per worker, not K pools each the size of the machine) and of the GPUs."""
     threads = max(1, (os.cpu_count() or 1) // workers)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "GASTRO_DIST_TUNE_WORKER": "1"}
-    children = [subprocess.Popen([sys.executable, "-m", "gastro_dist", *argv], env=env) for _ in range(workers)]
+    children = [subprocess.Popen([sys.executable, "-m", "gastro_dist", *argv],
+                                 env={**env, **({"CUDA_VISIBLE_DEVICES": gpus} if gpus is not None else {})})
+                for gpus in worker_devices(_visible_gpus(), workers)]
     codes = [child.wait() for child in children]
     if PREEMPT_EXIT_CODE in codes:
         raise Preempted()

@@ -18,7 +18,7 @@ from test_slurm import cluster, shards  # noqa: F401  (fixtures of the SLURM tes
 from gastro_dist import UserError
 from gastro_dist.cli import main
 from gastro_dist.config import load_config
-from gastro_dist.tune import load_space, make_sampler, suggest
+from gastro_dist.tune import load_space, make_sampler, suggest, worker_devices
 
 SMALL_SPACE = {"head.lr": {"float": [1e-3, 1e-2], "log": True}, "label_smoothing": {"float": [0.0, 0.2]},
                "finetune.unfreeze": {"choices": ["1", "all"]}}
@@ -143,6 +143,13 @@ def test_rerun_continues_the_study_and_refuses_a_changed_space_or_config(tmp_pat
     assert run_tune(synthetic_shards, out, space, 3, "finetune.lr=0.05") == 2
     assert "finetune.lr was" in capsys.readouterr().err
     assert len(load_results(out)["trials"]) == 2
+
+
+def test_local_workers_share_the_gpus_out():
+    assert worker_devices(["0", "1", "2", "3"], 2) == ["0,2", "1,3"]
+    assert worker_devices(["0", "1"], 2) == ["0", "1"]
+    assert worker_devices(["3"], 2) == ["3", "3"]
+    assert worker_devices([], 2) == [None, None]
 
 
 def test_two_local_workers_share_one_study(tmp_path, synthetic_shards):
