@@ -21,6 +21,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -153,15 +154,21 @@ def make_pruner(name: str):
 
 def make_storage(url: str | None, out_dir: Path):
     """A journal file (default OUT/study.journal; any path not a URL) works on a shared file system with no
-    server; an RDB URL (sqlite:///, postgresql://) gets Optuna's heartbeat, so a worker killed mid-trial
-    has that trial failed and retried once (RetryFailedTrialCallback). Optuna's journal storage has no
-    heartbeat: there a preempted trial is retried by us (see `_run_trial`) and a SIGKILLed one stays RUNNING."""
+    server; an RDB URL (sqlite:///, postgresql://) gets Optuna's heartbeat, so a worker killed mid-trial has
+    that trial failed and retried once, into the same run folder (the retry copies its user attributes).
+    Optuna's journal storage has no heartbeat: there a preempted trial is retried by us (`_train_trial`) and
+    a SIGKILLed one stays RUNNING."""
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
     if url and "://" in url:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                                          failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat is "experimental"
+            if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # Optuna >= 4.9 renamed the retry
+                retry = {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
+            else:
+                retry = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)}
+            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL_S, **retry)
     path = Path(url) if url else out_dir / JOURNAL_FILE
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
@@ -203,9 +210,13 @@ def _trial_dir(out_dir: Path, number: int) -> Path:
     return out_dir / f"trial-{number:04d}"
 
 
-def _run_trial(trial, study, out_dir: Path, shards_dir: str, base: TrainConfig, space: dict, cv: bool) -> None:
-    """Train the trial's config (each fold with --cv) and tell the study its value, PRUNED or FAIL."""
-    from optuna.trial import TrialState
+class _Surplus(Exception):
+    """A trial asked in a race past --trials: told FAIL untrained."""
+
+
+def _train_trial(trial, study, out_dir: Path, shards_dir: str, base: TrainConfig, space: dict, cv: bool) -> float:
+    """Train the trial's config (each fold with --cv); returns its value, or raises optuna.TrialPruned."""
+    import optuna
 
     from gastro_dist.data.shard_index import load_shard_index
     from gastro_dist.training.trainer import Stopped, train
@@ -231,25 +242,21 @@ def _run_trial(trial, study, out_dir: Path, shards_dir: str, base: TrainConfig, 
         try:
             summary = train(fold_config, shards_dir, run_dir / f"fold-{fold}" if cv else run_dir, on_epoch_end)
         except Stopped:
-            study.tell(trial, state=TrialState.PRUNED)
             print(f"tune: trial {trial.number} pruned after {trial.user_attrs.get('epochs_run')} epochs ({run_dir})")
-            return
+            raise optuna.TrialPruned() from None
         except Preempted:
-            # Retried once, into the same run folder: it resumes from the checkpoint the trainer saved.
-            study.tell(trial, state=TrialState.FAIL)
-            if not trial.user_attrs.get("retry_of"):
+            # Queued again once, into the same run folder: it resumes from the checkpoint the trainer saved.
+            if "retry_of" not in trial.user_attrs:
                 study.enqueue_trial(trial.params, user_attrs={"run_dir": str(run_dir), "retry_of": trial.number})
             raise
         except (RunFailure, UserError) as err:
             trial.set_user_attr("error", str(err)[:500])
-            study.tell(trial, state=TrialState.FAIL)
-            print(f"tune: trial {trial.number} failed: {err}", file=sys.stderr)
-            return
+            raise
         final_phase = "finetune" if fold_config.finetune.epochs else "head"
         fold_scores.append(summary["phases"][final_phase]["val_macro_accuracy"])
     if cv:
         trial.set_user_attr("fold_scores", fold_scores)
-    study.tell(trial, sum(fold_scores) / len(fold_scores))
+    return sum(fold_scores) / len(fold_scores)
 
 
 def _trials_to_ask(study, num_trials: int) -> bool:
@@ -263,23 +270,30 @@ def _trials_to_ask(study, num_trials: int) -> bool:
 
 
 def run_worker(study, out_dir: Path, shards_dir: str, base: TrainConfig, space: dict, num_trials: int, cv: bool) -> None:
-    """Ask for trials until the study has `num_trials` finished, pruned or running ones. Trial numbers come
-    from the storage, so workers never share one; a trial asked in a race past the target is told FAIL
-    (marked `surplus`) untrained, so that no more than `num_trials` are ever trained."""
+    """Optuna's optimize loop (which keeps an RDB storage's heartbeat and fails its stale trials) until the
+    study has `num_trials` finished, pruned or running trials. Trial numbers come from the storage, so workers
+    never share one; a trial asked in a race past the target is told FAIL untrained (marked `surplus`), so
+    that no more than `num_trials` are ever trained. A trial that fails (diverged, a config its model
+    refuses) does not count; the worker gives up after `num_trials` failures."""
     from optuna.trial import TrialState
 
-    failures = 0
-    while _trials_to_ask(study, num_trials) and failures <= num_trials:
-        trial = study.ask()
+    def objective(trial) -> float:
         ahead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
                                                                      TrialState.RUNNING, TrialState.WAITING))
                  if t.number < trial.number]
         if len(ahead) >= num_trials:
             trial.set_user_attr("surplus", True)
-            study.tell(trial, state=TrialState.FAIL)
-            break
-        _run_trial(trial, study, out_dir, shards_dir, base, space, cv)
-        failures += study.get_trials(deepcopy=False)[trial.number].state == TrialState.FAIL
+            study.stop()
+            raise _Surplus()
+        return _train_trial(trial, study, out_dir, shards_dir, base, space, cv)
+
+    def stop_when_done(study, trial) -> None:
+        failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if not t.user_attrs.get("surplus")]
+        if not _trials_to_ask(study, num_trials) or len(failed) > num_trials:
+            study.stop()
+
+    if _trials_to_ask(study, num_trials):
+        study.optimize(objective, callbacks=[stop_when_done], catch=(RunFailure, UserError, _Surplus))
 
 
 def worker_devices(visible_gpus: list[str], workers: int) -> list[str | None]:

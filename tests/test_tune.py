@@ -317,3 +317,15 @@ def test_the_epoch_hook_stops_every_process_at_the_same_epoch(synthetic_shards, 
     assert ranks[0]["calls"] == [["head", 1]] and ranks[1]["calls"] == []
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "pruned" and summary["world_size"] == 2
+
+
+def test_an_rdb_storage_with_heartbeat(tmp_path, synthetic_shards):
+    """--storage sqlite:///...: Optuna's RDB storage with its heartbeat on (the retry of a dead worker's trial)."""
+    out, url = tmp_path / "study", f"sqlite:///{tmp_path / 'study.db'}"
+    assert run_tune(synthetic_shards, out, write_space(tmp_path / "space.yaml", SMALL_SPACE), 1, "--storage", url) == 0
+    assert [t["state"] for t in load_results(out)["trials"]] == ["complete"]
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "study.db") as db:
+        assert db.execute("select count(*) from trial_heartbeats").fetchone()[0] == 1  # the trial's worker beat
+    assert not (out / "study.journal").exists()
