@@ -178,13 +178,13 @@ class RunDir:
 
     def read_summary(self) -> dict:
         """summary.json, or {} when there is none (or it cannot be read: it is rewritten as the run goes)."""
-        return _read_json_object(self.summary_json)
+        return read_json_object(self.summary_json)
 
     def write_summary(self, summary: dict) -> None:
         write_run_json(self.summary_json, summary)
 
     def read_tracking(self) -> dict:
-        return _read_json_object(self.tracking_json)
+        return read_json_object(self.tracking_json)
 
     def write_tracking(self, tracking: dict) -> None:
         write_run_json(self.tracking_json, tracking)
@@ -208,7 +208,8 @@ class RunDir:
             return []
 
 
-def _read_json_object(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A small JSON object file (summary.json, cv.json, metrics.json), {} when absent, unreadable or not one."""
     try:
         data = load_json_untrusted(read_limited(path, str(path)), str(path))
     except (OSError, ValueError):

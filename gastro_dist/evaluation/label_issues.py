@@ -43,7 +43,7 @@ from gastro_dist.evaluation.label_review_page import (MAX_PATIENT_THUMBNAILS, RE
 from gastro_dist.evaluation.prediction_files import read_predictions_csv
 from gastro_dist.files import (UntrustedDocument, csv_text, excerpt, file_sha256, load_json_untrusted, read_limited,
                                write_json_atomic, write_text_atomic)
-from gastro_dist.run_dir import RunDir
+from gastro_dist.run_dir import RunDir, read_json_object
 
 ISSUES_CSV, SUMMARY_JSON = "label_issues.csv", "summary.json"
 OOF_PREDICTIONS, CV_JSON = "oof_predictions.csv", "cv.json"  # cv's files (gastro_dist.cv; not imported: torch)
@@ -71,7 +71,7 @@ def cv_inputs(cv_dir: str | Path, shards_dir: str | None) -> tuple[Path, str]:
         raise UserError(f"{cv_dir} has no {OOF_PREDICTIONS}: cv writes it once every fold is trained and evaluated "
                         f"(gastro-dist cv ... --out {cv_dir})")
     if shards_dir is None:
-        shards_dir = _read_object(cv_dir / CV_JSON).get("shards")
+        shards_dir = read_json_object(cv_dir / CV_JSON).get("shards")
         if not isinstance(shards_dir, str) or not shards_dir:
             raise UserError(f"{cv_dir / CV_JSON} does not name its shards; pass --shards")
     return predictions, shards_dir
@@ -244,7 +244,7 @@ def out_of_sample_evidence(path: Path, keys: list[str], split_of: dict[str, str]
             raise UserError(f"{path}: the fold column of {excerpt(wrong[0])} ({fold_column.get(wrong[0])!r}) is not "
                             f"the fold it is packed in ({split_of[wrong[0]]}): not out-of-fold predictions")
         return "out of fold: each frame predicted by the model validated on its fold (the file's fold column)"
-    details = _read_object(path.parent / "metrics.json").get("details")
+    details = read_json_object(path.parent / "metrics.json").get("details")
     run = details.get("run") if isinstance(details, dict) else None
     run_fold = RunDir(run).read_summary().get("fold") if isinstance(run, str) else None
     wrong = [key for key in fold_keys if fold_of_split(split_of[key]) != run_fold]
@@ -264,14 +264,6 @@ def _fold_column(path: Path) -> dict[str, str] | None:
             return None
         return {row["key"]: row["fold"] for row in reader}
 
-
-def _read_object(path: Path) -> dict:
-    """A small JSON object written by gastro-dist (cv.json, metrics.json), {} when absent or not one."""
-    try:
-        data = load_json_untrusted(read_limited(path, str(path)), str(path))
-    except (OSError, UntrustedDocument):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 # ---------------------------------------------------------------- the shards
