@@ -41,7 +41,7 @@ from gastro_dist.data.shard_reader import ShardReadError, iter_shard_samples
 from gastro_dist.evaluation.label_review_page import (MAX_PATIENT_THUMBNAILS, REVIEW_HTML, ReviewFrame, ReviewUnit,
                                                       cam_overlays, thumbnail_jpeg, write_review_page)
 from gastro_dist.evaluation.prediction_files import read_predictions_csv
-from gastro_dist.files import (UntrustedDocument, csv_text, excerpt, file_sha256, load_json_untrusted, read_limited,
+from gastro_dist.files import (UntrustedDocument, csv_text, excerpt, file_sha256, load_json_untrusted,
                                write_json_atomic, write_text_atomic)
 from gastro_dist.run_dir import RunDir, read_json_object
 
