@@ -176,7 +176,8 @@ def make_storage(url: str | None, out_dir: Path):
 def open_study(out_dir: Path, storage_url: str | None, seed: int, pruner: str):
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna logs every failed trial with a traceback; the worker prints its own line for each (`_train_trial`).
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     return optuna.create_study(study_name=STUDY_NAME, storage=make_storage(storage_url, out_dir), direction="maximize",
                                sampler=make_sampler(seed), pruner=make_pruner(pruner), load_if_exists=True)
 
@@ -239,8 +240,10 @@ def _train_trial(trial, study, out_dir: Path, shards_dir: str, base: TrainConfig
             trial.set_user_attr("epochs_run", step_before + epoch)
             return trial.should_prune()
 
+        fold_dir = run_dir / f"fold-{fold}" if cv else run_dir
+        _tell_followers((fold_config, str(fold_dir)))
         try:
-            summary = train(fold_config, shards_dir, run_dir / f"fold-{fold}" if cv else run_dir, on_epoch_end)
+            summary = train(fold_config, shards_dir, fold_dir, on_epoch_end)
         except Stopped:
             print(f"tune: trial {trial.number} pruned after {trial.user_attrs.get('epochs_run')} epochs ({run_dir})")
             raise optuna.TrialPruned() from None
@@ -250,6 +253,7 @@ def _train_trial(trial, study, out_dir: Path, shards_dir: str, base: TrainConfig
                 study.enqueue_trial(trial.params, user_attrs={"run_dir": str(run_dir), "retry_of": trial.number})
             raise
         except (RunFailure, UserError) as err:
+            print(f"tune: trial {trial.number} failed ({run_dir}): {err}")
             trial.set_user_attr("error", str(err)[:500])
             raise
         final_phase = "finetune" if fold_config.finetune.epochs else "head"
@@ -257,6 +261,71 @@ def _train_trial(trial, study, out_dir: Path, shards_dir: str, base: TrainConfig
     if cv:
         trial.set_user_attr("fold_scores", fold_scores)
     return sum(fold_scores) / len(fold_scores)
+
+
+# ---------------------------------------------------------------- a worker of several processes
+# Under `accelerate launch` a worker is N processes that train each trial together (DDP, as `train` under the
+# same launch). Only the main process talks to the study: it asks for a trial, suggests its parameters, reports
+# each epoch and decides pruning (the trainer hands that decision to every process, which then stop at the
+# same epoch). Before each training run it broadcasts the config and run folder; the other processes follow.
+
+def _worker_state():
+    """This worker's processes (accelerate's PartialState; on CPU over gloo, as the trainer's Accelerator)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _is_multi_process() -> bool:
+    return _worker_state().num_processes > 1
+
+
+def _tell_followers(message: tuple[TrainConfig, str] | None) -> None:
+    """The next training run (config, run folder) for the other processes of this worker; None: no more."""
+    if _is_multi_process():
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list([message])
+
+
+def _follow_main_process(shards_dir: str) -> None:
+    """A non-main process of a worker: train what the main process broadcasts until it says there is no more.
+    A pruned, diverged or refused run ends the same way on every process (the decisions are shared), so the
+    followers go on to the next message as the main process goes on to the next trial."""
+    from accelerate.utils import broadcast_object_list
+
+    from gastro_dist.training.trainer import Stopped, train
+
+    while True:
+        message = [None]
+        broadcast_object_list(message)
+        if message[0] is None:
+            return
+        config, run_dir = message[0]
+        try:
+            train(config, shards_dir, run_dir, on_epoch_end=lambda phase, epoch, score: False)  # called on main only
+        except (Stopped, RunFailure, UserError):
+            continue
+
+
+def _shared_from_main(compute):
+    """`compute()` on the main process; its result, or its UserError, reaches every process of the worker
+    (so that a mistake found while setting up ends all of them with the same one line, not a hang)."""
+    from accelerate.utils import broadcast_object_list
+
+    state = _worker_state()
+    outcome: list[Any] = [None]
+    if state.is_main_process:
+        try:
+            outcome = [("ok", compute())]
+        except UserError as err:
+            outcome = [("error", RunFailure if isinstance(err, RunFailure) else UserError, str(err))]  # its exit status
+    if state.num_processes > 1:
+        broadcast_object_list(outcome)
+    if outcome[0][0] == "error":
+        raise outcome[0][1](outcome[0][2])
+    return outcome[0][1]
 
 
 def _trials_to_ask(study, num_trials: int) -> bool:
@@ -345,16 +414,31 @@ def tune(config_path: str | Path, shards_dir: str, out_dir: str | Path, num_tria
         raise UserError(f"--trials must be 1 or more, got {num_trials}")
     if workers_here < 1:
         raise UserError(f"--workers-here must be 1 or more, got {workers_here}")
-    base = load_config(config_path, overrides)
-    space = load_space(space_path or DEFAULT_SPACE, base)
-    index = load_shard_index(shards_dir)
-    if cv and not index.num_folds:
-        raise UserError(f"--cv needs shards packed with --folds K; {shards_dir} has none")
-    # The base config against the shards, as `train --check` does; a folder no trial uses, so none is compared.
-    check_inputs(load_config_with(base, {"data.fold": 0}) if cv else base, shards_dir, RunDir(out_dir / "base-check"))
-    _prepare_out(out_dir, base, space, cv, index.index_sha256)
-    study = open_study(out_dir, storage, seed, pruner)
-    base = load_config(out_dir / BASE_CONFIG_FILE)  # what every worker trains from, whatever its --config
+    multi_process = _is_multi_process()
+    if multi_process and (workers_here > 1 or final_test):
+        raise UserError("under accelerate launch this worker's processes train each trial together: drop "
+                        f"{'--workers-here' if workers_here > 1 else '--final-test'} (run --final-test after the search, "
+                        "without accelerate launch)")
+    opened: dict[str, Any] = {}
+
+    def open_search() -> None:
+        base = load_config(config_path, overrides)
+        space = load_space(space_path or DEFAULT_SPACE, base)
+        index = load_shard_index(shards_dir)
+        if cv and not index.num_folds:
+            raise UserError(f"--cv needs shards packed with --folds K; {shards_dir} has none")
+        # The base config against the shards, as `train --check` does; a folder no trial uses, so none is compared.
+        check_inputs(load_config_with(base, {"data.fold": 0}) if cv else base, shards_dir, RunDir(out_dir / "base-check"))
+        _prepare_out(out_dir, base, space, cv, index.index_sha256)
+        # What every worker trains from, whatever its --config.
+        opened.update(study=open_study(out_dir, storage, seed, pruner), base=load_config(out_dir / BASE_CONFIG_FILE),
+                      space=space)
+
+    _shared_from_main(open_search)
+    if not opened:  # a process of a multi-process worker other than the main one
+        _follow_main_process(str(shards_dir))
+        return {}
+    study, base, space = opened["study"], opened["base"], opened["space"]
     if workers_here > 1:
         _spawn_workers([*(worker_argv or []), "--workers-here", "1"], workers_here)
     else:
@@ -362,6 +446,7 @@ def tune(config_path: str | Path, shards_dir: str, out_dir: str | Path, num_tria
         tracking = dataclasses.replace(base.tracking, group=base.tracking.group or out_dir.name)
         with group_run(tracking, is_main=True):
             run_worker(study, out_dir, str(shards_dir), base, space, num_trials, cv)
+        _tell_followers(None)
     if os.environ.get("GASTRO_DIST_TUNE_WORKER"):
         return {}
     results = write_reports(study, out_dir, base, num_trials)

@@ -1,4 +1,5 @@
-"""slurm/train.sbatch under a real SLURM cluster: multi-node CPU training, preemption + requeue.
+"""slurm/*.sbatch under a real SLURM cluster: multi-node CPU training, preemption + requeue, the compare,
+cv and tune arrays.
 
 A private 2-node cluster (slurmctld, two slurmd, munged) is started on this machine for the
 module by tests/slurm_cluster.py and torn down after it. Needs root; the slurm/munge packages
@@ -30,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN_SBATCH = REPO / "slurm" / "train.sbatch"
 COMPARE_SBATCH = REPO / "slurm" / "compare.sbatch"
 CV_SBATCH = REPO / "slurm" / "cv.sbatch"
+TUNE_SBATCH = REPO / "slurm" / "tune.sbatch"
 SMOKE = REPO / "configs" / "smoke.yaml"
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 # Small and CPU-friendly (the tiny model of conftest.TINY_TRAIN_OVERRIDES); every run logs each optimizer step.
@@ -213,10 +215,10 @@ def test_two_node_deepspeed_zero2(cluster, shards, tmp_path):
 
 def test_usr1_preemption_requeues_and_resumes(cluster, shards, tmp_path):
     run = tmp_path / "run"
-    # ~96 fine-tuning steps of a few hundredths of a second on two CPU ranks, a validation and a checkpoint each
-    # epoch: 6 to 8 s, long enough to preempt in the middle.
+    # ~48 fine-tuning steps of a few hundredths of a second on two CPU ranks, a validation and a checkpoint each
+    # epoch: 3 to 5 s (15 to 20 s in the whole suite's load), long enough to preempt in the middle.
     job = _submit(cluster, tmp_path, 2, run, shards,
-                  ["head.epochs=1", "finetune.epochs=8", "data.batch_size=4"])
+                  ["head.epochs=1", "finetune.epochs=4", "data.batch_size=4"])
     deadline = time.monotonic() + 180
     while not any(e.get("phase") == "finetune" for e in _train_events(run)):
         state = cluster.job(job).get("JobState", "")
@@ -368,3 +370,46 @@ def test_cv_array_one_fold_per_task_then_the_summary(cluster, fold_shards, tmp_p
     assert "SIGUSR1 while evaluating: stopping it and requeueing" in log, log
     assert log.count("fold 1 is already trained") == 2 and "evaluation finished with status 0" in log, log
     assert (out / "fold-1" / "cv-fold.json").is_file()
+
+
+def test_two_task_array_shares_one_study_and_survives_a_preempted_task(cluster, shards, tmp_path):
+    """tune.sbatch: 2 array tasks, each a worker of 2 processes under accelerate launch (the launch a task
+    with 2 GPUs gets), 3 trials. Task 0 gets SIGUSR1 while its first trial trains: the trial checkpoints, is
+    queued again once, the task requeues itself, and the study ends with exactly 3 finished or pruned trials,
+    no trial number twice, each trained by 2 processes."""
+    from test_tune import SMALL_SPACE, load_results, write_space
+
+    from gastro_dist.cli import main
+
+    out = tmp_path / "study"
+    (tmp_path / "logs").mkdir()
+    space = write_space(tmp_path / "space.yaml", SMALL_SPACE)
+    array = cluster.sbatch("--array=0-1", "--cpus-per-task=1", "--time=10", str(TUNE_SBATCH),
+                           "--config", str(SMOKE), "--shards", str(shards), "--out", str(out),
+                           "--trials", "3", "--space", str(space), "--pruner", "none",
+                           *COMMON_OVERRIDES, "head.epochs=1", "finetune.epochs=3", "data.batch_size=4",
+                           cwd=tmp_path, env={**_job_env(), "PYTHONUNBUFFERED": "1", "GASTRO_DIST_PROCS_PER_NODE": "2"})
+    log0 = tmp_path / "logs" / f"gastro-tune-{array}_0.out"
+    deadline = time.monotonic() + 240
+    while "head epoch 1/1:" not in (log0.read_text(errors="replace") if log0.is_file() else ""):
+        assert time.monotonic() < deadline, f"task 0 never finished its first trial's head epoch: {cluster.job(f'{array}_0')}"
+        time.sleep(0.3)
+    cluster.cmd("scancel", "--signal=USR1", "--batch", f"{array}_0")
+    for task in (0, 1):
+        info = cluster.wait_job(f"{array}_{task}", timeout=300)
+        log = (tmp_path / "logs" / f"gastro-tune-{array}_{task}.out").read_text(errors="replace")
+        assert info["JobState"] == "COMPLETED", f"{info}\n{log[-6000:]}"
+    log = log0.read_text(errors="replace")
+    assert "2 processes per trial (CPU" in log and "accelerate launch --multi_gpu" in log, log
+    assert "a trial checkpointed after the preemption request" in log and "scontrol requeue" in log, log
+    assert main(["tune", "--config", str(SMOKE), "--shards", str(shards), "--out", str(out),
+                 "--trials", "3", "--space", str(space), "--pruner", "none", *COMMON_OVERRIDES,
+                 "head.epochs=1", "finetune.epochs=3", "data.batch_size=4"]) == 0
+    trials = load_results(out)["trials"]
+    numbers = [t["number"] for t in trials]
+    assert len(numbers) == len(set(numbers))
+    assert sum(t["state"] in ("complete", "pruned") for t in trials) == 3
+    retried = [t for t in trials if "retry_of" in t]
+    assert len(retried) == 1 and retried[0]["state"] == "complete"
+    for trial in trials:
+        assert json.loads((Path(trial["run_dir"]) / "summary.json").read_text())["world_size"] == 2

@@ -1,7 +1,8 @@
 """`gastro-dist tune`: the search space checked before anything runs, seeded TPE proposals, a search end to
 end on a pack whose test shards are unreadable (reports, best.yaml), pruning from the trainer's epoch hook,
-continuing a study and refusing a changed one, two local workers sharing one journal study, and a 2-task
-SLURM array with one task preempted (marked slurm: it starts tests/test_slurm.py's local cluster, ~35 s)."""
+continuing a study and refusing a changed one, two local workers sharing one journal study, a worker of two
+processes under accelerate launch. The 2-task SLURM array (slurm/tune.sbatch) is in tests/test_slurm.py, on its
+cluster."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import pytest
 import yaml
 from conftest import REPO, TINY_TRAIN_OVERRIDES
 from hostile import copy_pack, read_index, replace_shard_bytes
-from test_slurm import cluster, shards  # noqa: F401  (fixtures of the SLURM test below)
 
 from gastro_dist import UserError
 from gastro_dist.cli import main
@@ -222,47 +222,6 @@ def test_cv_scores_a_trial_by_its_mean_over_folds(tmp_path, fold_shards):
     assert trial["epochs_run"] == 4
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
-@pytest.mark.xdist_group("slurm")
-def test_two_task_array_shares_one_study_and_survives_a_preempted_task(cluster, shards, tmp_path):
-    """slurm/tune.sbatch on the local 2-node cluster (tests/test_slurm.py's fixtures): 2 array tasks, 3 trials;
-    task 0 gets SIGUSR1 while its first trial trains: the trial checkpoints, is queued again once, the task
-    requeues itself, and the study ends with exactly 3 finished or pruned trials, no trial number twice."""
-    import time
-
-    import test_slurm
-
-    out = tmp_path / "study"
-    (tmp_path / "logs").mkdir()
-    space = write_space(tmp_path / "space.yaml", SMALL_SPACE)
-    array = cluster.sbatch("--array=0-1", "--cpus-per-task=1", "--time=10", str(REPO / "slurm" / "tune.sbatch"),
-                           "--config", str(test_slurm.SMOKE), "--shards", str(shards), "--out", str(out),
-                           "--trials", "3", "--space", str(space), "--pruner", "none",
-                           *test_slurm.COMMON_OVERRIDES, "head.epochs=1", "finetune.epochs=6", "data.batch_size=4",
-                           cwd=tmp_path, env={**test_slurm._job_env(), "PYTHONUNBUFFERED": "1"})
-    log0 = tmp_path / "logs" / f"gastro-tune-{array}_0.out"
-    deadline = time.monotonic() + 240
-    while "head epoch 1/1:" not in (log0.read_text(errors="replace") if log0.is_file() else ""):
-        assert time.monotonic() < deadline, f"task 0 never finished its first trial's head epoch: {cluster.job(f'{array}_0')}"
-        time.sleep(0.3)
-    cluster.cmd("scancel", "--signal=USR1", "--batch", f"{array}_0")
-    for task in (0, 1):
-        info = cluster.wait_job(f"{array}_{task}", timeout=300)
-        log = (tmp_path / "logs" / f"gastro-tune-{array}_{task}.out").read_text(errors="replace")
-        assert info["JobState"] == "COMPLETED", f"{info}\n{log[-6000:]}"
-    assert "scontrol requeue" in log0.read_text(errors="replace")
-    assert main(["tune", "--config", str(test_slurm.SMOKE), "--shards", str(shards), "--out", str(out),
-                 "--trials", "3", "--space", str(space), "--pruner", "none", *test_slurm.COMMON_OVERRIDES,
-                 "head.epochs=1", "finetune.epochs=6", "data.batch_size=4"]) == 0
-    trials = load_results(out)["trials"]
-    numbers = [t["number"] for t in trials]
-    assert len(numbers) == len(set(numbers))
-    assert sum(t["state"] in ("complete", "pruned") for t in trials) == 3
-    retried = [t for t in trials if "retry_of" in t]
-    assert len(retried) == 1 and retried[0]["state"] == "complete"
-
-
 def test_trials_are_runs_of_one_mlflow_group(tmp_path, synthetic_shards, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -275,48 +234,55 @@ def test_trials_are_runs_of_one_mlflow_group(tmp_path, synthetic_shards, monkeyp
     assert {runs[f"search-trial-000{n}"].data.tags["mlflow.parentRunId"] for n in (0, 1)} == {runs["search"].info.run_id}
 
 
-STOP_SCRIPT = '''
-import json, sys
-from accelerate import PartialState
-from gastro_dist.config import load_config
-from gastro_dist.training.trainer import Stopped, train
+PRUNE_EVERY_TRIAL = '''
+import sys
+import optuna
+import gastro_dist.tune
+from gastro_dist.cli import main
 
-shards, run, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
-calls = []
-def stop_after_first_epoch(phase, epoch, macro_accuracy):
-    calls.append([phase, epoch])
-    return True
-try:
-    train(load_config(None, overrides), shards, run, on_epoch_end=stop_after_first_epoch)
-    outcome = "finished"
-except Stopped:
-    outcome = "stopped"
-rank = PartialState().process_index
-with open(f"{run}/rank{rank}.json", "w") as f:
-    json.dump({"outcome": outcome, "calls": calls}, f)
+class PruneEveryTrial(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return True
+
+gastro_dist.tune.make_pruner = lambda name: PruneEveryTrial()
+sys.exit(main(sys.argv[1:]))
 '''
 
 
-def test_the_epoch_hook_stops_every_process_at_the_same_epoch(synthetic_shards, tmp_path):
-    """Under 2 processes only the main one calls on_epoch_end; its decision reaches the other, and both stop."""
+def test_a_worker_of_two_processes_trains_each_trial_with_both_and_prunes_them_together(synthetic_shards, tmp_path):
+    """`accelerate launch --num_processes 2 ... tune`: the main process alone talks to the study; both processes
+    train each trial (world size 2) and stop at the epoch the pruner chose (Optuna's pruner replaced by one that
+    prunes every trial at its first report), then go on to the next trial together."""
     import os
     import subprocess
     import sys
 
-    script, run = tmp_path / "stop.py", tmp_path / "run"
-    script.write_text(STOP_SCRIPT)
+    script, out = tmp_path / "prune_every_trial.py", tmp_path / "study"
+    script.write_text(PRUNE_EVERY_TRIAL)
     accelerate = Path(sys.executable).parent / "accelerate"
     result = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                             "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(synthetic_shards),
-                             str(run), *TINY_TRAIN_OVERRIDES, "data.batch_size=4"],
+                             "--mixed_precision", "no", "--dynamo_backend", "no", str(script), "tune", "--config",
+                             str(REPO / "configs" / "smoke.yaml"), "--shards", str(synthetic_shards), "--out", str(out),
+                             "--trials", "2", "--space", str(write_space(tmp_path / "space.yaml", SMALL_SPACE)),
+                             *TINY_TRAIN_OVERRIDES, "data.batch_size=4", "finetune.epochs=2"],
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((run / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert [r["outcome"] for r in ranks] == ["stopped", "stopped"]
-    assert ranks[0]["calls"] == [["head", 1]] and ranks[1]["calls"] == []
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "pruned" and summary["world_size"] == 2
+    trials = load_results(out)["trials"]
+    assert [(t["number"], t["state"], t["epochs_run"]) for t in trials] == [(0, "pruned", 1), (1, "pruned", 1)]
+    for trial in trials:
+        summary = json.loads((Path(trial["run_dir"]) / "summary.json").read_text())
+        assert summary["status"] == "pruned" and summary["world_size"] == 2
+    assert result.stdout.count("tune: trial") == 2 and result.stdout.count("trials in") == 1  # the main process only
+
+
+def test_under_accelerate_launch_workers_here_and_final_test_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr("gastro_dist.tune._is_multi_process", lambda: True)
+    from gastro_dist.tune import tune
+
+    for option in ({"workers_here": 2}, {"final_test": True}):
+        with pytest.raises(UserError, match="under accelerate launch"):
+            tune(REPO / "configs" / "smoke.yaml", str(tmp_path), tmp_path / "out", 2, **option)
 
 
 def test_an_rdb_storage_with_heartbeat(tmp_path, synthetic_shards):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from rich.console import Console
-from sklearn.metrics import roc_auc_score
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import nn
@@ -89,6 +88,9 @@ def accuracy_summary(labels: np.ndarray, probs: np.ndarray, classes: list[str]) 
     """What validation reports each epoch: accuracy, macro accuracy (the mean of the per-class
     accuracies: the study's figure averaged), per-class accuracy, the plain cross-entropy (no label
     smoothing or class weights) and the macro one-vs-rest AUC over the classes present."""
+    # Imported here: sklearn.metrics takes 1.5 s to import, which every process of every run would pay at start.
+    from sklearn.metrics import roc_auc_score
+
     predicted = probs.argmax(axis=1)
     per_class = {c: float((predicted[labels == i] == i).mean()) if (labels == i).any() else None
                  for i, c in enumerate(classes)}
