@@ -86,10 +86,10 @@ def test_keyboard_decisions_export_a_csv_that_pack_applies_and_survive_a_reload(
         pytest.skip("no chromium binary")
     issues = review["issues"]
     relabel_to = next(k for k in range(len(CLASSES)) if CLASSES[k] != issues[1]["given_label"])
-    expected = [[row["source"], row["sha256"], "", "", row["key"]] for row in issues]
-    expected[0][2] = "keep"
-    expected[1][2:4] = ["relabel", CLASSES[relabel_to]]
-    expected[2][2] = "exclude"
+    expected = [[row["source"], row["sha256"], row["frame_index"], "", "", row["key"]] for row in issues]
+    expected[0][3] = "keep"
+    expected[1][3:5] = ["relabel", CLASSES[relabel_to]]
+    expected[2][3] = "exclude"
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
         try:
@@ -112,7 +112,7 @@ def test_keyboard_decisions_export_a_csv_that_pack_applies_and_survive_a_reload(
         finally:
             browser.close()
     with exported.open(newline="", encoding="utf-8-sig") as handle:
-        assert list(csv.reader(handle)) == [["source", "sha256", "decision", "new_label", "key"], *expected]
+        assert list(csv.reader(handle)) == [["source", "sha256", "frame_index", "decision", "new_label", "key"], *expected]
 
     after = tmp_path / "after"
     assert main(["pack", str(review["src"]), "--manifest", str(review["manifest"]), "--out", str(after), "--folds", "2",

@@ -224,3 +224,50 @@ def test_without_pyav_packing_videos_is_a_user_error_naming_the_extra(tmp_path, 
     with pytest.raises(UserError, match=r"pip install 'gastro-dist\[video\]'"):
         pack(tmp_path / "src", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_review_decisions_on_a_videos_frames_move_or_leave_out_those_frames_only(tmp_path):
+    """`pack --relabel` with label-issues' frame_index: one frame of a video relabelled, one excluded, a whole
+    video excluded (no frame_index), and decisions about a frame not packed and a still's "frame" listed, not
+    applied; the index counts each frame under its own class."""
+    import csv
+
+    src = tmp_path / "src"
+    make_class_tree(src, {"normal": 2, "ulcer": 2})
+    write_video(src / "normal" / "proc.mp4", [scene(second) for second in range(3)])
+    write_video(src / "ulcer" / "other.mkv", [scene(50 + second) for second in range(2)])
+    settings = dict(val_fraction=0, near_duplicate_bits=0)
+    pack(src, tmp_path / "before", settings=settings)
+    frames = frames_by_source(tmp_path / "before")
+    assert [meta["frame_index"] for meta in frames["normal/proc.mp4"]] == [0, 5, 10]
+    still = next(source for source in frames if source.endswith(".png") or source.endswith(".jpg"))
+    sha = {source: metas[0]["sha256"] for source, metas in frames.items()}
+    decisions = tmp_path / "decisions.csv"
+    with decisions.open("w", newline="") as handle:
+        csv.writer(handle).writerows([
+            ["source", "sha256", "frame_index", "decision", "new_label"],
+            ["normal/proc.mp4", sha["normal/proc.mp4"], "5", "relabel", "ulcer"],
+            ["normal/proc.mp4", sha["normal/proc.mp4"], "10", "exclude", ""],
+            ["normal/proc.mp4", sha["normal/proc.mp4"], "3", "keep", ""],  # not a sampled frame
+            ["ulcer/other.mkv", sha["ulcer/other.mkv"], "", "exclude", ""],
+            [still, sha[still], "0", "keep", ""]])
+    pack(src, tmp_path / "after", settings=settings, relabel=decisions)
+
+    after = frames_by_source(tmp_path / "after")
+    assert [(meta["frame_index"], meta["label"]) for meta in after["normal/proc.mp4"]] == [(0, "normal"), (5, "ulcer")]
+    assert "ulcer/other.mkv" not in after
+    index = read_index(tmp_path / "after")
+    per_class = index["splits"]["train"]["per_class"]
+    packed = [meta["label"] for metas in after.values() for meta in metas if meta["split"] == "train"]
+    assert per_class == {label: packed.count(label) for label in ("normal", "ulcer")}
+    assert index["relabel"]["applied"] == {"keep": 0, "relabel": 1, "exclude": 2} and index["relabel"]["not_applied"] == 2
+    skipped = read_jsonl(tmp_path / "after" / "skipped.jsonl")
+    assert [(entry["path"], entry.get("part"), entry["reason"]) for entry in skipped] == [
+        ("normal/proc.mp4", "frame 10", "excluded on review"), ("ulcer/other.mkv", None, "excluded on review")]
+    unmatched = read_jsonl(tmp_path / "after" / "relabel_unmatched.jsonl")
+    assert [(entry["source"], entry["frame_index"], entry["reason"].split(" (")[0]) for entry in unmatched] == [
+        ("normal/proc.mp4", 3, "frame 3 is not among the frames packed from this recording"),
+        (still, 0, "a frame_index for a still image, which has no frames")]
+    totals = assert_video_totals(tmp_path / "after")
+    assert (totals["videos_packed"], totals["frames_from_videos"], totals["parts_skipped"]) == (1, 2, 1)
+    assert main(["verify", str(tmp_path / "after")]) == 0

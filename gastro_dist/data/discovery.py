@@ -64,6 +64,11 @@ class Input:
     sha256: str = ""
     samples: list[Sample] = field(default_factory=list)
     frame_counts: FrameCounts | None = None  # None: a still
+    frame_labels: dict[int, str] = field(default_factory=dict)  # frame index -> its class, where a review relabelled it
+
+    def sample_label(self, sample: Sample) -> str:
+        """A sample's class: the input's, unless a review relabelled that frame of a video."""
+        return self.frame_labels.get(sample.frame_index, self.label) if sample.frame_index is not None else self.label
 
     @property
     def identity(self) -> tuple:
@@ -103,7 +108,8 @@ class Listing(NamedTuple):
 MANIFEST = Listing("manifest", "path", ("path", "label"), "manifest_row")
 SEGMENTS = Listing("segments file", "video", ("video", "start_s", "end_s", "label"), "segments_row")
 # Not inputs but a reviewer's decisions about them (`relabel`), read with the same checks.
-RELABEL = Listing("--relabel file", "source", ("source", "sha256", "decision"), "relabel_row", "[,new_label]")
+RELABEL = Listing("--relabel file", "source", ("source", "sha256", "decision"), "relabel_row",
+                  "[,new_label,frame_index]")
 
 
 def load_class_map(path: Path, console: Console) -> dict[str, str]:

@@ -533,7 +533,8 @@ def _write_shards(splits: dict[str, list[Input]], classes: list[str], out_dir: P
                     writer_split = split
                 spool_file = spool[sample.jpg.file]
                 spool_file.seek(sample.jpg.offset)
-                meta = {"label": item.label, "patient_id": item.patient_id, "source": item.source,
+                label = item.sample_label(sample)
+                meta = {"label": label, "patient_id": item.patient_id, "source": item.source,
                         "sha256": item.sha256, "orig_size": list(sample.orig_size),
                         "stored_size": list(sample.stored_size), "source_kind": item.kind,
                         "frame_index": sample.frame_index, "frame_time_s": sample.frame_time_s,
@@ -542,7 +543,7 @@ def _write_shards(splits: dict[str, list[Input]], classes: list[str], out_dir: P
                 writer.write({
                     "__key__": f"{split}_{position:07d}_{item.sha256[:12]}",
                     "jpg": spool_file.read(sample.jpg.length),
-                    "cls": str(classes.index(item.label)).encode("ascii"),
+                    "cls": str(classes.index(label)).encode("ascii"),
                     "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
                 })
                 samples_per_file[split][Path(writer.fname).name] += 1

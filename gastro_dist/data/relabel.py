@@ -1,10 +1,12 @@
 """`pack --relabel DECISIONS.csv`: a reviewer's decisions on flagged frames, applied on a re-pack.
 
 A decision names an input by its source (as recorded: relative to SRC, or its pseudonym) and by the sha256
-of the bytes the reviewer saw, and says keep, relabel (to `new_label`) or exclude. It is applied only when
-both still match an input read now: a file changed since the review, a source that is no longer an input,
-or a video (whose frames are reviewed one by one: not supported yet) is listed in relabel_unmatched.jsonl
-with a warning, never applied silently. Excluded inputs go to skipped.jsonl ("excluded on review").
+of the bytes the reviewer saw, and says keep, relabel (to `new_label`) or exclude. For a video or multi-frame
+DICOM, `frame_index` names the frame decided (label-issues and review.html write it): that frame alone moves
+class or is left out; without it the decision is about the whole recording. A decision is applied only when it
+still matches what is read now: a file changed since the review, a source that is no longer an input, or a
+frame no longer among those packed is listed in relabel_unmatched.jsonl with a warning, never applied
+silently. Excluded inputs go to skipped.jsonl ("excluded on review"), excluded frames as parts of their input.
 `label-issues` writes label_issues.csv with these columns, so a filled-in copy is a decisions file.
 """
 
@@ -36,11 +38,13 @@ class Decision:
     sha256: str
     decision: str
     new_label: str
+    frame_index: int | None = None  # a frame of a video or multi-frame DICOM; None: the whole input
 
     def entry(self, reason: str) -> dict:
         """A relabel_unmatched.jsonl line."""
-        return {"source": self.source, "sha256": self.sha256, "decision": self.decision,
-                "new_label": self.new_label or None, RELABEL.row_field: self.row, "reason": reason}
+        return {"source": self.source, "sha256": self.sha256, "frame_index": self.frame_index,
+                "decision": self.decision, "new_label": self.new_label or None, RELABEL.row_field: self.row,
+                "reason": reason}
 
 
 @dataclass
@@ -61,9 +65,9 @@ class Decisions:
 
 
 def read_decisions(path: Path) -> Decisions:
-    """The rows of a decisions CSV (columns source, sha256, decision[, new_label]; others ignored). A row
-    without a decision was not reviewed and is counted only; a bad decision, a relabel without new_label,
-    a malformed sha256 or one source decided two ways stops the pack naming the row."""
+    """The rows of a decisions CSV (columns source, sha256, decision[, new_label, frame_index]; others ignored).
+    A row without a decision was not reviewed and is counted only; a bad decision, a relabel without new_label,
+    a malformed sha256 or frame index, or one source (or frame) decided two ways stops the pack naming the row."""
     if not path.is_file():
         raise UserError(f"{RELABEL.option} {path} not found; pass the CSV a reviewer filled in "
                         "(label-issues writes label_issues.csv with its columns)")
@@ -82,11 +86,15 @@ def read_decisions(path: Path) -> Decisions:
         sha256 = row["sha256"].lower()
         if not _SHA256.fullmatch(sha256):
             raise UserError(f"{where}: sha256 {row['sha256'][:80]!r} is not 64 hex digits")
+        frame_text = (row.get("frame_index") or "").strip()
+        if frame_text and not (frame_text.isascii() and frame_text.isdigit() and len(frame_text) < 10):
+            raise UserError(f"{where}: frame_index {frame_text[:20]!r} is not a frame number (0, 1, 2, ...)")
         current = Decision(row_number, csv_text(row["source"]), sha256, decision,
-                           new_label if decision == "relabel" else "")
-        earlier = first_row_of.setdefault(current.source, current)
+                           new_label if decision == "relabel" else "", int(frame_text) if frame_text else None)
+        earlier = first_row_of.setdefault((current.source, current.frame_index), current)
         if (earlier.sha256, earlier.decision, earlier.new_label) != (sha256, current.decision, current.new_label):
-            raise UserError(f"{where} and row {earlier.row} decide differently about {row['source'][:80]!r}; "
+            frame = f" frame {current.frame_index}" if current.frame_index is not None else ""
+            raise UserError(f"{where} and row {earlier.row} decide differently about {row['source'][:80]!r}{frame}; "
                             "keep one")
         if earlier is current:
             rows.append(current)
@@ -96,8 +104,9 @@ def read_decisions(path: Path) -> Decisions:
 def apply_decisions(decisions: Decisions, valid: list[Input], inputs: Inputs, pseudonyms: Pseudonymiser,
                     console: Console) -> tuple[list[Input], dict, list[dict]]:
     """The inputs still to pack after the decisions, index.json's `relabel` record, and the decisions not
-    applied (relabel_unmatched.jsonl). Relabelled inputs change class in place; excluded ones leave
-    `valid` and `inputs.candidates` for `inputs.skipped`."""
+    applied (relabel_unmatched.jsonl). Relabelled inputs change class in place (a recording's frame through
+    `Input.frame_labels`); excluded ones leave `valid` and `inputs.candidates` for `inputs.skipped`, and an
+    excluded frame leaves its input's samples."""
     by_source: dict[str, list[Input]] = {}
     for item in valid:
         by_source.setdefault(csv_text(item.source), []).append(item)
@@ -106,21 +115,52 @@ def apply_decisions(decisions: Decisions, valid: list[Input], inputs: Inputs, ps
     # every copy, or excluding the copy packed would let another copy take its place.
     copies: dict[tuple[str, str], list[Input]] = {}
     for item in valid:
-        if item.frame_counts is None:
+        if not _is_recording(item):
             copies.setdefault((item.sha256, item.label), []).append(item)
     copies_of = {id(item): group for group in copies.values() for item in group}
     decided_by: dict[int, Decision] = {}  # id(input) -> the row applied to it
     applied, unmatched, excluded = Counter(), [], set()
+
+    def exclude(item: Input, decision: Decision) -> None:
+        excluded.add(id(item))
+        inputs.skipped.append(item.entry(EXCLUDED_REASON, sha256=item.sha256, **{RELABEL.row_field: decision.row}))
+
     for decision in decisions.rows:
         matches = by_source.get(decision.source, [])
+        recording = any(_is_recording(item) for item in matches)
         if not matches:
             reason = (f"input not packed: {not_packed[decision.source]}" if decision.source in not_packed
                       else "no input with this source")
             unmatched.append(decision.entry(reason))
-        elif any(item.frame_counts is not None or item.segment_s for item in matches):
-            unmatched.append(decision.entry("a video or multi-frame DICOM: decisions on frames are not applied yet"))
         elif any(item.sha256 != decision.sha256 for item in matches):
             unmatched.append(decision.entry(f"content changed since the review: sha256 is now {matches[0].sha256}"))
+        elif decision.frame_index is not None and not recording:
+            unmatched.append(decision.entry("a frame_index for a still image, which has no frames"))
+        elif decision.frame_index is not None:
+            holder = next((item for item in matches for sample in item.samples
+                           if sample.frame_index == decision.frame_index), None)
+            if holder is None:
+                unmatched.append(decision.entry(f"frame {decision.frame_index} is not among the frames packed from "
+                                                "this recording (other sampling settings, or a re-encoded file)"))
+                continue
+            applied[decision.decision] += 1
+            if decision.decision == "relabel":
+                holder.frame_labels[decision.frame_index] = decision.new_label
+            elif decision.decision == "exclude":
+                holder.samples = [sample for sample in holder.samples if sample.frame_index != decision.frame_index]
+                if holder.samples:
+                    inputs.skipped.append({**holder.entry(EXCLUDED_REASON, sha256=holder.sha256,
+                                                          **{RELABEL.row_field: decision.row}),
+                                           "part": f"frame {decision.frame_index}", "frame_index": decision.frame_index})
+                else:  # its last frame: the input leaves the pack
+                    exclude(holder, decision)
+        elif recording:  # the whole recording (every segment of it)
+            applied[decision.decision] += 1
+            for item in matches:
+                if decision.decision == "relabel":
+                    item.label, item.frame_labels = decision.new_label, {}
+                elif decision.decision == "exclude":
+                    exclude(item, decision)
         elif other := next((decided_by[id(copy)] for item in matches for copy in copies_of[id(item)]
                             if id(copy) in decided_by), None):
             if (other.decision, other.new_label) != (decision.decision, decision.new_label):
@@ -134,9 +174,7 @@ def apply_decisions(decisions: Decisions, valid: list[Input], inputs: Inputs, ps
                 if decision.decision == "relabel":
                     item.label = decision.new_label
                 elif decision.decision == "exclude":
-                    excluded.add(id(item))
-                    inputs.skipped.append(item.entry(EXCLUDED_REASON, sha256=item.sha256,
-                                                     **{RELABEL.row_field: decision.row}))
+                    exclude(item, decision)
     inputs.candidates = [item for item in inputs.candidates if id(item) not in excluded]
     for reason, count in Counter(entry["reason"].split(":")[0] for entry in unmatched).items():
         console.print(f"[yellow]warning:[/] {count} decision(s) in {escape(str(decisions.path))} not applied: "
@@ -147,3 +185,8 @@ def apply_decisions(decisions: Decisions, valid: list[Input], inputs: Inputs, ps
               "decisions": len(decisions.rows), "applied": {name: applied[name] for name in DECISIONS},
               "not_applied": len(unmatched), "undecided": decisions.num_undecided}
     return [item for item in valid if id(item) not in excluded], record, unmatched
+
+
+def _is_recording(item: Input) -> bool:
+    """A video (or a segment of one) or a multi-frame DICOM: decisions can name one of its frames."""
+    return item.frame_counts is not None or item.segment_s is not None

@@ -165,7 +165,10 @@ def _group_inputs(kept: list[Input], dropped: list[Input]) -> list[_Group]:
 def samples_per_class(items: Iterable[Input]) -> Counter:
     counts: Counter = Counter()
     for item in items:
-        counts[item.label] += len(item.samples)
+        if item.frame_labels:
+            counts.update(item.sample_label(sample) for sample in item.samples)
+        else:
+            counts[item.label] += len(item.samples)
     return counts
 
 

@@ -211,7 +211,8 @@ def _write_review_page(path: Path, index: ShardIndex, keys: list[str], samples: 
         cams = cam_overlays(run, index.classes, [jpegs[keys[row]] for row in rows], suggested)
         cam_note = f"Grad-CAM of run {run} for the suggested class, laid over the square the network sees."
     frames = [ReviewFrame(key=keys[row], source=csv_text(samples[keys[row]]["source"]),
-                          sha256=samples[keys[row]]["sha256"], unit=unit_of[row], given=int(given[row]),
+                          sha256=samples[keys[row]]["sha256"], frame_index=samples[keys[row]]["frame_index"],
+                          unit=unit_of[row], given=int(given[row]),
                           suggested=suggestion, probs=[float(p) for p in probs[row]], rank=rank_of[row],
                           reasons="; ".join(reasons[row]), jpeg=jpegs[keys[row]], cam_jpeg=cam)
               for row, suggestion, cam in zip(rows, suggested, cams)]

@@ -36,6 +36,7 @@ class ReviewFrame:
     key: str
     source: str  # as in label_issues.csv (a pseudonym in a pseudonymised pack; csv_text form)
     sha256: str
+    frame_index: int | None  # a video's or multi-frame DICOM's frame; None for a still
     unit: str  # the patient, recording or frame it is reviewed with (`label_issues._review_unit`)
     given: int
     suggested: int
@@ -160,11 +161,13 @@ def _frame_card(frame: ReviewFrame, classes: list[str]) -> str:
                       f"→ {html.escape(name)}</button>" for k, name in enumerate(classes) if k != frame.given)
     cam = (f'<figure><img src="{_data_uri(frame.cam_jpeg)}" alt="Grad-CAM"><figcaption>Grad-CAM for '
            f"{html.escape(classes[frame.suggested])}</figcaption></figure>" if frame.cam_jpeg else "")
+    frame_at = f" · frame {frame.frame_index}" if frame.frame_index is not None else ""
     return f"""<article class="frame" data-key="{html.escape(frame.key)}" data-source="{html.escape(frame.source)}"
- data-sha256="{html.escape(frame.sha256)}" data-given="{frame.given}" data-suggested="{frame.suggested}">
+ data-sha256="{html.escape(frame.sha256)}" data-frame-index="{'' if frame.frame_index is None else frame.frame_index}"
+ data-given="{frame.given}" data-suggested="{frame.suggested}">
 <div class="pictures"><figure><img src="{_data_uri(frame.jpeg)}" alt="{html.escape(frame.key)}">
 <figcaption>as stored</figcaption></figure>{cam}</div>
-<div class="facts"><p><b>#{frame.rank}</b> {html.escape(frame.source or frame.key)}</p>
+<div class="facts"><p><b>#{frame.rank}</b> {html.escape(frame.source or frame.key)}{frame_at}</p>
 <p>given <b>{html.escape(classes[frame.given])}</b> · suggested <b>{html.escape(classes[frame.suggested])}</b></p>
 <p class="reason">{html.escape(frame.reasons)}</p>
 <table>{bars}</table>
@@ -261,10 +264,11 @@ function csvCell(text) {
 }
 
 function exportDecisions() {
-  const lines = [["source", "sha256", "decision", "new_label", "key"]];
+  const lines = [["source", "sha256", "frame_index", "decision", "new_label", "key"]];
   for (const card of cards) {
     const taken = decisions[card.dataset.key] || {decision: "", new_label: ""};
-    lines.push([card.dataset.source, card.dataset.sha256, taken.decision, taken.new_label, card.dataset.key]);
+    lines.push([card.dataset.source, card.dataset.sha256, card.dataset.frameIndex, taken.decision, taken.new_label,
+                card.dataset.key]);
   }
   const text = "\\ufeff" + lines.map(line => line.map(csvCell).join(",")).join("\\r\\n") + "\\r\\n";
   const link = document.createElement("a");
