@@ -274,10 +274,14 @@ def test_bad_decisions_stop_the_pack_naming_the_row(flipped_pack, tmp_path, caps
     for rows, problem in (([["c0/img1.png", sha256, "maybe", ""]], "row 2: decision 'maybe' is not one of"),
                           ([["c0/img1.png", sha256, "relabel", "polyp"]], "new_label 'polyp' is none of the classes"),
                           ([["c0/img1.png", sha256, "keep", ""], ["c0/img1.png", sha256, "exclude", ""]],
-                           "row 3 and row 2 decide differently")):
+                           "row 3 and row 2 decide differently"),
+                          ([["v.mp4", sha256, "keep", "", "-1"]], "row 2: frame_index '-1' is not a frame number"),
+                          ([["v.mp4", sha256, "keep", "", "7"], ["v.mp4", sha256, "exclude", "", "7"]],
+                           "decide differently about 'v.mp4' frame 7")):
         decisions = tmp_path / "decisions.csv"
         with decisions.open("w", newline="", encoding="utf-8") as handle:
-            csv.writer(handle).writerows([["source", "sha256", "decision", "new_label"], *rows])
+            csv.writer(handle).writerows([["source", "sha256", "decision", "new_label", "frame_index"],
+                                          *[row + [""] * (5 - len(row)) for row in rows]])
         out = tmp_path / "out"
         assert main(["pack", str(flipped_pack["src"]), "--manifest", str(flipped_pack["manifest"]), "--out", str(out),
                      "--workers", "1", "--relabel", str(decisions)]) == 2
