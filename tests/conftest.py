@@ -52,3 +52,35 @@ def synthetic_shards(synthetic_source, tmp_path_factory) -> Path:
                             shard_size=8, workers=1, seed=0)
     pack_dataset(synthetic_source, out, settings, manifest=synthetic_source / "manifest.csv")
     return out
+
+
+@pytest.fixture(scope="session")
+def fold_shards(synthetic_source, tmp_path_factory) -> Path:
+    """The synthetic source packed in 2 folds (and 3 test images per class): for cv and tune --cv."""
+    from gastro_dist.data.pack import PackSettings, pack_dataset
+
+    out = tmp_path_factory.mktemp("fold-shards") / "shards"
+    settings = PackSettings(folds=2, test_per_class=3, input_size=48, resize_short=56, shard_size=8, workers=1, seed=0)
+    pack_dataset(synthetic_source, out, settings, manifest=synthetic_source / "manifest.csv")
+    return out
+
+
+def write_untrained_run(folder: Path, classes: list[str], image_size: int, temperature: float = 1.0) -> Path:
+    """A run folder holding only what inference reads (model.safetensors and model.json) of a seeded, untrained
+    ShuffleNet-V2 x0.5: for tests of what is done with a model's outputs, not of what it learnt."""
+    import torch
+    from safetensors.torch import save_file
+
+    from gastro_dist.config import ModelConfig
+    from gastro_dist.models.backbones import build_model
+    from gastro_dist.run_dir import ModelMeta, RunDir
+
+    run = RunDir(folder)
+    run.path.mkdir(parents=True)
+    torch.manual_seed(0)
+    model, _ = build_model(ModelConfig(name="shufflenet_v2_x0_5", pretrained="none"), num_classes=len(classes),
+                           load_pretrained=False, image_size=image_size)
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(run.model_weights))
+    ModelMeta(architecture="shufflenet_v2_x0_5", classes=classes, image_size=image_size, eval_crop_ratio=0.875,
+              mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], temperature=temperature).write(run.model_json)
+    return run.path

@@ -23,16 +23,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cv")]  # end to end; it
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 
 
-@pytest.fixture(scope="module")
-def fold_shards(synthetic_source, tmp_path_factory) -> Path:
-    from gastro_dist.data.pack import PackSettings, pack_dataset
-
-    out = tmp_path_factory.mktemp("cv-shards") / "shards"
-    settings = PackSettings(folds=2, test_per_class=3, input_size=48, resize_short=56, shard_size=8, workers=1, seed=0)
-    pack_dataset(synthetic_source, out, settings, manifest=synthetic_source / "manifest.csv")
-    return out
-
-
 def _cv(shards: Path, out: Path, *extra: str, changes: tuple[str, ...] = ()) -> int:
     """`gastro-dist cv` with the tiny overrides, then `changes` to them."""
     return main(["cv", "--config", SMOKE, "--shards", str(shards), "--out", str(out), "--bootstrap", "20",

@@ -8,10 +8,10 @@ import csv
 import json
 import re
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_untrained_run
 from imagefactory import noise_image, read_index, read_split, save_image
 
 from gastro_dist.cli import main
@@ -127,32 +127,15 @@ def test_keyboard_decisions_export_a_csv_that_pack_applies_and_survive_a_reload(
     assert [(entry["path"], entry["reason"]) for entry in skipped] == [(issues[2]["source"], "excluded on review")]
 
 
-def _untrained_run(folder: Path, classes: list[str]) -> Path:
-    from safetensors.torch import save_file
-
-    from gastro_dist.config import ModelConfig
-    from gastro_dist.models.backbones import build_model
-    from gastro_dist.run_dir import ModelMeta, RunDir
-
-    run = RunDir(folder)
-    run.path.mkdir()
-    model, _ = build_model(ModelConfig(name="shufflenet_v2_x0_5", pretrained="none"), num_classes=len(classes),
-                           load_pretrained=False, image_size=32)
-    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(run.model_weights))
-    ModelMeta(architecture="shufflenet_v2_x0_5", classes=classes, image_size=32, eval_crop_ratio=0.875,
-              mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], temperature=1.0).write(run.model_json)
-    return run.path
-
-
 def test_run_adds_a_grad_cam_overlay_per_frame_and_a_run_of_other_classes_is_refused(review, tmp_path, capsys):
     pytest.importorskip("torch")
     inputs = ["--predictions", str(review["predictions"]), "--shards", str(review["shards"])]
-    run = _untrained_run(tmp_path / "run", CLASSES)
+    run = write_untrained_run(tmp_path / "run", CLASSES, image_size=32)
     assert main(["label-issues", *inputs, "--out", str(tmp_path / "with-cam"), "--run", str(run)]) == 0
     page = _without_images((tmp_path / "with-cam" / "review.html").read_text(encoding="utf-8"))
     assert page.count('alt="Grad-CAM"') == len(review["issues"]) and "Grad-CAM needs" not in page
 
-    other = _untrained_run(tmp_path / "other", ["a", "b", "c"])
+    other = write_untrained_run(tmp_path / "other", ["a", "b", "c"], image_size=32)
     capsys.readouterr()
     assert main(["label-issues", *inputs, "--out", str(tmp_path / "refused"), "--run", str(other)]) == 2
     assert "not the shards'" in capsys.readouterr().err

@@ -21,6 +21,7 @@ import torch
 
 av = pytest.importorskip("av", reason="needs the [video] extra: pip install 'gastro-dist[video]'")
 from PIL import Image
+from conftest import write_untrained_run
 from test_pack_hostile import fails_after
 from test_pack_video import scene, write_video
 
@@ -35,21 +36,7 @@ RED, BLUE, GREEN, GREY = (220, 30, 30), (30, 30, 220), (30, 220, 30), (128, 128,
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    from safetensors.torch import save_file
-
-    from gastro_dist.config import ModelConfig
-    from gastro_dist.models.backbones import build_model
-    from gastro_dist.run_dir import ModelMeta, RunDir
-
-    folder = RunDir(tmp_path_factory.mktemp("untrained") / "run")
-    folder.path.mkdir()
-    torch.manual_seed(0)
-    model, _ = build_model(ModelConfig(name="shufflenet_v2_x0_5", pretrained="none"), num_classes=len(CLASSES),
-                           load_pretrained=False, image_size=48)
-    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(folder.model_weights))
-    ModelMeta(architecture="shufflenet_v2_x0_5", classes=CLASSES, image_size=48, eval_crop_ratio=0.875,
-              mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], temperature=1.5).write(folder.model_json)
-    return folder.path
+    return write_untrained_run(tmp_path_factory.mktemp("untrained") / "run", CLASSES, image_size=48, temperature=1.5)
 
 
 def colour_model(self, images: torch.Tensor) -> np.ndarray:

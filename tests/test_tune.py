@@ -201,16 +201,6 @@ def test_a_preempted_trial_is_retried_once_from_its_checkpoint(tmp_path, synthet
     assert summary["status"] == "completed" and summary["resumes"][0]["phase"] == "head"
 
 
-@pytest.fixture(scope="module")
-def fold_shards(synthetic_source, tmp_path_factory) -> Path:
-    from gastro_dist.data.pack import PackSettings, pack_dataset
-
-    out = tmp_path_factory.mktemp("folds") / "shards"
-    settings = PackSettings(folds=2, test_per_class=3, input_size=48, resize_short=56, shard_size=8, workers=1, seed=0)
-    pack_dataset(synthetic_source, out, settings, manifest=synthetic_source / "manifest.csv")
-    return out
-
-
 def test_cv_scores_a_trial_by_its_mean_over_folds(tmp_path, fold_shards):
     out = tmp_path / "study"
     assert run_tune(fold_shards, out, write_space(tmp_path / "space.yaml", SMALL_SPACE), 1, "--cv",
