@@ -324,3 +324,55 @@ def test_pseudonymised_pack_round_trip_matches_by_pseudonym(flipped_pack, tmp_pa
     assert record["applied"]["exclude"] == 1 and record["not_applied"] == 0
     skipped = [json.loads(line) for line in (tmp_path / "after" / "skipped.jsonl").read_text().splitlines()]
     assert [(entry["path"], entry["reason"]) for entry in skipped] == [(flipped_source, "excluded on review")]
+
+
+def test_a_videos_mislabelled_frame_is_flagged_with_its_frame_index_and_relabelled_alone(tmp_path):
+    """Class folders of stills and videos, no patient ids: out-of-fold predictions say one frame of a video
+    shows the other class. label-issues flags that frame with its frame_index, the video's frames are one review
+    unit, and the row filled in and passed to `pack --relabel` moves that frame only."""
+    pytest.importorskip("av", reason="needs the [video] extra")
+    from imagefactory import make_class_tree
+    from test_pack_video import scene, write_video
+
+    src, shards = tmp_path / "src", tmp_path / "shards"
+    make_class_tree(src, {"normal": 12, "ulcer": 12})
+    for number, cls in enumerate(("normal", "ulcer", "normal", "ulcer")):
+        write_video(src / cls / f"proc{number}.mp4", [scene(10 * number + second) for second in range(4)])
+    settings = _settings(folds=2, near_duplicate_bits=0)
+    pack_dataset(src, shards, settings)
+    wrong = ("normal/proc0.mp4", 5)  # (video, frame index) that truly shows an ulcer
+    samples = {split: read_split(shards, split) for split in ("fold-0", "fold-1")}
+    rng = np.random.default_rng(0)
+    predictions = tmp_path / "oof_predictions.csv"
+    with predictions.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["key", "fold", "true_label", "predicted_label", "prob_normal", "prob_ulcer"])
+        for fold, split in enumerate(samples):
+            for sample in samples[split]:
+                meta = sample["meta"]
+                p_ulcer = float(rng.uniform(0.85, 0.95) if meta["label"] == "ulcer" else rng.uniform(0.05, 0.15))
+                if (meta["source"], meta["frame_index"]) == wrong:
+                    p_ulcer = 0.99
+                writer.writerow([sample["key"], fold, meta["label"], "ulcer" if p_ulcer > 0.5 else "normal",
+                                 repr(1 - p_ulcer), repr(p_ulcer)])
+    review = tmp_path / "review"
+    assert main(["label-issues", "--predictions", str(predictions), "--shards", str(shards), "--out", str(review)]) == 0
+    rows = _issues(review)
+    (flagged,) = [row for row in rows if (row["source"], row["frame_index"]) == (wrong[0], str(wrong[1]))]
+    assert flagged["given_label"] == "normal" and flagged["suggested_label"] == "ulcer"
+    assert flagged["patient_frames"] == "4"  # its video's 4 sampled frames are reviewed together
+    assert 'data-frame-index="5"' in (review / "review.html").read_text(encoding="utf-8")
+
+    flagged.update(decision="relabel", new_label="ulcer")
+    decisions = tmp_path / "decisions.csv"
+    with decisions.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    after = tmp_path / "after"
+    pack_dataset(src, after, settings, relabel=decisions)
+    labels = {(sample["meta"]["source"], sample["meta"]["frame_index"]): sample["meta"]["label"]
+              for split in ("fold-0", "fold-1") for sample in read_split(after, split)}
+    assert labels[wrong] == "ulcer"
+    assert [labels[(wrong[0], index)] for index in (0, 10, 15)] == ["normal"] * 3
+    assert read_index(after)["relabel"]["applied"]["relabel"] == 1
