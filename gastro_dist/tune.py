@@ -8,6 +8,9 @@ trained by `train` with the trainer's own model-selection metric (best val macro
 the refusal to continue a study with another space or base config, and the reports (tune.json, tune.md,
 best.yaml, tune.html). The test split is never read by a trial: `train` reads train and val only; only
 `--final-test` evaluates test, once, on a run of the best config trained after the search.
+
+A worker is one process, or, started under `accelerate launch`, several that train each trial together (see
+"a worker of several processes" below): the study is only ever touched by a worker's main process.
 """
 
 from __future__ import annotations
