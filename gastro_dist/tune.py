@@ -410,8 +410,10 @@ def tune(config_path: str | Path, shards_dir: str, out_dir: str | Path, num_tria
     `final_test`, train the best config into OUT/final and evaluate it on test). Returns tune.json's content."""
     from gastro_dist.data.shard_index import load_shard_index
     from gastro_dist.run_dir import RunDir
+    from gastro_dist.training.distributed import listen_for_preemption
     from gastro_dist.training.trainer import check_inputs
 
+    listen_for_preemption()  # a SIGUSR1 before the first trial, or between two, is served by the next trial
     out_dir = Path(out_dir)
     if num_trials < 1:
         raise UserError(f"--trials must be 1 or more, got {num_trials}")

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -220,6 +221,25 @@ def test_resume_inside_an_epoch_gives_the_same_weights(synthetic_shards, tmp_pat
     assert a.keys() == b.keys()
     worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel())
     assert worst <= 1e-6, f"resumed weights differ by {worst}"
+
+
+def test_a_sigusr1_between_two_runs_of_one_process_is_served_by_the_next(synthetic_shards, tmp_path):
+    """A tune worker or cv trains several runs in one process: SIGUSR1 after one run has finished (its watch
+    gone) must checkpoint and stop the next run at its first step, once, not vanish or end the process."""
+    from gastro_dist import Preempted
+    from gastro_dist.config import load_config
+    from gastro_dist.training.trainer import train
+
+    config = load_config(REPO / "configs" / "smoke.yaml", TINY_TRAIN_OVERRIDES)
+    train(config, synthetic_shards, tmp_path / "first")
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("the test runs outside the main thread: no signal handler could be installed")
+    os.kill(os.getpid(), signal.SIGUSR1)
+    with pytest.raises(Preempted):
+        train(config, synthetic_shards, tmp_path / "second")
+    second = json.loads((tmp_path / "second" / "summary.json").read_text())
+    assert second["status"] == "preempted"
+    assert train(config, synthetic_shards, tmp_path / "second")["status"] == "completed"  # served once, not again
 
 
 # ---------------------------------------------------------------- divergence

@@ -118,9 +118,30 @@ def num_machines(world_size: int) -> int:
     return max(1, world_size // max(local, 1))
 
 
+# SIGUSR1 received and not yet served by a checkpoint. Kept by the process, not by one run: in a process that
+# trains several runs (a tune worker's trials, cv's folds) a request that arrives between two runs is served by
+# the next one at its first step, instead of being lost with the finished run's watch.
+_preemption_pending = False
+
+
+def _on_preemption_signal(signum, frame) -> None:
+    global _preemption_pending
+    _preemption_pending = True
+
+
+def listen_for_preemption() -> None:
+    """From now on SIGUSR1 asks this process's current or next run to checkpoint and stop (Python's default
+    for it would end the process); the handler only sets a flag (saving inside a signal handler can deadlock
+    collective calls)."""
+    try:
+        signal.signal(signal.SIGUSR1, _on_preemption_signal)
+    except ValueError:  # not in the main thread (e.g. called from a test's thread)
+        pass
+
+
 class PreemptionWatch:
-    """Set by SIGUSR1 or by the flag file; the handler only sets a flag (saving inside a signal
-    handler can deadlock collective calls). Ranks agree through an all-reduce.
+    """Set by SIGUSR1 (`listen_for_preemption`) or by the flag file. Ranks agree through an all-reduce; the
+    request counts as served once they have agreed (the caller then saves and raises `Preempted`).
 
     SIGTERM is deliberately not a preemption request: torchrun and DeepSpeed's launcher send it to
     the surviving ranks when one rank fails, and that must end the job, not checkpoint and requeue it.
@@ -129,27 +150,23 @@ class PreemptionWatch:
     def __init__(self, accelerator: Accelerator, flag_file: Path):
         self.accelerator = accelerator
         self.flag_file = flag_file
-        self.requested = False
         # The per-step agreement runs on a CPU (gloo) group: an all-reduce on the GPU read back with
         # .item() would make the host wait for every step to finish and stall the next one's launch.
         self.group = None
         if accelerator.num_processes > 1:
             self.group = torch.distributed.new_group(backend="gloo")
-        try:
-            signal.signal(signal.SIGUSR1, self._on_signal)
-        except ValueError:  # not in the main thread (e.g. called from a test's thread)
-            pass
-
-    def _on_signal(self, signum, frame) -> None:
-        self.requested = True
+        listen_for_preemption()
 
     def agreed(self) -> bool:
-        local = self.requested or self.flag_file.exists()
-        if self.group is None:
-            return local
-        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
-        torch.distributed.all_reduce(flag, group=self.group)
-        return bool(flag.item() > 0)
+        global _preemption_pending
+        local = _preemption_pending or self.flag_file.exists()
+        if self.group is not None:
+            flag = torch.tensor([1 if local else 0], dtype=torch.int32)
+            torch.distributed.all_reduce(flag, group=self.group)
+            local = bool(flag.item() > 0)
+        if local:
+            _preemption_pending = False
+        return local
 
 
 def checked_shard_index(accelerator: Accelerator, listed: ShardIndex, splits: list[str], max_member_mb: int,
