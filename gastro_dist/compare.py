@@ -250,7 +250,7 @@ def paired_blocks(paired: dict) -> list:
               + (f" ({paired['num_images_not_in_all']} scored by only some were left out; images per model: "
                  + ", ".join(f"{name} {count}" for name, count in paired["num_images_per_model"].items()) + ")"
                  if paired.get("num_images_not_in_all") else "")
-              + f", compared pairwise (a − b). Accuracy is tested on which images each model gets right by "
+              + ", compared pairwise (a − b). Accuracy is tested on which images each model gets right by "
               + ("the clustered McNemar test (Durkalski et al. 2003), which counts patients, not frames, as the "
                  "independent units; McNemar's exact test, which treats every image as independent, is shown beside "
                  "it" if paired["unit"] == "patient" else "McNemar's test (the images are the independent units), "

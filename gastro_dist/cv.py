@@ -24,7 +24,7 @@ from gastro_dist.evaluation.inference import full_precision
 from gastro_dist.evaluation.metrics import evaluate_predictions
 from gastro_dist.evaluation.prediction_files import read_predictions_csv
 from gastro_dist.evaluation.report import display_name
-from gastro_dist.files import (csv_text, file_sha256, load_json_untrusted, read_limited, write_json_atomic,
+from gastro_dist.files import (csv_text, file_sha256, read_json_file, write_json_atomic,
                                write_text_atomic)
 from gastro_dist.run_dir import RunDir, redact
 from gastro_dist.tracking import RunLog, accelerator_tracking_kwargs, group_run
@@ -145,7 +145,7 @@ def _train_and_evaluate_fold(fold: int, config: TrainConfig, run: RunDir, index:
 def _read_record(run: RunDir) -> dict | None:
     """The fold's cv-fold.json, None when there is none or it is not a JSON object."""
     try:
-        record = load_json_untrusted(read_limited(run.path / EVALUATED, EVALUATED), EVALUATED)
+        record = read_json_file(run.path / EVALUATED, EVALUATED)
     except (OSError, ValueError):  # UntrustedDocument too: a record that is not ours means evaluate again
         return None
     return record if isinstance(record, dict) else None

@@ -216,6 +216,18 @@ def load_yaml_untrusted(text: str | bytes, what: str, max_bytes: int = MAX_DOCUM
         loader.dispose()
 
 
+def read_json_file(path: Path, what: str | None = None, max_bytes: int = MAX_DOCUMENT_BYTES) -> Any:
+    """`load_json_untrusted` of a regular file read with `read_limited`; `what` (default: the path) names it."""
+    what = str(path) if what is None else what
+    return load_json_untrusted(read_limited(path, what, max_bytes), what, max_bytes)
+
+
+def read_yaml_file(path: Path, what: str | None = None) -> Any:
+    """`load_yaml_untrusted` of a regular file read with `read_limited`; `what` (default: the path) names it."""
+    what = str(path) if what is None else what
+    return load_yaml_untrusted(read_limited(path, what), what)
+
+
 class _StrictYAMLLoader(yaml.SafeLoader):
     """SafeLoader that refuses aliases and deep nesting while composing, before anything is built (the
     composer, too, recurses once per level)."""

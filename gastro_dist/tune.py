@@ -32,7 +32,7 @@ import yaml
 
 from gastro_dist import PREEMPT_EXIT_CODE, Preempted, RunFailure, UserError
 from gastro_dist.config import TrainConfig, changed_training_keys, load_config, save_config, to_dict
-from gastro_dist.files import excerpt, load_yaml_untrusted, read_limited, write_json_atomic, write_text_atomic
+from gastro_dist.files import excerpt, read_yaml_file, write_json_atomic, write_text_atomic
 from gastro_dist.tracking import group_run
 
 # Not in configs/ itself: every configs/*.yaml is a training config (tests/test_configs.py loads each as one).
@@ -56,7 +56,7 @@ def load_space(path: str | Path, base: TrainConfig) -> dict[str, dict]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"search space {path} not found; pass a YAML like configs/search/tune_space.yaml")
-    space = load_yaml_untrusted(read_limited(path, f"search space {path}"), f"search space {path}")
+    space = read_yaml_file(path, f"search space {path}")
     if not isinstance(space, dict) or not space:
         raise UserError(f"search space {path} must map config keys to ranges, e.g. `head.lr: {{float: [1e-4, 1e-2], log: true}}`")
     for key, spec in space.items():
@@ -192,8 +192,8 @@ def _prepare_out(out_dir: Path, base: TrainConfig, space: dict, cv: bool, shards
     settings = {"cv": cv, "shards_index_sha256": shards_index_sha256}  # the pack itself, wherever it is mounted
     space_file, base_file, study_file = out_dir / SPACE_FILE, out_dir / BASE_CONFIG_FILE, out_dir / STUDY_FILE
     if base_file.is_file():
-        saved_base = load_yaml_untrusted(read_limited(base_file, str(base_file)), str(base_file)) or {}
-        saved_space = load_yaml_untrusted(read_limited(space_file, str(space_file)), str(space_file)) or {}
+        saved_base = read_yaml_file(base_file) or {}
+        saved_space = read_yaml_file(space_file) or {}
         saved_settings = json.loads(study_file.read_text()) if study_file.is_file() else {}
         changes = changed_training_keys(saved_base, base)
         changes += [f"space {key} was {saved_space.get(key)}, now {space.get(key)}"

@@ -18,7 +18,7 @@ from sklearn import metrics as skm
 
 from conftest import REPO, TINY_TRAIN_OVERRIDES
 from gastro_dist.cli import main
-from gastro_dist.evaluation.evaluate import read_predictions_csv
+from gastro_dist.evaluation.prediction_files import read_predictions_csv
 from gastro_dist.evaluation.metrics import evaluate_predictions, patient_level
 from gastro_dist.training.calibration import calibrated_probabilities
 

@@ -117,7 +117,7 @@ def test_calibration_patient_level_and_model_card_sections(tmp_path):
     assert f"plug-in ECE, which that noise inflates, is {metrics['ece']:.3f}" in markdown
     # T = 2 flattens these probabilities: worse on this split, and the report says so.
     assert metrics["nll"] > before["nll"]
-    assert (f"On this split the temperature made calibration worse (" in markdown
+    assert ("On this split the temperature made calibration worse (" in markdown
             and f"the negative log-likelihood {before['nll']:.3f} → {metrics['nll']:.3f}" in markdown)
     assert "## Per image and per patient" in markdown and "45 patients" in markdown
     patient_accuracy = patients["metrics"]["accuracy"]

@@ -204,7 +204,9 @@ class DeviceAugmentation:
                 params, labels = params[kept_index], labels[kept_index]
         else:
             pixels = batch["image"].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-        with seeded_cpu_draws(seed):
+        # Only a step that draws (a policy, mixing) needs the seeded generator: saving and restoring its state
+        # is kept off the plain step.
+        with seeded_cpu_draws(seed) if self.auto_augment is not None or self.mixes else contextlib.nullcontext():
             images = self(pixels, params)
             if self.mixes:
                 images, labels = self.mixed(images, labels)

@@ -8,6 +8,7 @@ import itertools
 import re
 import unicodedata
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from gastro_dist import RunFailure, UserError

@@ -30,7 +30,6 @@ from gastro_dist.evaluation.metrics import (PATIENT_AGGREGATIONS, dummy_baseline
                                             operating_point, patient_level)
 from gastro_dist.evaluation.model_card import model_card_blocks
 # The reader of the predictions.csv written here, where callers have imported it from.
-from gastro_dist.evaluation.prediction_files import read_predictions_csv  # noqa: F401
 from gastro_dist.evaluation.report import headline_lines, write_markdown, write_report
 from gastro_dist.files import csv_text, distinct_names, safe_name
 from gastro_dist.progress import progress

@@ -14,7 +14,7 @@ from pathlib import Path
 import gastro_dist
 from gastro_dist.data.shard_index import MAX_REMOTE_INDEX_BYTES, SPLITS, ShardIndex
 from gastro_dist.evaluation.report import Heading, Paragraph, Table
-from gastro_dist.files import load_json_untrusted, load_yaml_untrusted, read_limited
+from gastro_dist.files import read_json_file, read_yaml_file
 from gastro_dist.run_dir import ModelMeta, RunDir
 
 
@@ -285,7 +285,7 @@ def _checklist(result: dict) -> list:
 # ----------------------------------------------------------------------------- helpers
 def _read_yaml(path: Path) -> dict:
     try:
-        data = load_yaml_untrusted(read_limited(Path(path), str(path)), str(path))
+        data = read_yaml_file(Path(path), str(path))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -295,8 +295,7 @@ def _read_index_json(index: ShardIndex) -> dict:
     """index.json's descriptive fields (sources, patients per split, totals); {} when unreadable."""
     try:
         path = Path(index.root) / "index.json"
-        data = load_json_untrusted(read_limited(path, str(path), MAX_REMOTE_INDEX_BYTES), str(path),
-                                   MAX_REMOTE_INDEX_BYTES)
+        data = read_json_file(path, max_bytes=MAX_REMOTE_INDEX_BYTES)
     except (OSError, ValueError, TypeError):
         return {}
     return data if isinstance(data, dict) else {}

@@ -113,14 +113,14 @@ class OnnxFrameModel:
 
     def __init__(self, path: Path, trained: TrainedModel, device: torch.device | None = None):
         from gastro_dist.evaluation.export import _import_optional, _sidecar_path
-        from gastro_dist.files import load_json_untrusted, read_limited
+        from gastro_dist.files import read_json_file
 
         onnxruntime = _import_optional("onnxruntime")
         sidecar_path = _sidecar_path(path)
         if not path.is_file() or not sidecar_path.is_file():
             raise UserError(f"--onnx {path} or its sidecar {sidecar_path.name} is missing; write both with "
                             f"gastro-dist export --run RUN --format onnx --out {path}")
-        sidecar = load_json_untrusted(read_limited(sidecar_path, str(sidecar_path)), str(sidecar_path))
+        sidecar = read_json_file(sidecar_path)
         meta = trained.meta
         expected = {"classes": meta.classes, "input_size": meta.image_size, "mean": meta.mean, "std": meta.std,
                     "temperature": meta.temperature}

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gastro_dist import RunFailure, UserError
-from gastro_dist.files import load_json_untrusted, read_limited
+from gastro_dist.files import read_json_file
 from gastro_dist.run_dir import ModelMeta, RunDir
 
 COMPLETE_MARKER = "COMPLETE"
@@ -66,7 +66,7 @@ def complete_states(run_dir: RunDir | Path) -> list[tuple[TrainerState, Path]]:
         if not (path / COMPLETE_MARKER).is_file():
             continue
         try:
-            state = TrainerState(**load_json_untrusted(read_limited(path / STATE_FILE, STATE_FILE), STATE_FILE))
+            state = TrainerState(**read_json_file(path / STATE_FILE, STATE_FILE))
         except (OSError, ValueError, TypeError):
             continue
         found.append((state, path))
@@ -217,8 +217,7 @@ def save_final_model(model: torch.nn.Module, run_dir: RunDir, meta: ModelMeta) -
 
 def load_weights_meta(directory: Path) -> dict:
     """The meta.json `save_weights` wrote next to a phase's weights (epoch, validation scores)."""
-    path = directory / "meta.json"
-    return load_json_untrusted(read_limited(path, str(path)), str(path))
+    return read_json_file(directory / "meta.json")
 
 
 def load_weights(directory_or_file: Path) -> dict[str, torch.Tensor]:

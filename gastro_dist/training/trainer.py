@@ -29,7 +29,7 @@ from gastro_dist.data.epoch_plan import train_steps_per_epoch
 from gastro_dist.data.loaders import TrainLoader, check_stored_resolution
 from gastro_dist.data.locations import location_record, shard_location
 from gastro_dist.data.shard_index import ShardIndex, load_shard_index, select_fold
-from gastro_dist.files import load_yaml_untrusted, read_limited
+from gastro_dist.files import read_yaml_file
 from gastro_dist.models.backbones import (PREPROCESSING_FIELDS, Preprocessing, build_model, check_model_config,
                                          model_logits, resolve_preprocessing, sync_batchnorm)
 from gastro_dist.models.checkpointing import enable_grad_checkpointing
@@ -91,8 +91,7 @@ def check_run_dir(run_dir: RunDir, config: TrainConfig, index: ShardIndex) -> No
 def _saved_config(run_dir: RunDir) -> dict | None:
     """The run folder's config.yaml as a dict; None when there is none (a new run) or it cannot be read."""
     try:
-        what = str(run_dir.config_yaml)
-        saved = load_yaml_untrusted(read_limited(run_dir.config_yaml, what), what)
+        saved = read_yaml_file(run_dir.config_yaml)
     except (OSError, ValueError):
         return None
     return saved if isinstance(saved, dict) else None
