@@ -240,9 +240,13 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_a_worker_of_two_processes_trains_each_trial_with_both_and_prunes_them_together(synthetic_shards, tmp_path):
-    """`accelerate launch --num_processes 2 ... tune`: the main process alone talks to the study; both processes
-    train each trial (world size 2) and stop at the epoch the pruner chose (Optuna's pruner replaced by one that
-    prunes every trial at its first report), then go on to the next trial together."""
+    """`accelerate launch --num_processes 2 ... tune` with W&B (offline), the tracker of the shipped configs: the
+    main process alone talks to the study; both processes train each trial (world size 2) and stop at the epoch
+    the pruner chose (Optuna's pruner replaced by one that prunes every trial at its first report), then go on to
+    the next trial together; each trial is one W&B run, written by the main process."""
+    pytest.importorskip("wandb")
+    from wandb_offline import wandb_offline_records
+
     import os
     import subprocess
     import sys
@@ -254,8 +258,9 @@ def test_a_worker_of_two_processes_trains_each_trial_with_both_and_prunes_them_t
                              "--mixed_precision", "no", "--dynamo_backend", "no", str(script), "tune", "--config",
                              str(REPO / "configs" / "smoke.yaml"), "--shards", str(synthetic_shards), "--out", str(out),
                              "--trials", "2", "--space", str(write_space(tmp_path / "space.yaml", SMALL_SPACE)),
-                             *TINY_TRAIN_OVERRIDES, "data.batch_size=4", "finetune.epochs=2"],
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+                             *TINY_TRAIN_OVERRIDES, "data.batch_size=4", "finetune.epochs=2", "tracking.tracker=wandb"],
+                            env={**{k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}, "OMP_NUM_THREADS": "1",
+                                 "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     trials = load_results(out)["trials"]
@@ -263,6 +268,8 @@ def test_a_worker_of_two_processes_trains_each_trial_with_both_and_prunes_them_t
     for trial in trials:
         summary = json.loads((Path(trial["run_dir"]) / "summary.json").read_text())
         assert summary["status"] == "pruned" and summary["world_size"] == 2
+        folders, records = wandb_offline_records(Path(trial["run_dir"]))
+        assert len(folders) == 1 and b"val/macro_auc" in records and b"train/loss" in records  # one run, by main
     assert result.stdout.count("tune: trial") == 2 and result.stdout.count("trials in") == 1  # the main process only
 
 
